@@ -1,0 +1,7 @@
+"""flux-engine: federated fine-tuning of Mixture-of-Experts LLMs on memory-constrained GPUs (Flux)."""
+
+from flux_engine import ops
+from flux_engine.backend import BackendUnavailableError
+
+__version__ = "0.1.0"
+__all__ = ["ops", "BackendUnavailableError", "__version__"]

@@ -1,0 +1,140 @@
+"""Tier dispatch: one public function per op, several implementations behind it.
+
+Tiers:
+- ``reference``: pure torch, runs anywhere; the oracle every other tier is tested against.
+- ``cpu``: C++ kernels of ``flux_engine._C`` on CPU tensors.
+- ``triton``: Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``.
+- ``cuda``: CUDA kernels of ``flux_engine._C`` on CUDA tensors.
+
+By default an op runs the first tier in its preference list that can run on the inputs' device.
+``FLUX_ENGINE_BACKEND=reference|cpu|triton|cuda`` forces one tier for every op; an op that has no
+such tier, or whose tier cannot run here, raises ``BackendUnavailableError`` instead of silently
+falling back, so a forced run really measures what it says.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+TIERS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "FLUX_ENGINE_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced tier cannot run this op on these inputs."""
+
+
+def forced_tier() -> Optional[str]:
+    """The tier named by ``FLUX_ENGINE_BACKEND``, or None. Read on every call so tests can change it."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value:
+        return None
+    if value not in TIERS:
+        raise BackendUnavailableError(f"{ENV_VAR}={value!r} is not one of {', '.join(TIERS)}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def native_extension():
+    """``flux_engine._C`` or None when the extension was not built."""
+    try:
+        return importlib.import_module("flux_engine._C")
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _native_has_cuda() -> bool:
+    ext = native_extension()
+    return bool(ext is not None and ext.has_cuda())
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tier_unavailable_reason(tier: str, device: torch.device) -> Optional[str]:
+    """Why ``tier`` cannot run on ``device`` in this process, or None when it can."""
+    if tier == "reference":
+        return None
+    if tier == "cpu":
+        if device.type != "cpu":
+            return f"the cpu tier runs on CPU tensors, got {device.type} tensors"
+        if native_extension() is None:
+            return "flux_engine._C is not built (pip install --no-build-isolation -e .)"
+        return None
+    if tier == "cuda":
+        if device.type != "cuda":
+            return f"the cuda tier runs on CUDA tensors, got {device.type} tensors"
+        if not _native_has_cuda():
+            return "flux_engine._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)"
+        return None
+    if tier == "triton":
+        if not _triton_importable():
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        return f"the triton tier needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 (got {device.type})"
+    raise BackendUnavailableError(f"unknown tier {tier!r}")
+
+
+class Op:
+    """A public op: a reference implementation plus optional faster tiers.
+
+    ``preference`` orders the tiers tried by default, fastest first; ``reference`` is always last.
+    """
+
+    def __init__(self, name: str, reference: Callable, preference: Sequence[str] = ("cuda", "triton", "cpu")):
+        self.name = name
+        self.impls: Dict[str, Callable] = {"reference": reference}
+        self.preference = tuple(preference) + ("reference",)
+
+    def register(self, tier: str) -> Callable[[Callable], Callable]:
+        if tier not in TIERS:
+            raise ValueError(f"unknown tier {tier!r}")
+
+        def decorator(fn: Callable) -> Callable:
+            self.impls[tier] = fn
+            return fn
+
+        return decorator
+
+    def select(self, device: torch.device) -> Callable:
+        """The implementation to run for inputs on ``device``."""
+        tier = forced_tier()
+        if tier is not None:
+            if tier not in self.impls:
+                have = ", ".join(t for t in TIERS if t in self.impls)
+                raise BackendUnavailableError(f"{self.name}: no {tier} tier (available tiers: {have})")
+            reason = tier_unavailable_reason(tier, device)
+            if reason is not None:
+                raise BackendUnavailableError(f"{self.name}: {ENV_VAR}={tier} cannot run: {reason}")
+            return self.impls[tier]
+        for tier in self.preference:
+            if tier in self.impls and tier_unavailable_reason(tier, device) is None:
+                # The interpreter is for testing kernels, never a default: it is orders slower than torch.
+                if tier == "triton" and device.type != "cuda":
+                    continue
+                return self.impls[tier]
+        return self.impls["reference"]
+
+    def tier(self, device: torch.device) -> str:
+        """Name of the tier ``select`` would pick (for logs and benchmarks)."""
+        fn = self.select(device)
+        return next(t for t, f in self.impls.items() if f is fn)

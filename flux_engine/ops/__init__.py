@@ -1,0 +1,8 @@
+"""The ops contract: each public function validates its inputs and dispatches to a tier (see backend.py)."""
+
+from flux_engine.ops.expert_counts import expert_counts
+from flux_engine.ops.permute import RoutingPlan, permute
+from flux_engine.ops.quantize import QuantizedTensor, dequantize, quantize
+from flux_engine.ops.route import route
+
+__all__ = ["route", "expert_counts", "permute", "RoutingPlan", "quantize", "dequantize", "QuantizedTensor"]
