@@ -1,8 +1,19 @@
 """The ops contract: each public function validates its inputs and dispatches to a tier (see backend.py)."""
 
 from flux_engine.ops.expert_counts import expert_counts
+from flux_engine.ops.grouped_mlp import ExpertLoRA, grouped_mlp
 from flux_engine.ops.permute import RoutingPlan, permute
 from flux_engine.ops.quantize import QuantizedTensor, dequantize, quantize
 from flux_engine.ops.route import route
 
-__all__ = ["route", "expert_counts", "permute", "RoutingPlan", "quantize", "dequantize", "QuantizedTensor"]
+__all__ = [
+    "route",
+    "expert_counts",
+    "permute",
+    "RoutingPlan",
+    "grouped_mlp",
+    "ExpertLoRA",
+    "quantize",
+    "dequantize",
+    "QuantizedTensor",
+]
