@@ -2,6 +2,7 @@
 
 from flux_engine import ops
 from flux_engine.backend import BackendUnavailableError
+from flux_engine.models import MoEConfig, MoEForCausalLM
 
 __version__ = "0.1.0"
-__all__ = ["ops", "BackendUnavailableError", "__version__"]
+__all__ = ["ops", "BackendUnavailableError", "MoEConfig", "MoEForCausalLM", "__version__"]

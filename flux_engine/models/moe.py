@@ -1,0 +1,288 @@
+"""The MoE decoder, top to bottom: RMSNorm, RoPE, GQA attention, dense and MoE MLPs, the causal LM.
+
+Parameter names follow transformers v5 (``model.layers.{i}.mlp.experts.gate_up_proj`` ...), so native
+checkpoints map onto this model with few renames. The routed experts call ``flux_engine.ops`` only, so the
+kernel tier (reference, Triton, CUDA) is chosen by dispatch, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from flux_engine import ops
+from flux_engine.models.config import MoEConfig
+from flux_engine.ops.grouped_mlp import ExpertLoRA
+
+INIT_STD = 0.02
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference implementations, then scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """``positions: [B, T]`` -> cos, sin ``[B, 1, T, head_dim]`` (computed each call: no buffers to restore
+    after meta-device construction)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        H, D = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, D
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(H, self.num_heads * D, bias=bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * D, H, bias=False)
+        if config.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(D, config.rms_norm_eps), RMSNorm(D, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(self.num_heads * D, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * D, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x: [B, T, H]``; ``mask``: bool ``[B, 1, T, T]`` (True = attend) or None for plain causal."""
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.config.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.config.clip_qkv is not None:
+            c = self.config.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.config.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate x) * up x)``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """Routed expert stacks in the transformers v5 layout, plus the original -> physical expert map."""
+
+    def __init__(self, num_original: int, num_physical: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_physical, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_physical, hidden_size, intermediate_size))
+        self.register_buffer("expert_map", torch.arange(num_original, dtype=torch.int32) % num_physical)
+        self.lora: Optional[ExpertLoRA] = None
+
+    @property
+    def num_physical(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """``x: [N, H]``, ``topk_*: [N, k]`` over original experts -> ``[N, H]``."""
+        return ops.grouped_mlp(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, self.expert_map, self.lora)
+
+
+@dataclass
+class RouterOutput:
+    """One MoE layer's routing of ``N = B*T`` tokens: ``logits [N, E_orig]``, ``weights``/``ids`` ``[N, k]``."""
+
+    layer: int
+    logits: torch.Tensor
+    weights: torch.Tensor
+    ids: torch.Tensor
+
+
+class MoEMLP(nn.Module):
+    def __init__(self, config: MoEConfig, layer: int):
+        super().__init__()
+        self.config, self.layer = config, layer
+        H = config.hidden_size
+        self.gate = nn.Linear(H, config.num_experts, bias=False)  # the router; named as in transformers
+        self.experts = Experts(config.num_experts, config.physical_experts_of(layer), H, config.moe_intermediate_size)
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(H, config.shared_expert_intermediate_size)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+
+    def forward(self, x: torch.Tensor):
+        """``x: [B, T, H]`` -> ``([B, T, H], RouterOutput)``."""
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.gate(flat)
+        c = self.config
+        weights, ids = ops.route(
+            logits, c.num_experts_per_tok, scoring=c.scoring, renormalize=c.norm_topk_prob, scaling_factor=c.routed_scaling_factor
+        )
+        y = self.experts(flat, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            y = y + shared
+        return y.view_as(x), RouterOutput(self.layer, logits, weights, ids)
+
+
+def load_balancing_loss(router: RouterOutput, num_experts: int) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss ``E * sum_e f_e P_e`` (1.0 when routing is uniform)."""
+    probs = torch.softmax(router.logits.float(), dim=-1)
+    frac = ops.expert_counts(router.ids, num_experts).float() / max(router.ids.numel(), 1)
+    return num_experts * (frac * probs.mean(0)).sum()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MoEConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer)
+        self.mlp = MoEMLP(config, layer) if self.is_moe else DenseMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            y, router = self.mlp(h)
+            return x + y, router
+        return x + self.mlp(h), None
+
+
+class MoEModel(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class CausalLMOutput:
+    """``logits: [B, T, V]``; ``loss`` = next-token cross-entropy (+ aux loss when configured);
+    ``routers``: one ``RouterOutput`` per MoE layer when requested."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    routers: List[RouterOutput] = field(default_factory=list)
+
+
+def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, sliding_window: Optional[int], device) -> Optional[torch.Tensor]:
+    """Bool ``[B or 1, 1, T, T]`` mask (True = attend), or None when plain causal attention suffices."""
+    if attention_mask is None and (sliding_window is None or sliding_window >= T):
+        return None
+    i = torch.arange(T, device=device)
+    mask = i[None, :] <= i[:, None]
+    if sliding_window is not None:
+        mask = mask & (i[:, None] - i[None, :] < sliding_window)
+    mask = mask[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+        # A fully padded query row would make softmax NaN; let it see itself (its output is ignored).
+        mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None, None]
+    return mask
+
+
+class MoEForCausalLM(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.model = MoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random initialisation (normal 0.02, norms at 1); ``torch.manual_seed`` makes it reproducible."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, INIT_STD)
+
+    def moe_layers(self) -> List[MoEMLP]:
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        return_routers: bool = False,
+    ) -> CausalLMOutput:
+        """``input_ids: [B, T]``; ``labels: [B, T]`` (shifted inside, -100 ignored); ``attention_mask: [B, T]``
+        (1 = token, 0 = padding)."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = attention_mask_4d(attention_mask, T, self.config.sliding_window, input_ids.device)
+        routers: List[RouterOutput] = []
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x, router = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x, router = layer(x, cos, sin, mask)
+            if router is not None:
+                routers.append(router)
+        logits = self.lm_head(self.model.norm(x))
+        out = CausalLMOutput(logits, routers=routers if return_routers else [])
+        if self.config.router_aux_loss_coef > 0 and routers:
+            out.aux_loss = torch.stack([load_balancing_loss(r, self.config.num_experts) for r in routers]).mean()
+        if labels is not None:
+            out.loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+            if out.aux_loss is not None and self.training:
+                out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+        return out
