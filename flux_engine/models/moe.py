@@ -109,8 +109,16 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_physical, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_physical, hidden_size, intermediate_size))
-        self.register_buffer("expert_map", torch.arange(num_original, dtype=torch.int32) % num_physical)
+        self.register_buffer("expert_map", torch.empty(num_original, dtype=torch.int32))
         self.lora: Optional[ExpertLoRA] = None
+        self.reset_expert_map()
+
+    @torch.no_grad()
+    def reset_expert_map(self) -> None:
+        """Original expert e -> physical e mod E_phys (the identity when nothing is merged)."""
+        if not self.expert_map.is_meta:
+            n = self.expert_map.numel()
+            self.expert_map.copy_(torch.arange(n, dtype=torch.int32, device=self.expert_map.device) % self.num_physical)
 
     @property
     def num_physical(self) -> int:
@@ -228,15 +236,24 @@ class MoEForCausalLM(nn.Module):
         self.config = config
         self.model = MoEModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
+    def tie_weights(self) -> None:
+        """Share the LM head with the embeddings when configured (again after ``to_empty``, which unties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Random initialisation (normal 0.02, norms at 1); ``torch.manual_seed`` makes it reproducible."""
+        """Random initialisation (normal 0.02, norms at 1, identity expert maps); ``torch.manual_seed`` makes it
+        reproducible."""
+        self.tie_weights()
+        for module in self.modules():
+            if isinstance(module, Experts):
+                module.reset_expert_map()
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
