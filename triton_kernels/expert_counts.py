@@ -38,6 +38,7 @@ def _expert_counts_kernel(
     BLOCK_N: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
 ):
+    """``out[e] += #(ids == e)`` or the matching weight sum, over the ``N = T * K`` slots of ``ids: [T, K]``."""
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = offs < N
     tok = (offs // K).to(tl.int64)

@@ -36,13 +36,16 @@ def _route_kernel(
     SOFTMAX: tl.constexpr,
     RENORMALIZE: tl.constexpr,
 ):
+    """``logits: [T, E]`` -> ``weights: [T, K]`` float32, ``ids: [T, K]`` int32; grid ``cdiv(T, BLOCK_T)``."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
     row_ok = rows < T
     col_ok = cols < E
+    # Rows past T re-read the last token instead of an all -inf row, which would make NaNs (never stored).
+    src_rows = tl.minimum(rows, T - 1).to(tl.int64)
     x = tl.load(
-        logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :] * stride_e,
-        mask=row_ok[:, None] & col_ok[None, :],
+        logits_ptr + src_rows[:, None] * stride_t + cols[None, :] * stride_e,
+        mask=col_ok[None, :],
         other=float("-inf"),
     ).to(tl.float32)
 
