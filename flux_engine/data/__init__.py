@@ -1,0 +1,56 @@
+"""Offline data for the experiments: BIG-bench tasks from the pinned ``bigbench`` sdist, as validated JSONL
+records; seeded train/test splits and client partitions; multiple-choice and SQuAD-style evaluation; LM
+batches for continued pre-training.
+
+    records = load_tasks(["social_iqa", "winowhy"])        # downloads + extracts once, then cached
+    train, test = train_test_split(records, test_size=0.2, seed=0)
+    clients = partition(train, num_clients=4, scheme="dirichlet", alpha=0.3, seed=0)
+    acc = multiple_choice_accuracy(model, tokenizer, test, batch_size=16, normalize="mean")
+
+``python -m flux_engine.data TASK...`` extracts tasks and prints their record counts.
+"""
+
+from flux_engine.data.bigbench import (
+    BIGBENCH,
+    ArchiveSpec,
+    cache_root,
+    extract_tasks,
+    fetch_archive,
+    load_tasks,
+    pip_download,
+)
+from flux_engine.data.federated import SCHEMES, partition, train_test_split
+from flux_engine.data.metrics import (
+    causal_lm_logits,
+    choice_logprobs,
+    exact_match,
+    multiple_choice_accuracy,
+    normalize_answer,
+    token_f1,
+)
+from flux_engine.data.records import Record, read_jsonl, write_jsonl
+from flux_engine.data.tokens import Tokenizer, lm_batches
+
+__all__ = [
+    "BIGBENCH",
+    "ArchiveSpec",
+    "Record",
+    "SCHEMES",
+    "Tokenizer",
+    "cache_root",
+    "causal_lm_logits",
+    "choice_logprobs",
+    "exact_match",
+    "extract_tasks",
+    "fetch_archive",
+    "lm_batches",
+    "load_tasks",
+    "multiple_choice_accuracy",
+    "normalize_answer",
+    "partition",
+    "pip_download",
+    "read_jsonl",
+    "token_f1",
+    "train_test_split",
+    "write_jsonl",
+]

@@ -1,0 +1,311 @@
+"""BIG-bench tasks, offline: the ``bigbench`` PyPI sdist is downloaded once (never installed: it pulls in
+TensorFlow), pinned by sha256, and the wanted tasks are streamed out of the tar.gz into JSONL files.
+
+Cache layout under :func:`cache_root` (``$FLUX_ENGINE_CACHE``, else ``$XDG_CACHE_HOME/flux_engine``, else
+``~/.cache/flux_engine``)::
+
+    bigbench/bigbench-1.0.0.tar.gz                  the verified archive
+    bigbench/bigbench-1.0.0-<sha256[:12]>/          one folder per archive content
+        manifest.json                               {"tasks": {name: {"file", "sha256", "records"}}, ...}
+        social_iqa.jsonl, goal_step_wikihow.jsonl, natural_instructions__subtask028_....jsonl, ...
+
+Task names are folder names under ``bigbench/benchmark_tasks``: ``"goal_step_wikihow"`` takes every subtask,
+``"goal_step_wikihow/step_inference"`` one. JSON tasks (multiple-choice via ``target_scores``, generative via
+``target``) are read generically; ``squad_shifts`` (a programmatic task) is read from its SQuAD files with
+the sub-sources ``new_wiki``, ``nyt``, ``reddit``, ``amazon_reviews`` and ``squaddev`` as subtasks. Other
+programmatic tasks (only a ``task.py``) are not supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from flux_engine.data.records import Record, atomic_write, read_jsonl, stable_seed, write_jsonl
+
+# Bumped whenever the JSONL record format changes, so caches written by older code are rebuilt.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """Which sdist to fetch, how to recognise it, and where its tasks live inside the tar.gz."""
+
+    requirement: str
+    filename: str
+    sha256: str
+    tasks_root: str
+
+    @property
+    def extract_dirname(self) -> str:
+        return f"{self.filename.removesuffix('.tar.gz')}-{self.sha256[:12]}"
+
+
+BIGBENCH = ArchiveSpec(
+    requirement="bigbench==1.0.0",
+    filename="bigbench-1.0.0.tar.gz",
+    sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    tasks_root="bigbench-1.0.0/bigbench/benchmark_tasks",
+)
+
+# pip >= 26.3 rejects PyPI sdists whose built metadata names a direct URL, and bigbench's setup.py generates
+# `bleurt @ file://...`; the download is then discarded. This release, run from its wheel, still accepts it.
+FALLBACK_PIP = "pip==26.2.1"
+
+Downloader = Callable[[ArchiveSpec, Path], None]
+
+
+def cache_root() -> Path:
+    """``$FLUX_ENGINE_CACHE``, else ``$XDG_CACHE_HOME/flux_engine``, else ``~/.cache/flux_engine``."""
+    override = os.environ.get("FLUX_ENGINE_CACHE")
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "flux_engine"
+
+
+def sha256_file(path: os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify(path: Path, expected: str, hint: str = "") -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ValueError(f"sha256 mismatch for {path}: expected {expected}, got {actual}{hint}")
+
+
+def pip_download(spec: ArchiveSpec, dest: Path) -> None:
+    """Downloads the sdist of ``spec.requirement`` into ``dest`` with pip (no install, no dependencies)."""
+    args = ["download", "--no-deps", "--no-binary", ":all:", spec.requirement, "-d", str(dest)]
+    run = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+    if run.returncode != 0 and "direct URL" in run.stderr:
+        wheels = dest / "pip-wheel"
+        boot = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", FALLBACK_PIP, "-d", str(wheels)],
+            capture_output=True,
+            text=True,
+        )
+        if boot.returncode == 0:
+            (wheel,) = wheels.glob("pip-*.whl")
+            run = subprocess.run([sys.executable, str(wheel / "pip"), *args], capture_output=True, text=True)
+        else:
+            run = boot
+    if run.returncode != 0:
+        raise RuntimeError(f"pip download of {spec.requirement} failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+
+
+def fetch_archive(spec: ArchiveSpec = BIGBENCH, downloader: Downloader = pip_download) -> Path:
+    """The cached archive of ``spec``, downloaded first when absent; its sha256 is checked either way.
+
+    The download lands in a temporary folder beside the cache entry and is renamed into place only once
+    verified, so an interrupted or corrupted download never leaves a file under the final name.
+    """
+    root = cache_root() / "bigbench"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / spec.filename
+    if path.exists():
+        _verify(path, spec.sha256, hint=" (corrupted cache entry? delete it to download again)")
+        return path
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
+    try:
+        downloader(spec, tmp)
+        fetched = tmp / spec.filename
+        if not fetched.is_file():
+            raise RuntimeError(f"download of {spec.requirement} produced no {spec.filename} in {tmp}")
+        _verify(fetched, spec.sha256)
+        os.replace(fetched, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+# BIG-bench's documented defaults for fields a task.json may leave out.
+_DEFAULT_INPUT_PREFIX = "\nQ: "
+_DEFAULT_OUTPUT_PREFIX = "\nA: "
+_DEFAULT_CHOICE_PREFIX = "\n  choice: "
+
+
+def _record_id(task: str, subtask: Optional[str], index: int) -> str:
+    return "/".join(p for p in (task, subtask, f"{index:06d}") if p)
+
+
+def _json_task_records(data: Any, task: str, subtask: Optional[str], where: str) -> List[Record]:
+    """Records of one BIG-bench ``task.json``. The context is laid out as BIG-bench prompts a model:
+    ``task_prefix + example_input_prefix + input [+ choice list] + example_output_prefix``."""
+    if not isinstance(data, dict) or not isinstance(data.get("examples", []), list):
+        raise ValueError(f"{where}: not a BIG-bench task (needs an object with an 'examples' list)")
+    task_prefix = str(data.get("task_prefix", ""))
+    input_prefix = data.get("example_input_prefix", _DEFAULT_INPUT_PREFIX)
+    output_prefix = data.get("example_output_prefix", _DEFAULT_OUTPUT_PREFIX)
+    choice_prefix = data.get("choice_prefix", _DEFAULT_CHOICE_PREFIX)
+    append_choices = data.get("append_choices_to_input", True)
+    records = []
+    for i, example in enumerate(data.get("examples", [])):
+        ex_where = f"{where} example {i}"
+        if not isinstance(example, dict) or not isinstance(example.get("input"), str):
+            raise ValueError(f"{ex_where}: needs a string 'input'")
+        rid = _record_id(task, subtask, i)
+        obj: Dict[str, Any] = {"id": rid, "task": task, "subtask": subtask, "domain": task}
+        body = example["input"]
+        if "target_scores" in example:
+            scores = example["target_scores"]
+            if not isinstance(scores, dict) or not scores:
+                raise ValueError(f"{ex_where}: 'target_scores' must be a non-empty object")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()):
+                raise ValueError(f"{ex_where}: 'target_scores' values must be numbers")
+            best = max(scores.values())
+            if len(scores) > 1 and best == min(scores.values()):
+                raise ValueError(f"{ex_where}: no choice scores higher than the others")
+            # Tasks often list the correct choice in a fixed position (arithmetic: always last); a seeded
+            # shuffle keeps that position from leaking into the prompt's choice list or into tie-breaks.
+            keys = list(scores)
+            choices = [keys[j] for j in np.random.default_rng(stable_seed(rid)).permutation(len(keys))]
+            obj["choices"] = choices
+            obj["target"] = choices.index(next(k for k in keys if scores[k] == best))
+            if append_choices:
+                body += choice_prefix + choice_prefix.join(choices)
+        else:
+            target = example.get("target")
+            obj["targets"] = [target] if isinstance(target, str) else target
+        obj["context"] = task_prefix + input_prefix + body + output_prefix
+        records.append(Record.from_dict(obj, ex_where))
+    return records
+
+
+def _squad_records(data: Any, task: str, subtask: Optional[str], where: str) -> List[Record]:
+    """Records of one SQuAD-format file, prompted as BIG-bench's squad_shifts task prompts them."""
+    records = []
+    try:
+        for article in data["data"]:
+            title = article.get("title", "").strip()
+            for paragraph in article["paragraphs"]:
+                passage = paragraph["context"].strip()
+                for qa in paragraph["qas"]:
+                    obj = {
+                        "id": _record_id(task, subtask, len(records)),
+                        "task": task,
+                        "subtask": subtask,
+                        "domain": task,
+                        "context": f"Title: {title}\nBackground: {passage}\nQ: {qa['question'].strip()}\nA: ",
+                        "targets": [a["text"].strip() for a in qa["answers"]],
+                    }
+                    records.append(Record.from_dict(obj, f"{where} question {qa.get('id', len(records))}"))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{where}: malformed SQuAD structure near record {len(records)} ({e!r})") from None
+    return records
+
+
+_Reader = Callable[[Any, str, Optional[str], str], List[Record]]
+_SQUAD_FILE = re.compile(r"squad_shifts/(\w+?)_v[\d.]+\.json")
+
+
+def _member_reader(rel: str) -> Optional[Tuple[str, Optional[str], _Reader]]:
+    """``(task, subtask, reader)`` for an archive member (path relative to the tasks root) holding
+    examples, None for any other member."""
+    parts = rel.split("/")
+    if parts[-1] == "task.json" and len(parts) in (2, 3):
+        return parts[0], (parts[1] if len(parts) == 3 else None), _json_task_records
+    m = _SQUAD_FILE.fullmatch(rel)
+    if m:
+        return "squad_shifts", m.group(1), _squad_records
+    return None
+
+
+def _scan(archive: Path, spec: ArchiveSpec, names: Sequence[str]) -> Dict[str, List[Record]]:
+    """One streaming pass over the tar.gz (members are read in order, nothing is unpacked to disk)."""
+    prefix = spec.tasks_root.rstrip("/") + "/"
+    groups: Dict[str, List[Tuple[str, List[Record]]]] = {n: [] for n in names}
+    with tarfile.open(archive, mode="r|gz") as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.startswith(prefix):
+                continue
+            found = _member_reader(member.name[len(prefix) :])
+            if found is None:
+                continue
+            task, subtask, reader = found
+            wanted = [n for n in names if n in (task, f"{task}/{subtask}")]
+            if not wanted:
+                continue
+            where = f"{archive.name}:{member.name}"
+            try:
+                data = json.load(tar.extractfile(member))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: invalid JSON ({e})") from None
+            records = reader(data, task, subtask, where)
+            for n in wanted:
+                groups[n].append((subtask or "", records))
+    # Tar order is an accident of packing; subtask order makes the JSONL files reproducible.
+    out = {n: [r for _, recs in sorted(g, key=lambda x: x[0]) for r in recs] for n, g in groups.items()}
+    missing = sorted(n for n, recs in out.items() if not recs)
+    if missing:
+        raise ValueError(f"{archive}: no examples found for {missing} (unknown name, or a programmatic task)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+
+
+def _read_manifest(path: Path, spec: ArchiveSpec) -> dict:
+    fresh = {"format": FORMAT_VERSION, "archive": spec.filename, "archive_sha256": spec.sha256, "tasks": {}}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return fresh
+    if manifest.get("format") != FORMAT_VERSION or manifest.get("archive_sha256") != spec.sha256:
+        return fresh
+    return manifest
+
+
+def _is_cached(folder: Path, entry: Optional[dict]) -> bool:
+    if not entry:
+        return False
+    path = folder / entry["file"]
+    return path.is_file() and sha256_file(path) == entry["sha256"]
+
+
+def extract_tasks(
+    tasks: Sequence[str], spec: ArchiveSpec = BIGBENCH, downloader: Downloader = pip_download
+) -> Dict[str, Path]:
+    """JSONL file of each task name, extracted from the archive unless the cache already holds it with the
+    sha256 its manifest recorded. The archive is fetched (and verified) only when something is missing."""
+    names = list(dict.fromkeys(tasks))
+    folder = cache_root() / "bigbench" / spec.extract_dirname
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / "manifest.json"
+    manifest = _read_manifest(manifest_path, spec)
+    todo = [n for n in names if not _is_cached(folder, manifest["tasks"].get(n))]
+    if todo:
+        archive = fetch_archive(spec, downloader)
+        for name, records in _scan(archive, spec, todo).items():
+            file = name.replace("/", "__") + ".jsonl"
+            write_jsonl(folder / file, records)
+            manifest["tasks"][name] = {"file": file, "sha256": sha256_file(folder / file), "records": len(records)}
+        atomic_write(manifest_path, lambda f: json.dump(manifest, f, indent=1, sort_keys=True))
+    return {n: folder / manifest["tasks"][n]["file"] for n in names}
+
+
+def load_tasks(
+    tasks: Sequence[str], spec: ArchiveSpec = BIGBENCH, downloader: Downloader = pip_download
+) -> List[Record]:
+    """Records of every named task (see :func:`extract_tasks`), in the order the names are given; a record
+    named twice (``"goal_step_wikihow"`` and ``"goal_step_wikihow/step_ordering"``) is kept once."""
+    paths = extract_tasks(tasks, spec, downloader).values()
+    return list({r.id: r for path in paths for r in read_jsonl(path)}.values())

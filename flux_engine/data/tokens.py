@@ -1,0 +1,83 @@
+"""The tokenizer interface the data helpers rely on, right-padding, and LM batches for continued pre-training."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from flux_engine.data.records import Record
+
+
+class Tokenizer(Protocol):
+    """All the data helpers need from a tokenizer; ``transformers.PreTrainedTokenizerFast`` satisfies it.
+
+    ``encode(text, add_special_tokens=False)`` returns token ids for ``text`` alone: the helpers join pieces
+    themselves, and a BOS inserted in front of every piece would land mid-sequence. ``eos_token_id`` ends
+    each document in LM batches; ``pad_token_id`` (falling back to ``eos_token_id`` when None) fills padding,
+    whose value never matters because it is masked.
+    """
+
+    pad_token_id: Optional[int]
+    eos_token_id: Optional[int]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]: ...
+
+
+def encode(tokenizer: Tokenizer, text: str) -> List[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def pad_id(tokenizer: Tokenizer) -> int:
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
+def pad_right(
+    rows: Sequence[Sequence[int]], pad: int, length: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both LongTensor ``[len(rows), length or longest row]``, rows left-aligned."""
+    T = length if length is not None else max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def lm_batches(
+    records: Sequence[Record],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    packed: bool = True,
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """Causal-LM batches of ``context + answer + EOS`` for every record, in a ``seed``-shuffled order.
+
+    Yields ``{"input_ids", "labels", "attention_mask"}``, each LongTensor ``[B, seq_len]`` with
+    ``B = batch_size`` (the last batch may be smaller). ``labels`` equal ``input_ids`` (the model shifts
+    them) and are -100 wherever ``attention_mask`` is 0.
+
+    ``packed=True`` concatenates all documents and cuts the stream into ``seq_len`` rows (only the final row
+    is padded); ``packed=False`` gives each record its own row, keeping its last ``seq_len`` tokens, since
+    the answer at the end is what the record is about.
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("lm_batches needs tokenizer.eos_token_id to separate documents")
+    order = np.random.default_rng(seed).permutation(len(records))
+    docs = [encode(tokenizer, records[i].context + records[i].answer) + [eos] for i in order]
+    if packed:
+        stream = [t for doc in docs for t in doc]
+        rows = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+    else:
+        rows = [doc[-seq_len:] for doc in docs]
+    pad = pad_id(tokenizer)
+    for start in range(0, len(rows), batch_size):
+        ids, mask = pad_right(rows[start : start + batch_size], pad, seq_len)
+        # Masked by position, not by id: the pad id is often the EOS id, and real EOS tokens must be learned.
+        yield {"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask}
