@@ -8,8 +8,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "sigmoid", "ones")
 QK_NORMS = ("none", "head", "full")
+ROUTER_TYPES = ("linear", "tanh_mlp")
 
 
 @dataclass
@@ -43,6 +44,11 @@ class MoEConfig:
     moe_intermediate_size: int = 512
     moe_layers: Optional[List[int]] = None
     physical_experts: Optional[List[int]] = None  # per MoE layer; None = num_experts everywhere
+    # "linear": logits = W x (W: [E, H]); "tanh_mlp": LLaMA-MoE's gate network, logits = W2 tanh(W1 x) with
+    # W1: [E, H], W2: [E, E] (see moe.TanhMLPRouter).
+    router_type: str = "linear"
+    # "ones": the router picks the top-k experts but each is weighted 1 (times routed_scaling_factor), so a
+    # neuron split with k = E sums back to the dense FFN exactly; the router then learns from the aux loss only.
     scoring: str = "softmax"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
@@ -62,6 +68,8 @@ class MoEConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:

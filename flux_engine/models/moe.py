@@ -139,12 +139,28 @@ class RouterOutput:
     ids: torch.Tensor
 
 
+class TanhMLPRouter(nn.Module):
+    """LLaMA-MoE's gate network: ``logits = out_proj(tanh(in_proj x))``, ``in_proj: [E, H]``, ``out_proj: [E, E]``."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.in_proj = nn.Linear(hidden_size, num_experts, bias=False)
+        self.out_proj = nn.Linear(num_experts, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(torch.tanh(self.in_proj(x)))
+
+
 class MoEMLP(nn.Module):
     def __init__(self, config: MoEConfig, layer: int):
         super().__init__()
         self.config, self.layer = config, layer
         H = config.hidden_size
-        self.gate = nn.Linear(H, config.num_experts, bias=False)  # the router; named as in transformers
+        # The router, named ``gate`` as in transformers.
+        if config.router_type == "tanh_mlp":
+            self.gate = TanhMLPRouter(H, config.num_experts)
+        else:
+            self.gate = nn.Linear(H, config.num_experts, bias=False)
         self.experts = Experts(config.num_experts, config.physical_experts_of(layer), H, config.moe_intermediate_size)
         self.shared_expert = None
         self.shared_expert_gate = None
@@ -158,9 +174,13 @@ class MoEMLP(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         logits = self.gate(flat)
         c = self.config
-        weights, ids = ops.route(
-            logits, c.num_experts_per_tok, scoring=c.scoring, renormalize=c.norm_topk_prob, scaling_factor=c.routed_scaling_factor
-        )
+        if c.scoring == "ones":
+            _, ids = ops.route(logits, c.num_experts_per_tok, scoring="softmax", renormalize=False)
+            weights = torch.full(ids.shape, c.routed_scaling_factor, dtype=torch.float32, device=ids.device)
+        else:
+            weights, ids = ops.route(
+                logits, c.num_experts_per_tok, scoring=c.scoring, renormalize=c.norm_topk_prob, scaling_factor=c.routed_scaling_factor
+            )
         y = self.experts(flat, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
@@ -267,6 +287,12 @@ class MoEForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write a checkpoint folder; see ``flux_engine.checkpoint.save_pretrained`` for the arguments."""
+        from flux_engine.checkpoint import save_pretrained  # the checkpoint package imports this module
+
+        save_pretrained(self, path, **kwargs)
 
     def forward(
         self,
