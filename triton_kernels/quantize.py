@@ -54,7 +54,7 @@ def _quantize_kernel(
     scales_ptr,
     zeros_ptr,
     R,
-    G,
+    G: tl.constexpr,  # constexpr: the group sweeps are static loops (Triton 3.6's interpreter needs that too)
     NG,
     stride_wr,
     BITS: tl.constexpr,

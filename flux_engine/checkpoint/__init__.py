@@ -86,7 +86,8 @@ def load_pretrained(
     for key, source in stream(found, list(plan)):
         _copy_into(tensors, plan[key], source)
         del source  # one source tensor alive at a time
-    return model
+    # Loaded models are for inference until the caller says otherwise, as with transformers.
+    return model.eval()
 
 
 def save_pretrained(
