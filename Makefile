@@ -12,7 +12,6 @@ $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.deps: requirements.txt | $(VPY)
-	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements.txt
 	touch $@
 
