@@ -143,47 +143,55 @@ def _olmoe_1b_7b() -> MoEConfig:
     )
 
 
-def _smollm2_llama_moe(num_layers: int, name: str) -> Callable[[], MoEConfig]:
-    """SmolLM2 upcycled LLaMA-MoE style: every other layer's FFN becomes 8 experts (full-size copies), top-2."""
+def _smollm2_llama_moe(moe_layers: List[int], name: str) -> Callable[[], MoEConfig]:
+    """SmolLM2 upcycled: the FFNs of ``moe_layers`` become 8 experts (full-size copies), top-2, with 10% of each
+    copy's neurons re-initialised (Drop-Upcycling). Measured on the mini variant (``python -m flux_engine.pretrain``):
+    perplexity 41.4 vs 39.6 dense at step 0 and expert outputs 0.62 apart, where plain copies stay 0.09 apart
+    even after 30 steps of continued pre-training."""
 
     def build() -> MoEConfig:
         return MoEConfig(
-            num_layers=num_layers,
+            num_layers=SMOLLM2_LAYERS,
             **SMOLLM2_135M,
             num_experts=8,
             num_experts_per_tok=2,
             moe_intermediate_size=SMOLLM2_135M["intermediate_size"],
-            moe_layers=list(range(1, num_layers, 2)),
+            moe_layers=moe_layers,
             norm_topk_prob=True,
             router_aux_loss_coef=0.01,
-            metadata={"preset": name, "base": "SmolLM2-135M-Instruct", "construction": "upcycle"},
+            metadata={"preset": name, "base": "SmolLM2-135M-Instruct", "construction": "upcycle", "drop_fraction": 0.1},
         )
 
     return build
 
 
-def _smollm2_deepseek_moe(num_layers: int, name: str) -> Callable[[], MoEConfig]:
-    """SmolLM2 DeepSeek-MoE style: the dense FFN is the shared expert; 16 fine-grained routed experts of a
-    quarter width each (zero-initialised down projections, so step 0 equals the dense model), top-4."""
+def _smollm2_deepseek_moe(moe_layers: List[int], name: str) -> Callable[[], MoEConfig]:
+    """SmolLM2 DeepSeek-MoE style in ``moe_layers``: the dense FFN is the shared expert; 16 fine-grained routed
+    experts of a quarter width each (zero-initialised down projections, so step 0 equals the dense model), top-4.
+    The routed experts only start to differ with continued pre-training (``flux_engine.pretrain``)."""
 
     def build() -> MoEConfig:
         return MoEConfig(
-            num_layers=num_layers,
+            num_layers=SMOLLM2_LAYERS,
             **SMOLLM2_135M,
             num_experts=16,
             num_experts_per_tok=4,
             moe_intermediate_size=SMOLLM2_135M["intermediate_size"] // 4,
-            moe_layers=list(range(1, num_layers, 2)),
+            moe_layers=moe_layers,
             norm_topk_prob=False,
             shared_expert_intermediate_size=SMOLLM2_135M["intermediate_size"],
             router_aux_loss_coef=0.01,
-            metadata={"preset": name, "base": "SmolLM2-135M-Instruct", "construction": "upcycle-fine-grained"},
+            metadata={"preset": name, "base": "SmolLM2-135M-Instruct", "construction": "fine_grained"},
         )
 
     return build
 
 
-# The "-mini" variants keep SmolLM2's first 12 of 30 layers: small enough for the CPU demo.
+# All SmolLM2 presets keep the 30 layers: any 12-layer cut of SmolLM2-135M is no language model (perplexity of
+# a pydoc page: 8.6 with 30 layers, 1e10 with the first 12, 7.7e3 with the first and last 6), so the "-mini"
+# variants are shallower in MoE only: 5 MoE layers (3, 9, ..., 27) instead of every other layer.
+SMOLLM2_MOE_LAYERS = list(range(1, SMOLLM2_LAYERS, 2))
+SMOLLM2_MINI_MOE_LAYERS = list(range(3, SMOLLM2_LAYERS, 6))
 _PRESETS: Dict[str, Callable[[], MoEConfig]] = {
     "tiny": _tiny,
     "llama-moe-3.5b": _llama_moe_3_5b,
@@ -191,10 +199,10 @@ _PRESETS: Dict[str, Callable[[], MoEConfig]] = {
     "mixtral-8x7b": _mixtral_8x7b,
     "qwen3-30b-a3b": _qwen3_30b_a3b,
     "olmoe-1b-7b": _olmoe_1b_7b,
-    "smollm2-llama-moe": _smollm2_llama_moe(SMOLLM2_LAYERS, "smollm2-llama-moe"),
-    "smollm2-llama-moe-mini": _smollm2_llama_moe(12, "smollm2-llama-moe-mini"),
-    "smollm2-deepseek-moe": _smollm2_deepseek_moe(SMOLLM2_LAYERS, "smollm2-deepseek-moe"),
-    "smollm2-deepseek-moe-mini": _smollm2_deepseek_moe(12, "smollm2-deepseek-moe-mini"),
+    "smollm2-llama-moe": _smollm2_llama_moe(SMOLLM2_MOE_LAYERS, "smollm2-llama-moe"),
+    "smollm2-llama-moe-mini": _smollm2_llama_moe(SMOLLM2_MINI_MOE_LAYERS, "smollm2-llama-moe-mini"),
+    "smollm2-deepseek-moe": _smollm2_deepseek_moe(SMOLLM2_MOE_LAYERS, "smollm2-deepseek-moe"),
+    "smollm2-deepseek-moe-mini": _smollm2_deepseek_moe(SMOLLM2_MINI_MOE_LAYERS, "smollm2-deepseek-moe-mini"),
 }
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from flux_engine.cache import cache_root
 from flux_engine.data.records import Record, atomic_write, read_jsonl, stable_seed, write_jsonl
 
 # Bumped whenever the JSONL record format changes, so caches written by older code are rebuilt.
@@ -65,15 +66,6 @@ BIGBENCH = ArchiveSpec(
 FALLBACK_PIP = "pip==26.2.1"
 
 Downloader = Callable[[ArchiveSpec, Path], None]
-
-
-def cache_root() -> Path:
-    """``$FLUX_ENGINE_CACHE``, else ``$XDG_CACHE_HOME/flux_engine``, else ``~/.cache/flux_engine``."""
-    override = os.environ.get("FLUX_ENGINE_CACHE")
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "flux_engine"
 
 
 def sha256_file(path: os.PathLike) -> str:
