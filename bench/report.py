@@ -19,6 +19,18 @@ from collections import defaultdict
 from typing import Dict, List
 
 
+# Environment variables that change what a benchmark measures; recorded in the command line.
+_RELEVANT_ENV = (
+    "OMP_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+    "FLUX_ENGINE_BACKEND",
+    "TRITON_INTERPRET",
+    "FLUX_ENGINE_ATOMIC_SCATTER",
+    "FLUX_ENGINE_MOE_RECOMPUTE",
+    "FLUX_ENGINE_AUTOTUNE",
+)
+
+
 def _versions() -> Dict[str, str]:
     import torch
 
@@ -66,13 +78,23 @@ def render(benchmarks: List[dict], header: Dict[str, str]) -> str:
     for b in benchmarks:
         groups[b["group"] or b["name"]].append(b)
     for group, cases in groups.items():
-        lines += ["", f"## {group}", "", "| case | median | min | rounds | speedup vs reference |", "| --- | --- | --- | --- | --- |"]
+        # Cases that record their useful FLOPs in extra_info["tflops"] also get their share of the group's
+        # "dense" case (the same FLOPs as one dense GEMM chain: the upper bound).
+        rates = any("tflops" in c.get("extra_info", {}) for c in cases)
+        extra_head, extra_rule = (" TFLOP/s | % of dense |", " --- | --- |") if rates else ("", "")
+        lines += ["", f"## {group}", "", "| case | median | min | rounds | speedup vs reference |" + extra_head, "| --- | --- | --- | --- | --- |" + extra_rule]
         ref = next((c for c in cases if c["params"].get("tier") == "reference"), None)
+        dense = next((c for c in cases if c["params"].get("tier") == "dense"), None)
         for c in sorted(cases, key=lambda c: c["stats"]["median"], reverse=True):
             st = c["stats"]
             speedup = f"{ref['stats']['median'] / st['median']:.2f}x" if ref else "-"
             case = c["params"].get("tier", c["name"])
-            lines.append(f"| {case} | {_format_seconds(st['median'])} | {_format_seconds(st['min'])} | {st['rounds']} | {speedup} |")
+            row = f"| {case} | {_format_seconds(st['median'])} | {_format_seconds(st['min'])} | {st['rounds']} | {speedup} |"
+            if rates:
+                tflops = c.get("extra_info", {}).get("tflops")
+                share = f"{100 * dense['stats']['median'] / st['median']:.0f}%" if dense else "-"
+                row += f" {tflops:.3g} | {share} |" if tflops is not None else " - | - |"
+            lines.append(row)
     return "\n".join(lines) + "\n"
 
 
@@ -99,10 +121,14 @@ def main(argv: List[str]) -> int:
         "device": _device(),
         "commit": _commit(),
         **_versions(),
-        "command": " ".join(shlex.quote(a) for a in ["python", "bench/report.py", *sys.argv[1:]]),
+        "command": " ".join(
+            [f"{k}={shlex.quote(os.environ[k])}" for k in _RELEVANT_ENV if k in os.environ]
+            + [shlex.quote(a) for a in ["python", "bench/report.py", *sys.argv[1:]]]
+        ),
         "date": data.get("datetime", "unknown"),
     }
     text = render(data["benchmarks"], header)
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     tmp_out = out_path + ".tmp"
     with open(tmp_out, "w") as f:
         f.write(text)

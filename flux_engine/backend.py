@@ -10,6 +10,10 @@ By default an op runs the first tier in its preference list that can run on the 
 ``FLUX_ENGINE_BACKEND=reference|cpu|triton|cuda`` forces one tier for every op; an op that has no
 such tier, or whose tier cannot run here, raises ``BackendUnavailableError`` instead of silently
 falling back, so a forced run really measures what it says.
+
+A tier may also handle only some calls of its op (the triton grouped MLP has no LoRA yet): it registers an
+``unsupported`` check, and dispatch with the call's arguments (``Op.run``) skips it for those calls, or raises
+``BackendUnavailableError`` naming what it lacks when that tier is forced.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -103,20 +107,41 @@ class Op:
     def __init__(self, name: str, reference: Callable, preference: Sequence[str] = ("cuda", "triton", "cpu")):
         self.name = name
         self.impls: Dict[str, Callable] = {"reference": reference}
+        self.unsupported: Dict[str, Callable[..., Optional[str]]] = {}
         self.preference = tuple(preference) + ("reference",)
 
-    def register(self, tier: str) -> Callable[[Callable], Callable]:
+    def register(
+        self, tier: str, unsupported: Optional[Callable[..., Optional[str]]] = None
+    ) -> Callable[[Callable], Callable]:
+        """Decorator registering ``fn`` as ``tier``.
+
+        ``unsupported``, when given, takes the op's arguments and returns None for calls the tier handles,
+        else what it lacks, completing "the <tier> tier does not support ..." (e.g. ``"lora yet"``).
+        """
         if tier not in TIERS:
             raise ValueError(f"unknown tier {tier!r}")
 
         def decorator(fn: Callable) -> Callable:
             self.impls[tier] = fn
+            if unsupported is not None:
+                self.unsupported[tier] = unsupported
             return fn
 
         return decorator
 
-    def select(self, device: torch.device) -> Callable:
-        """The implementation to run for inputs on ``device``."""
+    def _lacks(self, tier: str, call: Optional[Tuple[tuple, dict]]) -> Optional[str]:
+        check = self.unsupported.get(tier)
+        if check is None or call is None:
+            return None
+        args, kwargs = call
+        return check(*args, **kwargs)
+
+    def select(self, device: torch.device, call: Optional[Tuple[tuple, dict]] = None) -> Callable:
+        """The implementation to run for inputs on ``device``.
+
+        With ``call = (args, kwargs)`` of the op, tiers whose ``unsupported`` check rejects that call are
+        skipped (forced: raise); without it only the device decides.
+        """
         tier = forced_tier()
         if tier is not None:
             if tier not in self.impls:
@@ -125,14 +150,21 @@ class Op:
             reason = tier_unavailable_reason(tier, device)
             if reason is not None:
                 raise BackendUnavailableError(f"{self.name}: {ENV_VAR}={tier} cannot run: {reason}")
+            lacking = self._lacks(tier, call)
+            if lacking is not None:
+                raise BackendUnavailableError(f"{self.name}: the {tier} tier does not support {lacking}")
             return self.impls[tier]
         for tier in self.preference:
-            if tier in self.impls and tier_unavailable_reason(tier, device) is None:
+            if tier in self.impls and tier_unavailable_reason(tier, device) is None and self._lacks(tier, call) is None:
                 # The interpreter is for testing kernels, never a default: it is orders slower than torch.
                 if tier == "triton" and device.type != "cuda":
                     continue
                 return self.impls[tier]
         return self.impls["reference"]
+
+    def run(self, device: torch.device, *args, **kwargs):
+        """Run the call on the tier chosen for ``device`` and these arguments."""
+        return self.select(device, (args, kwargs))(*args, **kwargs)
 
     def tier(self, device: torch.device) -> str:
         """Name of the tier ``select`` would pick (for logs and benchmarks)."""

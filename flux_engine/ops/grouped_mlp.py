@@ -90,28 +90,45 @@ def grouped_mlp_reference(x, gate_up, down, topk_weights, topk_ids, expert_map, 
         gu_A, gu_B, d_A, d_B, scale = lora.gate_up_A, lora.gate_up_B, lora.down_A, lora.down_B, lora.scale
     else:
         lora_slots, gu_A, gu_B, d_A, d_B, scale = [-1] * E, None, None, None, None, 0.0
-    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    # unbind: one backward allocation per weight stack instead of a full-size zero gradient per expert slice.
+    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
+    ys = []
     for e in range(E):
         lo, hi = offsets[e], offsets[e + 1]
         if lo == hi:
             continue
-        tokens = plan.sorted_token_ids[lo:hi].long()
-        xe = x[tokens].float()
-        gu = xe @ gate_up[e].float().t()
+        xe = x[plan.sorted_token_ids[lo:hi].long()].float()
+        gu = xe @ gate_ups[e].float().t()
         delta = _lora_delta(xe, gu_A, gu_B, lora_slots[e], scale)
         if delta is not None:
             gu = gu + delta
         gate, up = gu.chunk(2, dim=-1)
         h = F.silu(gate) * up
-        y = h @ down[e].float().t()
+        y = h @ downs[e].float().t()
         delta = _lora_delta(h, d_A, d_B, lora_slots[e], scale)
         if delta is not None:
             y = y + delta
-        out = out.index_add(0, tokens, y * row_weights[lo:hi, None])
+        ys.append(y)
+    n = offsets[-1]
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    if n:
+        rows = torch.cat(ys) * row_weights[:n, None]
+        out = out.index_add(0, plan.sorted_token_ids[:n].long(), rows)
     return out.to(x.dtype)
 
 
 _op = Op("grouped_mlp", grouped_mlp_reference, preference=("triton",))
+
+
+def _triton_lacks(x, gate_up, down, topk_weights, topk_ids, expert_map, lora):
+    return "lora yet" if lora is not None else None
+
+
+@_op.register("triton", unsupported=_triton_lacks)
+def _grouped_mlp_triton(x, gate_up, down, topk_weights, topk_ids, expert_map, lora):
+    from flux_engine.triton_kernels.grouped_mlp_autograd import grouped_mlp as kernel
+
+    return kernel(x, gate_up, down, topk_weights, topk_ids, expert_map)
 
 
 def _check_lora(lora: ExpertLoRA, num_original: int, H: int, I: int) -> None:
@@ -163,6 +180,10 @@ def grouped_mlp(
 
     Returns:
         ``[T, H]`` in x's dtype.
+
+    The triton tier has no LoRA yet (such calls go to the next tier), and reads two switches:
+    ``FLUX_ENGINE_ATOMIC_SCATTER=1`` and ``FLUX_ENGINE_MOE_RECOMPUTE=1`` (see
+    ``flux_engine.triton_kernels.grouped_mlp_autograd``).
     """
     check_tensor("x", x, ndim=2)
     check_tensor("gate_up", gate_up, ndim=3)
@@ -213,7 +234,7 @@ def grouped_mlp(
     if expert_map is not None:
         check_ids_in_range("expert_map", expert_map, E)
     check_ids_in_range("topk_ids", topk_ids, num_original)
-    return _op.select(device)(x, gate_up, down, topk_weights, topk_ids, expert_map, lora)
+    return _op.run(device, x, gate_up, down, topk_weights, topk_ids, expert_map, lora)
 
 
 grouped_mlp.op = _op

@@ -81,7 +81,7 @@ def permute_reference(topk_ids: torch.Tensor, num_experts: int, expert_map: Opti
     return RoutingPlan(sorted_token_ids, offsets, inverse.reshape(T, k).to(torch.int32), T, num_experts)
 
 
-_op = Op("permute", permute_reference, preference=("cuda", "cpu"))
+_op = Op("permute", permute_reference, preference=("cuda", "triton", "cpu"))
 
 
 def _permute_native(topk_ids, num_experts, expert_map):
@@ -95,6 +95,13 @@ def _permute_native(topk_ids, num_experts, expert_map):
 
 _op.register("cpu")(_permute_native)
 _op.register("cuda")(_permute_native)
+
+
+@_op.register("triton")
+def _permute_triton(topk_ids, num_experts, expert_map):
+    from flux_engine.triton_kernels.permute import permute as kernel
+
+    return kernel(topk_ids, num_experts, expert_map)
 
 
 def permute(topk_ids: torch.Tensor, num_experts: int, expert_map: Optional[torch.Tensor] = None) -> RoutingPlan:
