@@ -1,0 +1,110 @@
+import pytest
+
+from flux_engine import presets
+from flux_engine.budget import (
+    BudgetError,
+    TrainSettings,
+    activation_bytes,
+    expert_parameters,
+    memory_breakdown,
+    merged_expert_bytes,
+    non_expert_parameters,
+    plan_budget,
+    tuning_expert_terms,
+)
+from flux_engine.models import MoEForCausalLM
+
+MiB = 1 << 20
+
+
+def _settings(**kw):
+    base = dict(dtype="float32", lora_rank=4, optimizer="adamw", batch_size=2, seq_len=32, workspace_bytes=0, workspace_fraction=0.0)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_parameter_counts_match_the_model():
+    cfg = presets.get("tiny")
+    model = MoEForCausalLM(cfg)
+    L = len(cfg.moe_layer_indices)
+    assert non_expert_parameters(cfg) + L * cfg.num_experts * expert_parameters(cfg) == model.num_parameters()
+
+
+def test_plan_fits_and_prints_every_term():
+    cfg = presets.get("tiny")
+    s = _settings()
+    plan = plan_budget(cfg, int(1.4 * MiB), s)
+    assert plan.used_bytes <= plan.budget_bytes
+    assert plan.B_tune >= 1 and plan.B_non >= len(cfg.moe_layer_indices)
+    assert plan.B_tune + plan.B_non <= len(cfg.moe_layer_indices) * cfg.num_experts
+    text = plan.describe()
+    for term in ("non-expert weights", "merged experts", "tuning experts", "grads+optimizer", "activations", "workspace"):
+        assert term in text
+    assert f"B_tune = {plan.B_tune}" in text
+
+
+def test_impossible_budget_names_missing_bytes():
+    cfg = presets.get("tiny")
+    s = _settings()
+    budget = 200_000
+    L = len(cfg.moe_layer_indices)
+    need = sum(memory_breakdown(cfg, s, 0, 0, budget).values()) + L * merged_expert_bytes(cfg, s)
+    need += sum(tuning_expert_terms(cfg, s).values())
+    with pytest.raises(BudgetError) as err:
+        plan_budget(cfg, budget, s)
+    assert err.value.missing_bytes == need - budget
+    assert str(need - budget) in str(err.value)
+    # Exactly the minimum fits.
+    plan = plan_budget(cfg, need, s)
+    assert (plan.B_tune, plan.B_non) == (1, L)
+
+
+def test_budget_monotone_and_settings_matter():
+    cfg = presets.get("tiny")
+    prev = (0, 0)
+    for mib in (1.3, 1.4, 1.5, 1.6, 1.8):
+        p = plan_budget(cfg, int(mib * MiB), _settings())
+        assert p.B_tune >= prev[0]
+        prev = (p.B_tune, p.B_non)
+    lora = plan_budget(cfg, int(1.5 * MiB), _settings())
+    full = plan_budget(cfg, int(1.5 * MiB), _settings(lora_rank=0))
+    sgd = plan_budget(cfg, int(1.5 * MiB), _settings(lora_rank=0, optimizer="sgd"))
+    assert full.B_tune < lora.B_tune and sgd.B_tune > full.B_tune
+    assert activation_bytes(cfg, _settings(activation_checkpointing=True)) < activation_bytes(cfg, _settings())
+    # tune_fraction 0: only the minimum number of tuning experts, the rest merged.
+    p0 = plan_budget(cfg, int(1.5 * MiB), _settings(), tune_fraction=0.0)
+    assert p0.B_tune == 1 and p0.B_non > lora.B_non
+    # Plenty of memory: nothing is merged, everything else is tuned.
+    big = plan_budget(cfg, 8 * MiB, _settings())
+    assert big.B_tune + big.B_non == len(cfg.moe_layer_indices) * cfg.num_experts
+
+
+def test_full_tuning_terms():
+    cfg = presets.get("tiny")
+    n = expert_parameters(cfg)
+    t = tuning_expert_terms(cfg, _settings(dtype="bfloat16", lora_rank=None))
+    assert t == {"weights": 2 * n, "grads": 2 * n, "master_fp32": 4 * n, "optimizer_state": 8 * n}
+    t = tuning_expert_terms(cfg, _settings(dtype="float32", lora_rank=None, optimizer="sgd"))
+    assert t == {"weights": 4 * n, "grads": 4 * n, "master_fp32": 0, "optimizer_state": 0}
+
+
+def test_budget_roles_merge_pipeline_fits():
+    import torch
+
+    from flux_engine.merging import FrequencyProfile, layer_budgets, merge
+    from flux_engine.roles import assign_roles, frequency_utility
+
+    cfg = presets.get("tiny")
+    s = _settings()
+    plan = plan_budget(cfg, int(1.5 * MiB), s)
+    torch.manual_seed(0)
+    model = MoEForCausalLM(cfg)
+    freq = torch.rand(2, 8, dtype=torch.float64)
+    prof = FrequencyProfile(freq / freq.sum(1, keepdim=True), torch.ones(2, 8, dtype=torch.float64))
+    (roles,) = assign_roles(frequency_utility(prof.freq), [plan.B_tune], seed=0)
+    tuning = roles.tuning_lists()
+    budgets = layer_budgets(prof.freq, plan.B_non, [8 - len(t) for t in tuning])
+    compact = merge(model, prof, tuning, budgets)
+    assert sum(compact.config.physical_experts) == plan.B_tune + plan.B_non
+    expert_bytes = sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in compact.moe_layers()) * 4
+    assert expert_bytes == plan.B_tune * plan.tuning_terms["weights"] + plan.B_non * plan.merged_expert_bytes
