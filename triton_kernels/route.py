@@ -20,35 +20,13 @@ _MAX_BLOCK_T = 64
 
 
 @triton.jit
-def _route_kernel(
-    logits_ptr,
-    weights_ptr,
-    ids_ptr,
-    T,
-    E,
-    stride_t,
-    stride_e,
-    scaling_factor,
-    K: tl.constexpr,
-    K_PAD: tl.constexpr,
-    E_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    SOFTMAX: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-):
-    """``logits: [T, E]`` -> ``weights: [T, K]`` float32, ``ids: [T, K]`` int32; grid ``cdiv(T, BLOCK_T)``."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, E_PAD)
-    row_ok = rows < T
-    col_ok = cols < E
-    # Rows past T re-read the last token instead of an all -inf row, which would make NaNs (never stored).
-    src_rows = tl.minimum(rows, T - 1).to(tl.int64)
-    x = tl.load(
-        logits_ptr + src_rows[:, None] * stride_t + cols[None, :] * stride_e,
-        mask=col_ok[None, :],
-        other=float("-inf"),
-    ).to(tl.float32)
-
+def _topk_tile(
+    x, cols, col_ok, scaling_factor, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr,
+):  # fmt: skip
+    """Scores, top-k and renormalisation of a ``[BLOCK_T, E_PAD]`` fp32 logit tile (padding columns ``-inf``):
+    ``(weights [BLOCK_T, K_PAD] fp32, ids [BLOCK_T, K_PAD] int32)``, slots past K zero. Shared with the fused
+    router of ``route_and_count``."""
     if SOFTMAX:
         row_max = tl.max(x, axis=1)
         denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)
@@ -81,6 +59,41 @@ def _route_kernel(
         top_w = top_w / tl.sum(top_w, axis=1)[:, None]
     top_w = top_w * scaling_factor
 
+    return top_w, top_i
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    T,
+    E,
+    stride_t,
+    stride_e,
+    scaling_factor,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):
+    """``logits: [T, E]`` -> ``weights: [T, K]`` float32, ``ids: [T, K]`` int32; grid ``cdiv(T, BLOCK_T)``."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    row_ok = rows < T
+    col_ok = cols < E
+    # Rows past T re-read the last token instead of an all -inf row, which would make NaNs (never stored).
+    src_rows = tl.minimum(rows, T - 1).to(tl.int64)
+    x = tl.load(
+        logits_ptr + src_rows[:, None] * stride_t + cols[None, :] * stride_e,
+        mask=col_ok[None, :],
+        other=float("-inf"),
+    ).to(tl.float32)
+
+    top_w, top_i = _topk_tile(x, cols, col_ok, scaling_factor, K, K_PAD, E_PAD, BLOCK_T, SOFTMAX, RENORMALIZE)
+    kcols = tl.arange(0, K_PAD)
     out_offs = rows[:, None].to(tl.int64) * K + kcols[None, :]
     out_mask = row_ok[:, None] & (kcols[None, :] < K)
     tl.store(weights_ptr + out_offs, top_w, mask=out_mask)

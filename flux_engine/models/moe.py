@@ -66,6 +66,9 @@ class Attention(nn.Module):
         elif config.qk_norm == "full":
             self.q_norm = RMSNorm(self.num_heads * D, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.num_kv_heads * D, config.rms_norm_eps)
+        # Profiling: when True, forward keeps ``(q [B, Hq, T, D], k [B, Hkv, T, D])`` after RoPE in ``last_qk``.
+        self.capture_qk = False
+        self.last_qk = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """``x: [B, T, H]``; ``mask``: bool ``[B, 1, T, T]`` (True = attend) or None for plain causal."""
@@ -83,6 +86,8 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.capture_qk:
+            self.last_qk = (q, k)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_heads != self.num_kv_heads
         )

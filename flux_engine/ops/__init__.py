@@ -4,7 +4,10 @@ from flux_engine.ops.expert_counts import expert_counts
 from flux_engine.ops.grouped_mlp import ExpertLoRA, grouped_mlp
 from flux_engine.ops.permute import RoutingPlan, permute
 from flux_engine.ops.quantize import QuantizedTensor, dequantize, quantize
+from flux_engine.ops.quantized_grouped_mlp import quantized_grouped_mlp
+from flux_engine.ops.received_attention import received_attention
 from flux_engine.ops.route import route
+from flux_engine.ops.route_and_count import route_and_count
 
 __all__ = [
     "route",
@@ -16,4 +19,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "QuantizedTensor",
+    "quantized_grouped_mlp",
+    "received_attention",
+    "route_and_count",
 ]

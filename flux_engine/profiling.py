@@ -1,0 +1,574 @@
+"""Expert profiling on a low-bit copy of the global model (Flux section 5, "Profiling").
+
+``profile(model_or_checkpoint, batches, bits=4)`` runs the model forward over a client's batches with its routed
+experts quantized (int4 group-wise by default, int8 per-channel, or ``bits=None`` for full precision) and records
+per MoE layer and ORIGINAL expert e:
+
+- ``counts[l, e]``: routed (token, slot) pairs that chose e (padding excluded); ``frequency = counts / sum``;
+- ``attn_sums[l, e]``: the sum over those pairs of the token's received attention (``ops.received_attention`` of
+  the layer's own attention: mean over heads and over the T queries of the probability the token receives;
+  each sequence's scores sum to 1); ``importance = attn_sums / counts`` is the paper's ``a_e``;
+- ``samples[l][e]``: ids of the samples (sequences) with at least one token routed to e (``D_e``).
+
+Memory. A checkpoint folder is streamed (``flux_engine.checkpoint``): the model skeleton is built on the meta
+device, the non-expert tensors are materialised, and each expert stack is read into one full-precision buffer,
+quantized and freed, so peak memory is about the non-expert weights + the quantized experts + one layer's stack.
+An in-memory model is snapshotted the same way (non-expert tensors cloned, experts quantized stack by stack), so
+the caller may keep training it while ``profile_async`` runs.
+
+Per-layer compute: attention (capturing q/k after RoPE), received attention, the router with in-place per-expert
+accumulation (``ops.route_and_count``: one fused kernel on GPU, no host sync), the quantized grouped MLP
+(``ops.quantized_grouped_mlp``: packed weights read directly by the Triton tier). Sample sets are gathered on the
+device per batch and read back once at the end. Attention-only linears, embeddings and norms stay in the
+checkpoint dtype; only routed experts are quantized (they are >90% of an MoE model's weights).
+
+Padding (``attention_mask`` 0) is neither counted nor part of received attention (padded queries are dropped
+and the mean over queries divides by the row's real tokens). Limitation: received attention assumes plain causal
+attention (a sliding window is ignored there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from flux_engine import ops
+from flux_engine.models import MoEForCausalLM
+from flux_engine.models.moe import Experts, MoEMLP, attention_mask_4d, rope_cos_sin
+from flux_engine.ops.quantize import QuantizedTensor
+from flux_engine.ops.quantized_grouped_mlp import quantized_grouped_mlp
+from flux_engine.ops.received_attention import received_attention
+from flux_engine.ops.route_and_count import route_and_count
+
+_STACKS = ("gate_up_proj", "down_proj")
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- the profile
+
+
+@dataclass
+class ExpertProfile:
+    """Per MoE layer (``layers``, model layer indices) and original expert: see the module docstring.
+
+    ``counts``: int64 ``[L, E]``; ``attn_sums``: float64 ``[L, E]``; ``samples[l][e]``: sorted sample ids;
+    ``num_tokens``: counted tokens per layer (equal across layers); ``meta``: how it was computed.
+    """
+
+    layers: List[int]
+    counts: torch.Tensor
+    attn_sums: torch.Tensor
+    samples: List[List[List[Any]]]
+    num_tokens: int = 0
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """``[L, E]`` float64 share of routed (token, slot) pairs; each row sums to 1 (0 for an unseen layer)."""
+        c = self.counts.double()
+        return c / c.sum(dim=1, keepdim=True).clamp(min=1)
+
+    @property
+    def importance(self) -> torch.Tensor:
+        """``[L, E]`` float64 mean received attention of the tokens routed to e (0 when none were)."""
+        return self.attn_sums / self.counts.double().clamp(min=1)
+
+    def layer_index(self, layer: int) -> int:
+        return self.layers.index(layer)
+
+    def merge(self, other: "ExpertProfile") -> "ExpertProfile":
+        """The profile of both sets of batches (sample ids are unioned)."""
+        if self.layers != other.layers or self.counts.shape != other.counts.shape:
+            raise ValueError("profiles of different models cannot be merged")
+        samples = [
+            [sorted(set(a) | set(b), key=_id_key) for a, b in zip(la, lb)] for la, lb in zip(self.samples, other.samples)
+        ]
+        meta = dict(self.meta)
+        meta["merged"] = int(meta.get("merged", 1)) + int(other.meta.get("merged", 1))
+        return ExpertProfile(
+            list(self.layers), self.counts + other.counts, self.attn_sums + other.attn_sums, samples,
+            self.num_tokens + other.num_tokens, meta,
+        )  # fmt: skip
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "layers": self.layers,
+            "counts": self.counts.tolist(),
+            "attn_sums": self.attn_sums.tolist(),
+            "samples": self.samples,
+            "num_tokens": self.num_tokens,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ExpertProfile":
+        if d.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unknown profile format {d.get('format')!r}")
+        return cls(
+            list(d["layers"]), torch.tensor(d["counts"], dtype=torch.int64),
+            torch.tensor(d["attn_sums"], dtype=torch.float64), d["samples"], int(d["num_tokens"]), dict(d["meta"]),
+        )  # fmt: skip
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write JSON atomically (temporary file in the same folder, fsync, rename)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".profile-", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "ExpertProfile":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _id_key(x: Any):
+    return (0, x, "") if isinstance(x, (int, float)) else (1, 0, str(x))
+
+
+# ------------------------------------------------------------------------------------------- the low-bit model
+
+
+@dataclass
+class _LayerExperts:
+    gate_up: Union[QuantizedTensor, torch.Tensor]
+    down: Union[QuantizedTensor, torch.Tensor]
+
+
+def group_for(K: int, bits: int, group_size: Optional[int]) -> int:
+    """The group size used for a reduction length K: ``group_size`` when it divides K (int8 default: K, i.e.
+    per-channel), else the largest divisor of K below it (even for int4), so odd widths still quantize."""
+    want = group_size if group_size is not None else (128 if bits == 4 else K)
+    want = min(want, K)
+    for g in range(want, 0, -1):
+        if K % g == 0 and (bits != 4 or g % 2 == 0):
+            return g
+    raise ValueError(f"no int{bits} group size divides K={K}")
+
+
+def _compress(w: torch.Tensor, bits: Optional[int], group_size: Optional[int], symmetric: bool):
+    if bits is None:
+        return w
+    return ops.quantize(w, bits, group_for(w.shape[-1], bits, group_size), symmetric=symmetric)
+
+
+class _LowBitModel:
+    """A profiling copy of the model: the skeleton's non-expert modules (real tensors) + per-layer experts."""
+
+    def __init__(self, skeleton: MoEForCausalLM, experts: Dict[int, _LayerExperts], expert_maps: Dict[int, torch.Tensor]):
+        self.skeleton, self.experts, self.expert_maps = skeleton, experts, expert_maps
+
+    @property
+    def config(self):
+        return self.skeleton.config
+
+    def nbytes(self) -> int:
+        total = 0
+        for name, t in self.skeleton.state_dict(keep_vars=True).items():
+            if not t.is_meta:
+                total += t.numel() * t.element_size()
+        for le in self.experts.values():
+            for w in (le.gate_up, le.down):
+                total += w.nbytes() if isinstance(w, QuantizedTensor) else w.numel() * w.element_size()
+        return total
+
+
+def _is_stack(name: str) -> bool:
+    return ".mlp.experts." in name and name.rsplit(".", 1)[-1] in _STACKS
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split(".")[2])
+
+
+def _skeleton(config, dtype: torch.dtype, device: torch.device) -> MoEForCausalLM:
+    """The model on the meta device with every tensor but the expert stacks materialised (uninitialised)."""
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    model.to(dtype=dtype)
+    for module in model.modules():
+        if not isinstance(module, Experts):
+            module.to_empty(device=device, recurse=False)
+    for mlp in model.moe_layers():
+        n = mlp.experts.expert_map.numel()
+        mlp.experts._buffers["expert_map"] = torch.empty(n, dtype=torch.int32, device=device)
+        mlp.experts.reset_expert_map()
+    model.tie_weights()
+    return model.eval()
+
+
+def _build(tensors: Iterable, plan: Dict[str, Any], skeleton: MoEForCausalLM, bits, group_size, symmetric, device):
+    """Fill ``skeleton`` from ``(key, tensor)`` pairs (``plan[key]``: ``Entry`` with param and index); expert
+    stacks go through one full-precision buffer per stack, quantized as soon as complete."""
+    from flux_engine.checkpoint.keymap import model_tensors
+
+    targets = model_tensors(skeleton)
+    remaining: Dict[str, int] = {}
+    for entry in plan.values():
+        if _is_stack(entry.param):
+            remaining[entry.param] = remaining.get(entry.param, 0) + 1
+    pending: Dict[str, torch.Tensor] = {}
+    done: Dict[int, Dict[str, Any]] = {}
+    with torch.no_grad():
+        for key, source in tensors:
+            entry = plan[key]
+            if not _is_stack(entry.param):
+                targets[entry.param][entry.index].copy_(source)
+                continue
+            target = targets[entry.param]
+            buf = pending.get(entry.param)
+            if buf is None:
+                buf = pending[entry.param] = torch.empty(target.shape, dtype=target.dtype, device=device)
+            buf[entry.index].copy_(source)
+            del source
+            remaining[entry.param] -= 1
+            if remaining[entry.param] == 0:
+                w = pending.pop(entry.param)
+                stored = _compress(w, bits, group_size, symmetric)
+                del w
+                done.setdefault(_layer_of(entry.param), {})[entry.param.rsplit(".", 1)[-1]] = stored
+    if pending:
+        raise ValueError(f"incomplete expert stacks: {sorted(pending)}")
+    experts = {layer: _LayerExperts(d["gate_up_proj"], d["down_proj"]) for layer, d in done.items()}
+    maps = {mlp.layer: mlp.experts.expert_map for mlp in skeleton.moe_layers()}
+    return _LowBitModel(skeleton, experts, maps)
+
+
+def _from_model(model: MoEForCausalLM, bits, group_size, symmetric, device) -> _LowBitModel:
+    from flux_engine.checkpoint.keymap import Entry, model_tensors
+
+    param = next(model.parameters())
+    skeleton = _skeleton(model.config, param.dtype, device)
+    sources = model_tensors(model)
+    plan = {name: Entry(name, name) for name in model_tensors(skeleton)}
+    pairs = ((name, sources[name].detach()) for name in plan)
+    return _build(pairs, plan, skeleton, bits, group_size, symmetric, device)
+
+
+def _from_checkpoint(path, dtype, bits, group_size, symmetric, device) -> _LowBitModel:
+    from flux_engine import checkpoint as ck
+    from flux_engine.checkpoint.safetensors_io import CONFIG_FILE, read_json, scan, stream
+
+    folder = os.fspath(path)
+    config_path = os.path.join(folder, CONFIG_FILE)
+    raw = read_json(config_path)
+    layout = ck.get_layout(raw.get("model_type"), config_path)
+    config = ck._read_config(layout, raw, config_path)
+    found = scan(folder)
+    keys = layout.keys_for(found)
+    skeleton = _skeleton(config, dtype or ck._config_dtype(raw, config_path), device)
+    with torch.device("meta"):
+        meta_model = MoEForCausalLM(config)
+    plan = ck._plan(meta_model, layout, keys, found, folder)
+    return _build(stream(found, list(plan)), plan, skeleton, bits, group_size, symmetric, device)
+
+
+def prepare(
+    model_or_checkpoint, bits: Optional[int] = 4, group_size: Optional[int] = None, *, symmetric: bool = True,
+    dtype: Optional[torch.dtype] = None, device=None,
+) -> _LowBitModel:  # fmt: skip
+    """The profiling copy (see the module docstring); ``profile`` calls this, ``profile_async`` before its thread."""
+    if bits not in (None, 4, 8):
+        raise ValueError(f"bits must be 4, 8 or None (full precision), got {bits!r}")
+    if isinstance(model_or_checkpoint, MoEForCausalLM):
+        dev = torch.device(device) if device is not None else next(model_or_checkpoint.parameters()).device
+        return _from_model(model_or_checkpoint, bits, group_size, symmetric, dev)
+    return _from_checkpoint(model_or_checkpoint, dtype, bits, group_size, symmetric, torch.device(device or "cpu"))
+
+
+# ------------------------------------------------------------------------------------------------- profiling
+
+
+def _sample_ids(batch: Dict[str, Any], B: int, seen: int) -> List[Any]:
+    ids = batch.get("sample_ids")
+    if ids is None:
+        return list(range(seen, seen + B))
+    ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+    if len(ids) != B:
+        raise ValueError(f"batch has {B} rows but {len(ids)} sample_ids")
+    return ids
+
+
+class _Accumulator:
+    def __init__(self, layers: List[int], E: int, device: torch.device):
+        self.layers = layers
+        self.counts = torch.zeros(len(layers), E, dtype=torch.int64, device=device)
+        self.attn = torch.zeros(len(layers), E, dtype=torch.float32, device=device)
+        self.hits: List[List[torch.Tensor]] = [[] for _ in layers]  # per layer: [B, E] bool per batch
+        self.batch_ids: List[List[Any]] = []
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+
+
+@torch.no_grad()
+def _moe_step(low: _LowBitModel, mlp: MoEMLP, li: int, h: torch.Tensor, ra: torch.Tensor, mask: torch.Tensor, acc):
+    B, T, H = h.shape
+    c = low.config
+    flat = h.reshape(-1, H)
+    E = c.num_experts
+    keep = mask.reshape(-1)
+    tok_w = ra.reshape(-1)
+    counts, attn = acc.counts[li], acc.attn[li]
+    if isinstance(mlp.gate, nn.Linear) and c.scoring != "ones" and mlp.gate.bias is None:
+        weights, ids, _ = route_and_count(
+            flat, mlp.gate.weight, c.num_experts_per_tok, counts_out=counts, attn_sums_out=attn, token_weights=tok_w,
+            token_mask=keep, scoring=c.scoring, renormalize=c.norm_topk_prob, scaling_factor=c.routed_scaling_factor,
+        )  # fmt: skip
+    else:
+        logits = mlp.gate(flat)
+        if c.scoring == "ones":
+            _, ids = ops.route(logits, c.num_experts_per_tok, scoring="softmax", renormalize=False)
+            weights = torch.full(ids.shape, c.routed_scaling_factor, dtype=torch.float32, device=ids.device)
+        else:
+            weights, ids = ops.route(
+                logits, c.num_experts_per_tok, scoring=c.scoring, renormalize=c.norm_topk_prob,
+                scaling_factor=c.routed_scaling_factor,
+            )  # fmt: skip
+        counts += ops.expert_counts(ids, E, keep.float()).round().long()
+        ops.expert_counts(ids, E, tok_w.float() * keep.float(), out=attn)
+    # Which sample reached which expert: [B, E] on the device, read back once at the end.
+    onehot = torch.zeros(B * T, E, dtype=torch.bool, device=h.device)
+    onehot.scatter_(1, ids.long(), True)
+    acc.hits[li].append((onehot & keep.bool()[:, None]).view(B, T, E).any(dim=1))
+    le = low.experts[mlp.layer]
+    if isinstance(le.gate_up, QuantizedTensor):
+        y = quantized_grouped_mlp(flat, le.gate_up, le.down, weights, ids, low.expert_maps[mlp.layer])
+    else:
+        y = ops.grouped_mlp(flat, le.gate_up, le.down, weights, ids, low.expert_maps[mlp.layer])
+    if mlp.shared_expert is not None:
+        shared = mlp.shared_expert(flat)
+        if mlp.shared_expert_gate is not None:
+            shared = torch.sigmoid(mlp.shared_expert_gate(flat)) * shared
+        y = y + shared
+    return y.view(B, T, H)
+
+
+@torch.no_grad()
+def _run(low: _LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, Any]) -> ExpertProfile:
+    model = low.skeleton
+    config = model.config
+    layers = [mlp.layer for mlp in model.moe_layers()]
+    device = model.model.embed_tokens.weight.device
+    acc = _Accumulator(layers, config.num_experts, device)
+    seen = 0
+    for batch in batches:
+        input_ids = batch["input_ids"].to(device)
+        B, T = input_ids.shape
+        am = batch.get("attention_mask")
+        am = am.to(device) if am is not None else None
+        mask = am.bool() if am is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+        acc.batch_ids.append(_sample_ids(batch, B, seen))
+        seen += B
+        acc.tokens += mask.sum()
+        x = model.model.embed_tokens(input_ids)
+        positions = torch.arange(T, device=device).expand(B, T)
+        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+        attn_mask = attention_mask_4d(am, T, config.sliding_window, device)
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.capture_qk = layer.is_moe
+            try:
+                x = x + attn(layer.input_layernorm(x), cos, sin, attn_mask)
+                qk, attn.last_qk = attn.last_qk, None
+            finally:
+                attn.capture_qk = False
+            h = layer.post_attention_layernorm(x)
+            if layer.is_moe:
+                ra = received_attention(qk[0], qk[1], causal=True, mask=am)
+                del qk
+                x = x + _moe_step(low, layer.mlp, layers.index(layer.mlp.layer), h, ra, mask, acc)
+            else:
+                x = x + layer.mlp(h)
+    samples: List[List[List[Any]]] = []
+    flat_ids = [sid for ids in acc.batch_ids for sid in ids]
+    for li in range(len(layers)):
+        per_expert: List[List[Any]] = [[] for _ in range(config.num_experts)]
+        if acc.hits[li]:
+            rows, experts = torch.cat(acc.hits[li]).nonzero(as_tuple=True)
+            for r, e in zip(rows.tolist(), experts.tolist()):
+                per_expert[e].append(flat_ids[r])
+        samples.append([sorted(set(s), key=_id_key) for s in per_expert])
+    return ExpertProfile(layers, acc.counts.cpu(), acc.attn.double().cpu(), samples, int(acc.tokens), meta)
+
+
+def profile(
+    model_or_checkpoint: Union[MoEForCausalLM, str, os.PathLike],
+    batches: Iterable[Dict[str, Any]],
+    bits: Optional[int] = 4,
+    group_size: Optional[int] = None,
+    *,
+    symmetric: bool = True,
+    dtype: Optional[torch.dtype] = None,
+    device=None,
+) -> ExpertProfile:
+    """Profile routed experts on a low-bit copy of a model (see the module docstring).
+
+    Args:
+        model_or_checkpoint: an in-memory ``MoEForCausalLM`` or a checkpoint folder (streamed).
+        batches: dicts with ``input_ids [B, T]``, optional ``attention_mask [B, T]`` (1 = token) and optional
+            ``sample_ids`` (B ids, e.g. record ids; default: running row numbers over all batches).
+        bits: 4 (group-wise), 8 (per-channel by default), or None for full precision.
+        group_size: columns per scale (default 128 for int4, per-channel for int8); reduced to a divisor of a
+            stack's reduction width where needed (``group_for``).
+        symmetric: symmetric quantization (else per-group zero points).
+        dtype: checkpoint loading dtype (default: the config's); device: where to run (default: the model's, or CPU).
+    """
+    low = prepare(model_or_checkpoint, bits, group_size, symmetric=symmetric, dtype=dtype, device=device)
+    return _run(low, batches, _meta(bits, group_size, symmetric))
+
+
+def _meta(bits, group_size, symmetric) -> Dict[str, Any]:
+    return {"bits": bits, "group_size": group_size, "symmetric": bool(symmetric)}
+
+
+class ProfileHandle:
+    """A profile computing in the background: ``done()``, ``result(timeout=None)`` (re-raises its error)."""
+
+    def __init__(self, target):
+        self._result: Optional[ExpertProfile] = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._work, args=(target,), daemon=True, name="flux-profile")
+        self._thread.start()
+
+    def _work(self, target) -> None:
+        try:
+            self._result = target()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self, timeout: Optional[float] = None) -> ExpertProfile:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("profile still running")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def profile_async(
+    model_or_checkpoint, batches: Iterable[Dict[str, Any]], bits: Optional[int] = 4, group_size: Optional[int] = None,
+    *, symmetric: bool = True, dtype: Optional[torch.dtype] = None, device=None,
+) -> ProfileHandle:  # fmt: skip
+    """``profile`` in a background thread (on a side CUDA stream for GPU models): stale profiling.
+
+    The low-bit copy is taken before returning (for an in-memory model: a snapshot of the weights as they are
+    now), so the caller may go on training; the result equals ``profile`` on that snapshot. ``batches`` is
+    materialised into a list first.
+    """
+    low = prepare(model_or_checkpoint, bits, group_size, symmetric=symmetric, dtype=dtype, device=device)
+    batches = list(batches)
+    meta = _meta(bits, group_size, symmetric)
+    dev = low.skeleton.model.embed_tokens.weight.device
+    if dev.type == "cuda":
+        # The copy was made on the caller's stream; the side stream waits for it, then runs independently.
+        stream = torch.cuda.Stream(device=dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+
+        def target():
+            with torch.cuda.stream(stream):
+                out = _run(low, batches, meta)
+            stream.synchronize()
+            return out
+
+        return ProfileHandle(target)
+    return ProfileHandle(lambda: _run(low, batches, meta))
+
+
+# -------------------------------------------------------------------------------------------------- comparison
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share the mean rank), float64."""
+    x = x.double()
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=torch.float64)
+    out = ranks.clone()
+    for v in torch.unique(x):
+        tie = x == v
+        if int(tie.sum()) > 1:
+            out[tie] = ranks[tie].mean()
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D vectors (1.0 when both are constant, 0.0 when only one is)."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
+    if den == 0:
+        return 1.0 if float((ra * ra).sum()) == float((rb * rb).sum()) else 0.0
+    return float((ra * rb).sum()) / den
+
+
+def top_k_jaccard(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """Jaccard index of the k largest entries of a and of b (ties broken by the lower index)."""
+    ta = set(torch.argsort(-a.double(), stable=True)[:k].tolist())
+    tb = set(torch.argsort(-b.double(), stable=True)[:k].tolist())
+    return len(ta & tb) / len(ta | tb)
+
+
+def compare(p_quant: ExpertProfile, p_full: ExpertProfile, k: Optional[int] = None) -> Dict[str, Any]:
+    """How well a (quantized) profile matches the full-precision one, per layer and on average.
+
+    - ``jaccard``: top-k Jaccard of the expert sets by frequency (``k`` default: a quarter of the experts, >= 1);
+    - ``freq_error``: relative L1 error of the frequencies, ``sum|f_q - f| / sum f`` (= L1, as f sums to 1);
+    - ``spearman``: rank correlation of the frequencies;
+    - ``importance_spearman``: rank correlation of the attention-weighted importance ``a_e``.
+    """
+    if p_quant.layers != p_full.layers or p_quant.counts.shape != p_full.counts.shape:
+        raise ValueError("profiles of different models")
+    E = p_full.num_experts
+    k = k or max(1, E // 4)
+    fq, ff = p_quant.frequency, p_full.frequency
+    iq, i_f = p_quant.importance, p_full.importance
+    per_layer = []
+    for li, layer in enumerate(p_full.layers):
+        per_layer.append(
+            {
+                "layer": layer,
+                "jaccard": top_k_jaccard(fq[li], ff[li], k),
+                "freq_error": float((fq[li] - ff[li]).abs().sum() / ff[li].sum().clamp(min=1e-30)),
+                "spearman": spearman(fq[li], ff[li]),
+                "importance_spearman": spearman(iq[li], i_f[li]),
+            }
+        )
+    mean = {key: sum(row[key] for row in per_layer) / len(per_layer) for key in per_layer[0] if key != "layer"}
+    return {"k": k, "layers": per_layer, "mean": mean}
+
+
+__all__ = [
+    "ExpertProfile",
+    "ProfileHandle",
+    "profile",
+    "profile_async",
+    "prepare",
+    "compare",
+    "spearman",
+    "top_k_jaccard",
+    "group_for",
+]
