@@ -14,10 +14,11 @@ import torch
 
 import flux_engine.triton_kernels.grouped_mlp as kernels
 import flux_engine.triton_kernels.grouped_mlp_configs as configs
-from flux_engine import BackendUnavailableError
-from flux_engine.ops import ExpertLoRA, grouped_mlp, permute
+from flux_engine.ops import grouped_mlp, permute
 from flux_engine.ops.grouped_mlp import grouped_mlp_reference
 from flux_engine.ops.permute import permute_reference
+from flux_engine.ops.quantize import quantize_reference
+from flux_engine.triton_kernels.grouped_mlp import Expand, Stack
 from flux_engine.triton_kernels.grouped_mlp_autograd import grouped_mlp as triton_grouped_mlp
 
 pytestmark = pytest.mark.triton
@@ -226,31 +227,6 @@ def test_weight_grad_for_loop_variant(triton_device, monkeypatch):
     assert torch.equal(got["gate_up"], expected["gate_up"]) and torch.equal(got["down"], expected["down"])
 
 
-def test_lora_not_supported_yet(triton_device):
-    inputs = make_inputs(3, 2, 1, torch.float32, triton_device)
-    lora = ExpertLoRA(
-        slots=torch.tensor([0, -1]),
-        down_A=torch.zeros(1, 2, I, device=triton_device),
-        down_B=torch.zeros(1, H, 2, device=triton_device),
-    )
-    args = [inputs[n] for n in ("x", "gate_up", "down", "topk_weights", "topk_ids")]
-    with pytest.raises(BackendUnavailableError, match="grouped_mlp: the triton tier does not support lora yet"):
-        grouped_mlp(*args, lora=lora)
-
-
-def test_lora_call_skips_triton_by_default(monkeypatch):
-    """Without a forced tier, a call the triton tier cannot handle goes to the next tier."""
-    monkeypatch.delenv("FLUX_ENGINE_BACKEND", raising=False)
-    op = grouped_mlp.op
-    cuda = torch.device("cuda")  # only picks a tier; nothing runs
-
-    def call(lora):
-        return (None,) * 6 + (lora,), {}
-
-    assert op.select(cuda, call(None)) is op.impls["triton"]
-    assert op.select(cuda, call(object())) is op.impls["reference"]
-
-
 @pytest.mark.parametrize(
     "T,num_original,E,k,mapped",
     [(0, 4, 4, 2, False), (1, 1, 1, 1, False), (7, 3, 3, 3, False), (300, 8, 8, 2, False), (300, 64, 64, 6, False),
@@ -377,7 +353,7 @@ def _compile_for(target, kernel, args, kwargs):
         signature[param.name] = kind
         if kind == "constexpr":
             constants[param.name] = value
-        elif BaseBackend.parse_attr(key):
+        elif isinstance(key, str) and BaseBackend.parse_attr(key):  # floats carry no attribute
             attrs[(i,)] = BaseBackend.parse_attr(key)
     source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=target, options=options)
@@ -403,17 +379,30 @@ def compile_for_sm90() -> None:
         configs.default_config("sm_90", kind, bucket, dtype)
     )
 
-    E, H_, I_, T, k = 8, 512, 256, 2048, 2  # 512 rows per expert: the largest tiles of the tables
+    E, H_, I_, T, k, r = 8, 512, 256, 2048, 2, 16  # 512 rows per expert: the largest tiles of the tables
     x, w = torch.empty(T, H_, dtype=torch.bfloat16), torch.rand(T, k)
     gate_up, down = torch.empty(E, 2 * I_, H_, dtype=torch.bfloat16), torch.empty(E, H_, I_, dtype=torch.bfloat16)
     plan = permute_reference(topk_ids(T, E, k, "cpu"), E, None)
     row_w = torch.empty(T * k)
-    h, gu = kernels.gate_up_forward(x, gate_up, plan, store_h=True, store_gu=True)
-    kernels.combine(kernels.rows_matmul(h, down, False, plan, kind="down"), plan, w, x.dtype)
-    dgu, _ = kernels.down_backward(x, down, plan, gu, row_w, store_dgu=True, store_partial=True)
-    kernels.combine(kernels.rows_matmul(dgu, gate_up, True, plan, kind="dx"), plan, None, x.dtype)
-    kernels.weight_grad(dgu, x, plan, (E, 2 * I_, H_), a_by_token=False, b_by_token=True)
-    kernels.weight_grad(x, gu, plan, (E, H_, I_), a_by_token=True, b_by_token=False, row_weights=row_w, b_swiglu=True)
+    experts = torch.arange(E, dtype=torch.int32)
+    slots = torch.full((E,), -1, dtype=torch.int32)
+    lora_rows = torch.empty(T * k, r, dtype=torch.bfloat16)
+    A, B = torch.empty(2, r, H_, dtype=torch.bfloat16), torch.empty(2, 2 * I_, r, dtype=torch.bfloat16)
+    packed = quantize_reference(torch.zeros(E, 2 * I_, H_), 4, 128, True), quantize_reference(torch.zeros(E, H_, I_), 4, 128, False)
+    for gu_stack, d_stack, expand in (
+        (Stack(gate_up), Stack(down), None),
+        (Stack(gate_up, gate_up[:2]), Stack(down, down[:2]), Expand(slots, lora_rows, B, False)),
+        (Stack(packed[0]), Stack(packed[1]), None),
+    ):
+        h, gu = kernels.gate_up_forward(x, gu_stack, plan, store_h=True, store_gu=True, expand=expand)
+        kernels.combine(kernels.rows_matmul(h, d_stack, False, plan, kind="down", expand=expand), plan, w, x.dtype)
+        dgu, _ = kernels.down_backward(x, d_stack, plan, gu, row_w, store_dgu=True, store_partial=True, expand=expand)
+        kernels.combine(kernels.rows_matmul(dgu, gu_stack, True, plan, kind="dx", expand=expand), plan, None, x.dtype)
+    kernels.lora_shrink(x, A, False, slots, plan, by_token=True, scale=2.0)
+    kernels.lora_shrink(dgu, B, True, slots, plan, by_token=False, scale=2.0)
+    kernels.weight_grad(dgu, x, plan, experts, (2 * I_, H_), a_by_token=False, b_by_token=True)
+    kernels.weight_grad(x, gu, plan, experts, (H_, I_), a_by_token=True, b_by_token=False, row_weights=row_w, b_swiglu=True)
+    kernels.weight_grad(dgu, lora_rows, plan, experts[:2], (2 * I_, r), a_by_token=False, b_by_token=False)
     kernels.row_weights(plan, w)
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

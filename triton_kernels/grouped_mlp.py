@@ -11,26 +11,41 @@ most one partial block). ``_expert_block`` maps a row block to its expert with a
 per-expert block counts, computed from ``expert_offsets`` in registers (``E_PAD`` lanes), so no block table
 is built, and each kernel may use its own ``BLOCK_M``. Blocks past the last row return at once.
 
+Expert weights (``Stack``). Each projection's experts come from one base stack ``[E_b, D1, D2]``, plain or
+packed int4/int8 (``flux_engine.ops.quantize`` layout, groups along ``D2``; weight tiles are dequantised in
+registers inside the GEMM loop, never copied), optionally preceded by a stack of ``S_t`` full-size tuned
+experts: physical expert ``e < S_t`` reads ``tuned[e]``, the others ``base[e - S_t]``. A GEMM reads a stack as
+``B[k, n] = W[n, k]`` (``PACK_K``: the packed dim is the reduction) or, transposed, ``B[k, n] = W[k, n]``.
+
+LoRA (``Expand``). Rows of an expert with a LoRA slot ``s`` get ``L[r] @ F_s`` added to the accumulator, where
+``L: [R, rank]`` holds the row's thin intermediate (scale folded in) and ``F_s`` a LoRA factor read like a
+stack: one ``[BLOCK_M, RP] x [RP, BLOCK_N]`` dot in the epilogue (``RP``: rank padded to >= 16, the smallest
+``tl.dot``). The intermediates come from ``_rows_kernel`` run as a "shrink" (``N = rank``, weights indexed by
+slot, other experts' blocks return at once), so rows of experts without LoRA cost nothing.
+
 Kernels (``W1 = gate_up [E, 2I, H]``, ``W2 = down [E, H, I]``, ``gu`` = gate | up pre-activations ``[R, 2I]``):
 - ``_gate_up_kernel``: ``h[r] = silu(x[t_r] W1g_e^T) * (x[t_r] W1u_e^T)``; x rows gathered in the prologue
   (no permuted copy of x), SwiGLU in the epilogue; optionally stores ``gu`` (saved for backward).
-- ``_rows_kernel``: ``out[r] = A[r] @ W_e`` over sorted rows; stores rows, or with ``SCATTER`` adds
-  (``w_r *``) the result into ``out[t_r]`` with atomics. Forward ``Y = h W2_e^T``; backward ``dx_r = dgu W1_e``.
+- ``_rows_kernel``: ``out[r] = alpha * A[r or t_r] @ B_e`` over sorted rows; stores rows, or with ``SCATTER``
+  adds (``w_r *``) the result into ``out[t_r]`` with atomics. Forward ``Y = h W2_e^T``; backward
+  ``dx_r = dgu W1_e``; and the LoRA shrinks ``x A^T``, ``h A^T``, ``dout B``, ``dgu B``.
 - ``_combine_kernel``: deterministic scatter, ``out[t] = sum_j c[t, j] * src[slot_rows[t, j]]`` with
   ``c = topk_weights`` (forward; slots sharing a row add their weights naturally) or 1 on each distinct row
   (backward dx, so a collapsed row counts once).
 - ``_down_bwd_kernel``: ``g[r] = dout[t_r] @ W2_e`` (gathered); epilogue: ``dgu[r] = SwiGLU'(gu[r]) * w_r g[r]``
   and per-column-block partial dots ``<g[r], h[r]> = <dout[t_r], Y[r]>``, the routing-weight gradient,
   so Y is never saved.
-- ``_weight_grad_kernel``: ``dW_e = sum_{r in e} a(r)^T b(r)``, a sequential sweep over the expert's rows
-  (deterministic): ``dW1_e = sum dgu[r]^T x[t_r]``, ``dW2_e = sum w_r dout[t_r]^T h[r]`` with h from gu.
+- ``_weight_grad_kernel``: ``dW_p = sum_{r in e_p} a(r)^T b(r)`` for a list of experts ``e_p`` (all, the tuned
+  ones, or the expert of each LoRA slot), a sequential sweep over the expert's rows (deterministic):
+  ``dW1_e = sum dgu[r]^T x[t_r]``, ``dW2_e = sum w_r dout[t_r]^T h[r]`` with h from gu, and the LoRA factors'.
 - ``_row_weights_kernel``: ``w_r`` = sum of the weights of the slots that collapsed into row r.
 All GEMMs accumulate in fp32; operands are the input dtype.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -38,6 +53,7 @@ import triton.language as tl
 
 from flux_engine.backend import triton_interpreting
 from flux_engine.ops.permute import RoutingPlan
+from flux_engine.ops.quantize import QuantizedTensor
 from flux_engine.triton_kernels.grouped_mlp_configs import BlockConfig, config_for, rows_bucket
 
 # Tokens x columns of a _combine_kernel program, tokens of a _row_weights_kernel program.
@@ -90,18 +106,94 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _expert_weights(
+    w_ptr, wt_ptr, s_ptr, z_ptr, expert, S_T, stride_we, stride_wte, stride_se, TUNED: tl.constexpr,
+):  # fmt: skip
+    """``(weights, scales, zeros)`` base pointers of physical expert ``expert``: ``tuned[expert]`` below ``S_T``,
+    else ``base[expert - S_T]`` (scales and zero points exist for a packed base only)."""
+    e = expert.to(tl.int64)
+    b = e - S_T
+    w_base = w_ptr + b * stride_we
+    if TUNED:
+        if expert < S_T:
+            w_base = wt_ptr + e * stride_wte
+    return w_base, s_ptr + b * stride_se, z_ptr + b * stride_se
+
+
+@triton.jit
+def _load_b(
+    w_base, s_base, z_base, k, n, mask, stride_bk, stride_bn, stride_srow,
+    QBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, PACK_K: tl.constexpr,
+):  # fmt: skip
+    """``B[k, n]`` as a ``[BLOCK_K, BLOCK_N]`` tile: plain (``QBITS == 0``) at ``k * stride_bk + n * stride_bn``,
+    or dequantised to fp32 from packed codes (int4: two per byte, even column in the low nibble), per-group
+    scales and zero points (or the symmetric zero: 8 for int4, 0 for int8). The packed dimension is k
+    (``PACK_K``: rows of codes are n, ``stride_bn`` apart) or n (rows are k, ``stride_bk`` apart)."""
+    if QBITS == 0:
+        b = tl.load(w_base + k[:, None] * stride_bk + n[None, :] * stride_bn, mask=mask, other=0.0)
+    else:
+        if PACK_K:
+            col = k[:, None]
+            row = n[None, :].to(tl.int64)
+            row_stride = stride_bn
+        else:
+            col = n[None, :]
+            row = k[:, None].to(tl.int64)
+            row_stride = stride_bk
+        if QBITS == 4:
+            byte = tl.load(w_base + row * row_stride + col // 2, mask=mask, other=0).to(tl.int32)
+            code = (byte >> ((col % 2) * 4)) & 0xF
+        else:
+            code = tl.load(w_base + row * row_stride + col, mask=mask, other=0).to(tl.int32)
+        grp = col // GROUP
+        scale = tl.load(s_base + row * stride_srow + grp, mask=mask, other=0.0)
+        if HAS_ZEROS:
+            zero = tl.load(z_base + row * stride_srow + grp, mask=mask, other=0).to(tl.int32)
+        else:
+            zero = 8 if QBITS == 4 else 0
+        b = (code - zero).to(tl.float32) * scale
+    return b
+
+
+@triton.jit
 def _mma(
-    acc, a_ptrs, a_ok, b_ptrs, b_ok, stride_ak, stride_bk,
+    acc, a_ptrs, a_ok, stride_ak, w_base, s_base, z_base, n, n_ok, stride_bk, stride_bn, stride_srow,
     K: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    QBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, PACK_K: tl.constexpr,
 ):  # fmt: skip
     """``acc [BM, BN] += A @ B`` over ``K``: ``A[m, k]`` at ``a_ptrs[m] + k * stride_ak`` (``a_ptrs: [BM, 1]``),
-    ``B[k, n]`` at ``b_ptrs[n] + k * stride_bk`` (``b_ptrs: [1, BN]``). K is constexpr: a static loop, which
-    Triton pipelines on GPUs and every interpreter version runs."""
+    ``B[k, n]`` from ``_load_b`` for the columns ``n``. K is constexpr: a static loop, which Triton pipelines
+    on GPUs and every interpreter version runs."""
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptrs + k[None, :] * stride_ak, mask=a_ok[:, None] & (k[None, :] < K), other=0.0)
-        b = tl.load(b_ptrs + k[:, None] * stride_bk, mask=(k[:, None] < K) & b_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, PRECISION)
+        b = _load_b(
+            w_base, s_base, z_base, k, n, (k[:, None] < K) & n_ok[None, :], stride_bk, stride_bn, stride_srow,
+            QBITS, GROUP, HAS_ZEROS, PACK_K,
+        )  # fmt: skip
+        acc = _dot(a, b.to(a.dtype), acc, PRECISION)
+    return acc
+
+
+@triton.jit
+def _lora_expand(
+    acc, slots_ptr, expert, l_ptr, rows, row_ok, f_ptr, stride_fs, stride_fk, stride_fn, n, n_ok,
+    RANK: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``acc += L[rows] @ F_s[:, n]`` when ``expert`` has LoRA slot ``s >= 0``: ``L: [R, RANK]`` contiguous,
+    ``F_s[k, n]`` at ``f_ptr + s * stride_fs + k * stride_fk + n * stride_fn``."""
+    slot = tl.load(slots_ptr + expert)
+    if slot >= 0:
+        r = tl.arange(0, RP)
+        lo = tl.load(
+            l_ptr + rows.to(tl.int64)[:, None] * RANK + r[None, :], mask=row_ok[:, None] & (r[None, :] < RANK), other=0.0
+        )
+        f = tl.load(
+            f_ptr + slot.to(tl.int64) * stride_fs + r[:, None] * stride_fk + n[None, :] * stride_fn,
+            mask=(r[:, None] < RANK) & n_ok[None, :],
+            other=0.0,
+        )
+        acc = _dot(lo, f.to(lo.dtype), acc, PRECISION)
     return acc
 
 
@@ -140,38 +232,24 @@ def _first_slot_of_row(rows, kcols, j, row_j):
 
 
 # ------------------------------------------------------------------------------------------------- kernels
+# Argument groups shared by the GEMM kernels (see ``Stack.args`` and ``Expand.args``):
+#   weights: w_ptr, wt_ptr, s_ptr, z_ptr, S_T, stride_we, stride_wte, stride_bk, stride_bn, stride_se, stride_srow
+#            + constexprs QBITS, GROUP, HAS_ZEROS, PACK_K, TUNED
+#   LoRA:    slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn + constexprs HAS_LORA, RANK, RP
 
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr,
-    w_ptr,
-    token_ids_ptr,
-    offsets_ptr,
-    h_ptr,
-    gu_ptr,
-    E,
-    num_m,
-    stride_xt,
-    stride_xh,
-    stride_we,
-    stride_wn,
-    stride_wh,
-    H: tl.constexpr,
-    I: tl.constexpr,
-    E_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    STORE_H: tl.constexpr,
-    STORE_GU: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """``x: [T, H]``, ``W1: [E, 2I, H]`` -> ``h: [R, I]`` and/or ``gu: [R, 2I]`` in sorted row order.
-
-    Grid ``num_m * cdiv(I, BLOCK_N)``.
-    """
+    x_ptr, token_ids_ptr, offsets_ptr, h_ptr, gu_ptr, E, num_m, stride_xt, stride_xh,
+    w_ptr, wt_ptr, s_ptr, z_ptr, S_T, stride_we, stride_wte, stride_bk, stride_bn, stride_se, stride_srow,
+    slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn,
+    H: tl.constexpr, I: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STORE_H: tl.constexpr, STORE_GU: tl.constexpr,
+    PRECISION: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    PACK_K: tl.constexpr, TUNED: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr, RP: tl.constexpr,
+):  # fmt: skip
+    """``x: [T, H]``, ``W1: [E, 2I, H]`` -> ``h: [R, I]`` and/or ``gu: [R, 2I]`` in sorted row order (plus the
+    LoRA update ``L[r] @ B_s^T`` of the rows of LoRA experts). Grid ``num_m * cdiv(I, BLOCK_N)``."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
     expert, start, end = _expert_block(offsets_ptr, pid_m, E, E_PAD, BLOCK_M)
     if start >= end:
@@ -184,18 +262,17 @@ def _gate_up_kernel(
     c = tl.arange(0, 2 * BLOCK_N)
     n_of_c = pid_n * BLOCK_N + c // 2
     w_rows = n_of_c + (c % 2) * I
+    w_base, s_base, z_base = _expert_weights(w_ptr, wt_ptr, s_ptr, z_ptr, expert, S_T, stride_we, stride_wte, stride_se, TUNED)
     acc = _mma(
-        tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32),
-        x_ptr + tokens[:, None] * stride_xt,
-        row_ok,
-        w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn,
-        n_of_c < I,
-        stride_xh,
-        stride_wh,
-        H,
-        BLOCK_K,
-        PRECISION,
-    )
+        tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32), x_ptr + tokens[:, None] * stride_xt, row_ok, stride_xh,
+        w_base, s_base, z_base, w_rows, n_of_c < I, stride_bk, stride_bn, stride_srow,
+        H, BLOCK_K, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
+    )  # fmt: skip
+    if HAS_LORA:
+        acc = _lora_expand(
+            acc, slots_ptr, expert, l_ptr, rows, row_ok, f_ptr, stride_fs, stride_fk, stride_fn, w_rows, n_of_c < I,
+            RANK, RP, PRECISION,
+        )  # fmt: skip
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -211,31 +288,18 @@ def _gate_up_kernel(
 
 @triton.jit
 def _rows_kernel(
-    a_ptr,
-    w_ptr,
-    token_ids_ptr,
-    offsets_ptr,
-    row_w_ptr,
-    out_ptr,
-    E,
-    num_m,
-    N,
-    stride_we,
-    stride_wn,
-    stride_wk,
-    stride_out,
-    K: tl.constexpr,
-    E_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    SCATTER: tl.constexpr,
-    WEIGHTED: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """``acc[r] = A[r] @ W_e^T`` for ``A: [R, K]`` (contiguous, sorted rows), ``W_e[n, k]`` at
-    ``w_ptr + e * stride_we + n * stride_wn + k * stride_wk``.
+    a_ptr, token_ids_ptr, offsets_ptr, row_w_ptr, out_ptr, E, num_m, N, alpha, stride_ar, stride_ak, stride_out,
+    w_ptr, wt_ptr, s_ptr, z_ptr, S_T, stride_we, stride_wte, stride_bk, stride_bn, stride_se, stride_srow,
+    slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn,
+    K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SCATTER: tl.constexpr, WEIGHTED: tl.constexpr, A_BY_TOKEN: tl.constexpr,
+    SLOT_WEIGHTS: tl.constexpr, PRECISION: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, PACK_K: tl.constexpr, TUNED: tl.constexpr, HAS_LORA: tl.constexpr,
+    RANK: tl.constexpr, RP: tl.constexpr,
+):  # fmt: skip
+    """``acc[r] = alpha * A[r] @ B_e`` over sorted rows, ``A[r]`` at ``a_ptr + (t_r if A_BY_TOKEN else r) *
+    stride_ar``. ``SLOT_WEIGHTS``: B is the ``slots[e]``-th matrix of the stack and experts without a slot
+    skip their rows (the LoRA shrink).
 
     Stores ``out[r] = acc[r]`` (``out: [R, N]``), or with ``SCATTER`` adds ``(w_r *) acc[r]`` into
     ``out[t_r]`` (``out: [T, N]`` float32) atomically. Grid ``num_m * cdiv(N, BLOCK_N)``.
@@ -244,22 +308,34 @@ def _rows_kernel(
     expert, start, end = _expert_block(offsets_ptr, pid_m, E, E_PAD, BLOCK_M)
     if start >= end:
         return
+    if SLOT_WEIGHTS:
+        slot = tl.load(slots_ptr + expert)
+        if slot < 0:
+            return
+        w_base, s_base, z_base = w_ptr + slot.to(tl.int64) * stride_we, s_ptr, z_ptr
+    else:
+        w_base, s_base, z_base = _expert_weights(
+            w_ptr, wt_ptr, s_ptr, z_ptr, expert, S_T, stride_we, stride_wte, stride_se, TUNED
+        )
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    if A_BY_TOKEN:
+        a_rows = tl.load(token_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        a_rows = rows.to(tl.int64)
     acc = _mma(
-        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-        a_ptr + rows.to(tl.int64)[:, None] * K,
-        row_ok,
-        w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn,
-        col_ok,
-        1,
-        stride_wk,
-        K,
-        BLOCK_K,
-        PRECISION,
-    )
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptr + a_rows[:, None] * stride_ar, row_ok, stride_ak,
+        w_base, s_base, z_base, cols, col_ok, stride_bk, stride_bn, stride_srow,
+        K, BLOCK_K, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
+    )  # fmt: skip
+    if HAS_LORA:
+        acc = _lora_expand(
+            acc, slots_ptr, expert, l_ptr, rows, row_ok, f_ptr, stride_fs, stride_fk, stride_fn, cols, col_ok,
+            RANK, RP, PRECISION,
+        )  # fmt: skip
+    acc = acc * alpha
     mask = row_ok[:, None] & col_ok[None, :]
     if SCATTER:
         if WEIGHTED:
@@ -273,35 +349,18 @@ def _rows_kernel(
 
 @triton.jit
 def _down_bwd_kernel(
-    dout_ptr,
-    w_ptr,
-    token_ids_ptr,
-    offsets_ptr,
-    gu_ptr,
-    row_w_ptr,
-    dgu_ptr,
-    partial_ptr,
-    E,
-    num_m,
-    num_n,
-    stride_dt,
-    stride_dh,
-    stride_we,
-    stride_wh,
-    stride_wi,
-    H: tl.constexpr,
-    I: tl.constexpr,
-    E_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    STORE_DGU: tl.constexpr,
-    STORE_PARTIAL: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    dout_ptr, token_ids_ptr, offsets_ptr, gu_ptr, row_w_ptr, dgu_ptr, partial_ptr, E, num_m, num_n,
+    stride_dt, stride_dh,
+    w_ptr, wt_ptr, s_ptr, z_ptr, S_T, stride_we, stride_wte, stride_bk, stride_bn, stride_se, stride_srow,
+    slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn,
+    H: tl.constexpr, I: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STORE_DGU: tl.constexpr, STORE_PARTIAL: tl.constexpr,
+    PRECISION: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    PACK_K: tl.constexpr, TUNED: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr, RP: tl.constexpr,
+):  # fmt: skip
     """``dout: [T, H]``, ``W2: [E, H, I]``, ``gu: [R, 2I]``, ``row_w: [R]`` -> ``dgu: [R, 2I]`` and
-    ``partial: [R, num_n]`` float32 (``<g[r], h[r]>`` over column block ``pid_n``). Grid ``num_m * num_n``."""
+    ``partial: [R, num_n]`` float32 (``<g[r], h[r]>`` over column block ``pid_n``), with
+    ``g[r] = dout[t_r] @ W2_e (+ L[r] @ A_s`` for LoRA rows, ``L = scale * dout B``). Grid ``num_m * num_n``."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
     expert, start, end = _expert_block(offsets_ptr, pid_m, E, E_PAD, BLOCK_M)
     if start >= end:
@@ -311,18 +370,17 @@ def _down_bwd_kernel(
     tokens = tl.load(token_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
+    w_base, s_base, z_base = _expert_weights(w_ptr, wt_ptr, s_ptr, z_ptr, expert, S_T, stride_we, stride_wte, stride_se, TUNED)
     g = _mma(
-        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-        dout_ptr + tokens[:, None] * stride_dt,
-        row_ok,
-        w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wi,
-        col_ok,
-        stride_dh,
-        stride_wh,
-        H,
-        BLOCK_K,
-        PRECISION,
-    )
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), dout_ptr + tokens[:, None] * stride_dt, row_ok, stride_dh,
+        w_base, s_base, z_base, cols, col_ok, stride_bk, stride_bn, stride_srow,
+        H, BLOCK_K, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
+    )  # fmt: skip
+    if HAS_LORA:
+        g = _lora_expand(
+            g, slots_ptr, expert, l_ptr, rows, row_ok, f_ptr, stride_fs, stride_fk, stride_fn, cols, col_ok,
+            RANK, RP, PRECISION,
+        )  # fmt: skip
     mask = row_ok[:, None] & col_ok[None, :]
     gu_ptrs = gu_ptr + rows.to(tl.int64)[:, None] * (2 * I) + cols[None, :]
     gate, up = _load_gate_up(gu_ptrs, mask, I)
@@ -338,29 +396,11 @@ def _down_bwd_kernel(
 
 @triton.jit
 def _weight_grad_step(
-    acc,
-    r0,
-    end,
-    a_ptr,
-    b_ptr,
-    token_ids_ptr,
-    row_w_ptr,
-    m,
-    m_ok,
-    n,
-    n_ok,
-    stride_ar,
-    stride_am,
-    stride_br,
-    stride_bn,
-    I: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    A_BY_TOKEN: tl.constexpr,
-    A_ROW_WEIGHT: tl.constexpr,
-    B_BY_TOKEN: tl.constexpr,
-    B_SWIGLU: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    acc, r0, end, a_ptr, b_ptr, token_ids_ptr, row_w_ptr, m, m_ok, n, n_ok,
+    stride_ar, stride_am, stride_br, stride_bn,
+    I: tl.constexpr, BLOCK_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, A_ROW_WEIGHT: tl.constexpr,
+    B_BY_TOKEN: tl.constexpr, B_SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """``acc [BM, BN] += a(rows)^T b(rows)`` for rows ``r0 + [0, BLOCK_K)`` below ``end``."""
     rows = r0 + tl.arange(0, BLOCK_K)
     row_ok = rows < end
@@ -377,54 +417,37 @@ def _weight_grad_step(
     else:
         b_rows = tokens if B_BY_TOKEN else rows.to(tl.int64)
         b = tl.load(b_ptr + b_rows[:, None] * stride_br + n[None, :] * stride_bn, mask=b_mask, other=0.0)
-    return _dot(a, b, acc, PRECISION)
+    return _dot(a, b.to(a.dtype), acc, PRECISION)
 
 
 @triton.jit
 def _weight_grad_kernel(
-    a_ptr,
-    b_ptr,
-    token_ids_ptr,
-    offsets_ptr,
-    row_w_ptr,
-    out_ptr,
-    M,
-    N,
-    stride_ar,
-    stride_am,
-    stride_br,
-    stride_bn,
-    stride_oe,
-    stride_om,
-    stride_on,
-    I: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    A_BY_TOKEN: tl.constexpr,
-    A_ROW_WEIGHT: tl.constexpr,
-    B_BY_TOKEN: tl.constexpr,
-    B_SWIGLU: tl.constexpr,
-    ROW_LOOP_FOR: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """``out[e] = sum over rows r of expert e of a(r)^T b(r)``: ``[M, N]`` per expert, ``out: [E, M, N]``.
+    a_ptr, b_ptr, token_ids_ptr, offsets_ptr, row_w_ptr, experts_ptr, out_ptr, E, M, N,
+    stride_ar, stride_am, stride_br, stride_bn, stride_oe, stride_om, stride_on,
+    I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_BY_TOKEN: tl.constexpr, A_ROW_WEIGHT: tl.constexpr, B_BY_TOKEN: tl.constexpr, B_SWIGLU: tl.constexpr,
+    ROW_LOOP_FOR: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``out[p] = sum over rows r of expert experts[p] of a(r)^T b(r)``: ``[M, N]`` per entry, ``out: [P, M, N]``.
 
     ``a(r) = (w_r *) A[t_r or r, :M]``, ``b(r) = B[t_r or r, :N]`` or ``silu(gate) * up`` of ``gu[r]`` (then
-    ``b_ptr`` is ``gu: [R, 2I]``). One program per (expert, M tile, N tile); grid ``E * tiles``. The sweep over
-    the expert's rows is sequential, so the sum is deterministic; an expert without rows gets zeros.
+    ``b_ptr`` is ``gu: [R, 2I]``). One program per (entry, M tile, N tile); grid ``P * tiles``. The sweep over
+    the expert's rows is sequential, so the sum is deterministic; an expert without rows, or an entry naming
+    no expert (``experts[p] >= E``), gets zeros.
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
-    expert = pid // (num_m * num_n)
+    p = pid // (num_m * num_n)
     tile = pid % (num_m * num_n)
     m = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < M
     n_ok = n < N
-    start = tl.load(offsets_ptr + expert)
-    end = tl.load(offsets_ptr + expert + 1)
+    expert = tl.load(experts_ptr + p)
+    valid = expert < E
+    start = tl.load(offsets_ptr + expert, mask=valid, other=0)
+    end = tl.load(offsets_ptr + expert + 1, mask=valid, other=0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The trip count depends on the routing. A for loop is software-pipelined on GPUs; Triton 3.6's
     # interpreter cannot take runtime range() bounds, so interpreted runs may use the equivalent while loop.
@@ -442,7 +465,7 @@ def _weight_grad_kernel(
                 stride_br, stride_bn, I, BLOCK_K, A_BY_TOKEN, A_ROW_WEIGHT, B_BY_TOKEN, B_SWIGLU, PRECISION,
             )  # fmt: skip
             r0 += BLOCK_K
-    out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + m[:, None] * stride_om + n[None, :] * stride_on
+    out_ptrs = out_ptr + p.to(tl.int64) * stride_oe + m[:, None] * stride_om + n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -555,45 +578,128 @@ def _empty_like(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else torch.empty_like(t)
 
 
+def rank_pad(rank: int) -> int:
+    """The LoRA rank as a ``tl.dot`` dimension: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One projection's expert weights as the kernels read them: ``[E_b, D1, D2]`` plain or packed (groups along
+    ``D2``), optionally preceded by ``tuned: [S_t, D1, D2]`` (physical experts ``[0, S_t)``)."""
+
+    base: Union[torch.Tensor, QuantizedTensor]
+    tuned: Optional[torch.Tensor] = None
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.base, QuantizedTensor)
+
+    def kind(self, kind: str) -> str:
+        """The config kind of a GEMM over this stack (packed stacks have their own, see grouped_mlp_configs)."""
+        return f"{kind}@int{self.base.bits}" if self.quantized else kind
+
+    @property
+    def num_tuned(self) -> int:
+        return 0 if self.tuned is None else self.tuned.shape[0]
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """``(S_t + E_b, D1, D2)``."""
+        E, D1, D2 = self.base.shape
+        return self.num_tuned + E, D1, D2
+
+    def args(self, transposed: bool) -> Tuple[tuple, dict]:
+        """Kernel arguments for ``B[k, n] = W[n, k]`` (``D2`` is the reduction) or, ``transposed``, ``W[k, n]``."""
+        w = self.base
+        if self.quantized:
+            if self.tuned is not None:
+                raise ValueError("full-size tuned experts need a plain (unquantized) base stack")
+            data, scales = w.data, w.scales
+            zeros = w.zeros if w.zeros is not None else scales
+            if data.stride(-1) != 1 or scales.stride(-1) != 1 or zeros.stride() != scales.stride():
+                raise ValueError("quantized weights must be contiguous along their last dimension")
+            s1, s2 = data.stride(1), 1
+            head = (data, data, scales, zeros, 0, data.stride(0), 0)
+            tail = (scales.stride(0), scales.stride(1))
+            consts = dict(QBITS=w.bits, GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, TUNED=False)
+        else:
+            tuned = self.tuned if self.tuned is not None else w
+            if tuned.stride()[1:] != w.stride()[1:]:
+                raise ValueError("tuned experts must share the base stack's inner strides")
+            s1, s2 = w.stride(1), w.stride(2)
+            head = (w, tuned, w, w, self.num_tuned, w.stride(0), tuned.stride(0))
+            tail = (0, 0)
+            consts = dict(QBITS=0, GROUP=1, HAS_ZEROS=False, TUNED=self.tuned is not None)
+        strides = (s1, s2) if transposed else (s2, s1)
+        return head + strides + tail, dict(consts, PACK_K=not transposed)
+
+
+@dataclass(frozen=True)
+class Expand:
+    """A LoRA update added in a GEMM's epilogue: ``L[r] @ F_s`` for the rows of experts with slot ``s`` (``slots:
+    [E]`` int32, -1 none). ``L: [R, rank]`` contiguous; ``factor: [S, D1, D2]`` read as ``B[k, n] = F[n, k]`` or,
+    ``transposed``, ``F[k, n]`` (k runs over the rank)."""
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    factor: torch.Tensor
+    transposed: bool
+
+    @staticmethod
+    def args(expand: Optional["Expand"], like: torch.Tensor) -> Tuple[tuple, dict]:
+        if expand is None:
+            return (like, like, like, 0, 0, 0), dict(HAS_LORA=False, RANK=1, RP=16)
+        f = expand.factor
+        rank = expand.rows.shape[1]
+        fk, fn = (f.stride(1), f.stride(2)) if expand.transposed else (f.stride(2), f.stride(1))
+        return (expand.slots, expand.rows, f, f.stride(0), fk, fn), dict(HAS_LORA=True, RANK=rank, RP=rank_pad(rank))
+
+
 def gate_up_forward(
-    x: torch.Tensor, gate_up: torch.Tensor, plan: RoutingPlan, *, store_h: bool = True, store_gu: bool = False
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    x: torch.Tensor, gate_up: Stack, plan: RoutingPlan, *, store_h: bool = True, store_gu: bool = False,
+    expand: Optional[Expand] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
     """``h: [R, I]`` (``store_h``) and ``gu: [R, 2I]`` pre-activations (``store_gu``) in x's dtype, sorted rows.
 
     Args:
         x: ``[T, H]``; gate_up: ``[E, 2I, H]``; plan: the routing plan over ``E`` experts.
+        expand: the gate_up LoRA: ``rows = scale * x A^T`` and ``factor = B: [S, 2I, r]``.
     """
     E, two_i, H = gate_up.shape
     I = two_i // 2
     R = plan.capacity
     h = torch.empty((R, I), dtype=x.dtype, device=x.device) if store_h else None
     gu = torch.empty((R, two_i), dtype=x.dtype, device=x.device) if store_gu else None
+    w_args, w_consts = gate_up.args(transposed=False)
+    l_args, l_consts = Expand.args(expand, x)
 
     def launch(cfg: BlockConfig, h_out: Optional[torch.Tensor], gu_out: Optional[torch.Tensor]) -> None:
         num_m = _row_blocks(plan, cfg.BLOCK_M)
         _gate_up_kernel[(num_m * triton.cdiv(I, cfg.BLOCK_N),)](
-            x, gate_up, plan.sorted_token_ids, plan.expert_offsets, h_out if store_h else x, gu_out if store_gu else x,
-            E, num_m, x.stride(0), x.stride(1), *gate_up.stride(), H=H, I=I, E_PAD=triton.next_power_of_2(E),
-            STORE_H=store_h, STORE_GU=store_gu, PRECISION=_precision(x.dtype), **_meta(cfg),
+            x, plan.sorted_token_ids, plan.expert_offsets, h_out if store_h else x, gu_out if store_gu else x,
+            E, num_m, x.stride(0), x.stride(1), *w_args, *l_args, H=H, I=I, E_PAD=triton.next_power_of_2(E),
+            STORE_H=store_h, STORE_GU=store_gu, PRECISION=_precision(x.dtype), **w_consts, **l_consts, **_meta(cfg),
         )  # fmt: skip
 
     if R:
         tune = lambda cfg: launch(cfg, _empty_like(h), _empty_like(gu))  # noqa: E731
-        launch(_config("gate_up", I, H, plan, x.dtype, x.device, tune), h, gu)
+        launch(_config(gate_up.kind("gate_up"), I, H, plan, x.dtype, x.device, tune), h, gu)
     return h, gu
 
 
 def rows_matmul(
     a: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Stack,
     transpose: bool,
     plan: RoutingPlan,
     *,
     kind: str,
     scatter_into: Optional[torch.Tensor] = None,
     row_weights: Optional[torch.Tensor] = None,
+    expand: Optional[Expand] = None,
 ) -> Optional[torch.Tensor]:
-    """Per sorted row r of expert e: ``a[r] @ W_e^T`` (or ``a[r] @ W_e`` with ``transpose``).
+    """Per sorted row r of expert e: ``a[r] @ W_e^T`` (or ``a[r] @ W_e`` with ``transpose``), plus ``expand``.
 
     Args:
         a: ``[R, K]`` contiguous rows (h or dgu).
@@ -606,69 +712,101 @@ def rows_matmul(
     Returns:
         ``[R, N]`` rows in a's dtype, or None with ``scatter_into``.
     """
-    E = weight.shape[0]
-    if transpose:
-        K, N = weight.shape[1:]
-        stride_wk, stride_wn = weight.stride(1), weight.stride(2)
-    else:
-        N, K = weight.shape[1:]
-        stride_wn, stride_wk = weight.stride(1), weight.stride(2)
+    E, D1, D2 = weight.shape
+    K, N = (D1, D2) if transpose else (D2, D1)
     R = plan.capacity
     out = torch.empty((R, N), dtype=a.dtype, device=a.device) if scatter_into is None else scatter_into
+    w_args, w_consts = weight.args(transposed=transpose)
+    l_args, l_consts = Expand.args(expand, a)
 
     def launch(cfg: BlockConfig, target: torch.Tensor) -> None:
         num_m = _row_blocks(plan, cfg.BLOCK_M)
         _rows_kernel[(num_m * triton.cdiv(N, cfg.BLOCK_N),)](
-            a, weight, plan.sorted_token_ids, plan.expert_offsets, row_weights if row_weights is not None else a,
-            target, E, num_m, N, weight.stride(0), stride_wn, stride_wk, target.stride(0), K=K,
+            a, plan.sorted_token_ids, plan.expert_offsets, row_weights if row_weights is not None else a, target,
+            E, num_m, N, 1.0, a.stride(0), a.stride(1), target.stride(0), *w_args, *l_args, K=K,
             E_PAD=triton.next_power_of_2(E), SCATTER=scatter_into is not None, WEIGHTED=row_weights is not None,
-            PRECISION=_precision(a.dtype), **_meta(cfg),
+            A_BY_TOKEN=False, SLOT_WEIGHTS=False, PRECISION=_precision(a.dtype), **w_consts, **l_consts, **_meta(cfg),
         )  # fmt: skip
 
     if R:
         tune = lambda cfg: launch(cfg, torch.empty_like(out))  # noqa: E731
-        launch(_config(kind, N, K, plan, a.dtype, a.device, tune), out)
+        launch(_config(weight.kind(kind), N, K, plan, a.dtype, a.device, tune), out)
     return out if scatter_into is None else None
+
+
+def lora_shrink(
+    a: torch.Tensor, factor: torch.Tensor, transpose: bool, slots: torch.Tensor, plan: RoutingPlan, *,
+    by_token: bool, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """``out[r] = scale * a[t_r or r] @ F_s^T`` (or ``@ F_s`` with ``transpose``) for the rows of experts with
+    LoRA slot ``s``; ``[R, rank]`` in a's dtype (rows of other experts are left unset: nothing reads them).
+
+    Args:
+        a: ``[T, K]`` read by token (``by_token``) or ``[R, K]`` rows.
+        factor: ``[S, rank, K]`` (or ``[S, K, rank]`` with ``transpose``).
+        slots: ``[E]`` int32 LoRA slot of each physical expert, -1 for none.
+    """
+    K, rank = (factor.shape[1], factor.shape[2]) if transpose else (factor.shape[2], factor.shape[1])
+    R, E = plan.capacity, plan.num_experts
+    out = torch.empty((R, rank), dtype=a.dtype, device=a.device)
+    fk, fn = (factor.stride(1), factor.stride(2)) if transpose else (factor.stride(2), factor.stride(1))
+    if R:
+        # N = rank: one rank-wide column block, rows and K from the row GEMM table.
+        cfg = replace(_config("down", rank, K, plan, a.dtype, a.device, None), BLOCK_N=rank_pad(rank))
+        num_m = _row_blocks(plan, cfg.BLOCK_M)
+        l_args, l_consts = Expand.args(None, a)
+        _rows_kernel[(num_m,)](
+            a, plan.sorted_token_ids, plan.expert_offsets, a, out, E, num_m, rank, float(scale), a.stride(0),
+            a.stride(1), out.stride(0), factor, factor, factor, factor, 0, factor.stride(0), 0, fk, fn, 0, 0,
+            slots, *l_args[1:], K=K, E_PAD=triton.next_power_of_2(E), SCATTER=False, WEIGHTED=False,
+            A_BY_TOKEN=by_token, SLOT_WEIGHTS=True, PRECISION=_precision(a.dtype), QBITS=0, GROUP=1,
+            HAS_ZEROS=False, PACK_K=False, TUNED=False, **l_consts, **_meta(cfg),
+        )  # fmt: skip
+    return out
 
 
 def down_backward(
     dout: torch.Tensor,
-    down: torch.Tensor,
+    down: Stack,
     plan: RoutingPlan,
     gu: torch.Tensor,
     row_weights: torch.Tensor,
     *,
     store_dgu: bool,
     store_partial: bool,
+    expand: Optional[Expand] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``dgu: [R, 2I]`` (down's dtype) and ``partial: [R, nb]`` float32 with ``partial.sum(1)[r] = <dout[t_r], Y[r]>``.
+    """``dgu: [R, 2I]`` (gu's dtype) and ``partial: [R, nb]`` float32 with ``partial.sum(1)[r] = <dout[t_r], Y[r]>``.
 
     Args:
-        dout: ``[T, H]`` in down's dtype; down: ``[E, H, I]``; gu: ``[R, 2I]``; row_weights: ``[R]`` float32.
+        dout: ``[T, H]`` in gu's dtype; down: ``[E, H, I]``; gu: ``[R, 2I]``; row_weights: ``[R]`` float32.
+        expand: the down LoRA's backward: ``rows = scale * dout B`` and ``factor = A: [S, r, I]``.
     """
     E, H, I = down.shape
     R = plan.capacity
-    dgu = torch.empty((R, 2 * I), dtype=down.dtype, device=down.device) if store_dgu else None
+    dgu = torch.empty((R, 2 * I), dtype=gu.dtype, device=gu.device) if store_dgu else None
+    w_args, w_consts = down.args(transposed=True)
+    l_args, l_consts = Expand.args(expand, gu)
 
     def partials(cfg: BlockConfig) -> Optional[torch.Tensor]:
         if not store_partial:
             return None
-        return torch.empty((R, triton.cdiv(I, cfg.BLOCK_N)), dtype=torch.float32, device=down.device)
+        return torch.empty((R, triton.cdiv(I, cfg.BLOCK_N)), dtype=torch.float32, device=gu.device)
 
     def launch(cfg: BlockConfig, dgu_out: Optional[torch.Tensor], partial: Optional[torch.Tensor]) -> None:
         num_m = _row_blocks(plan, cfg.BLOCK_M)
         num_n = triton.cdiv(I, cfg.BLOCK_N)
         _down_bwd_kernel[(num_m * num_n,)](
-            dout, down, plan.sorted_token_ids, plan.expert_offsets, gu, row_weights, dgu_out if store_dgu else gu,
-            partial if store_partial else row_weights, E, num_m, num_n, dout.stride(0), dout.stride(1), *down.stride(),
-            H=H, I=I, E_PAD=triton.next_power_of_2(E), STORE_DGU=store_dgu, STORE_PARTIAL=store_partial,
-            PRECISION=_precision(down.dtype), **_meta(cfg),
+            dout, plan.sorted_token_ids, plan.expert_offsets, gu, row_weights, dgu_out if store_dgu else gu,
+            partial if store_partial else row_weights, E, num_m, num_n, dout.stride(0), dout.stride(1), *w_args,
+            *l_args, H=H, I=I, E_PAD=triton.next_power_of_2(E), STORE_DGU=store_dgu, STORE_PARTIAL=store_partial,
+            PRECISION=_precision(gu.dtype), **w_consts, **l_consts, **_meta(cfg),
         )  # fmt: skip
 
     if R == 0:
-        return dgu, torch.zeros((0, 1), dtype=torch.float32, device=down.device) if store_partial else None
+        return dgu, torch.zeros((0, 1), dtype=torch.float32, device=gu.device) if store_partial else None
     tune = lambda cfg: launch(cfg, _empty_like(dgu), partials(cfg))  # noqa: E731
-    cfg = _config("down_bwd", I, H, plan, down.dtype, down.device, tune)
+    cfg = _config(down.kind("down_bwd"), I, H, plan, gu.dtype, gu.device, tune)
     partial = partials(cfg)
     launch(cfg, dgu, partial)
     return dgu, partial
@@ -678,36 +816,45 @@ def weight_grad(
     a: torch.Tensor,
     b: torch.Tensor,
     plan: RoutingPlan,
-    out_shape: Tuple[int, int, int],
+    experts: torch.Tensor,
+    out_shape: Tuple[int, int],
     *,
     a_by_token: bool,
     b_by_token: bool,
     row_weights: Optional[torch.Tensor] = None,
     b_swiglu: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """``out[e] = sum_{r in e} a(r)^T b(r)``, ``[E, M, N]`` in b's dtype (see ``_weight_grad_kernel``).
+    """``out[p] = sum_{r in experts[p]} a(r)^T b(r)``, ``[P, M, N]`` (see ``_weight_grad_kernel``).
 
     Args:
         a: ``[T or R, M]`` rows read by token (``a_by_token``) or by row; scaled by ``row_weights`` when given.
         b: ``[T or R, N]`` likewise, or ``gu: [R, 2N]`` with ``b_swiglu`` (then b(r) = h[r]).
-        out_shape: ``(E, M, N)``.
+        experts: ``[P]`` int32 physical experts (``>= E``: none, zeros).
+        out_shape: ``(M, N)``.
+        out_dtype: default b's dtype.
     """
-    E, M, N = out_shape
-    out = torch.empty(out_shape, dtype=b.dtype, device=b.device)
+    M, N = out_shape
+    P = experts.shape[0]
+    out = torch.empty((P, M, N), dtype=out_dtype or b.dtype, device=b.device)
 
     def launch(cfg: BlockConfig, target: torch.Tensor) -> None:
         tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
-        _weight_grad_kernel[(E * tiles,)](
-            a, b, plan.sorted_token_ids, plan.expert_offsets, row_weights if row_weights is not None else a, target,
-            M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *target.stride(),
+        _weight_grad_kernel[(P * tiles,)](
+            a, b, plan.sorted_token_ids, plan.expert_offsets, row_weights if row_weights is not None else a, experts,
+            target, plan.num_experts, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *target.stride(),
             I=N if b_swiglu else 0, A_BY_TOKEN=a_by_token, A_ROW_WEIGHT=row_weights is not None, B_BY_TOKEN=b_by_token,
             B_SWIGLU=b_swiglu, ROW_LOOP_FOR=row_loop_is_for(), PRECISION=_precision(b.dtype),
             **_meta(cfg, grouped=False),
         )  # fmt: skip
 
+    def fit(cfg: BlockConfig) -> BlockConfig:
+        # LoRA factors' gradients are rank-thin ([r, K] or [K, r]): no tile wider than the padded dimension.
+        return replace(cfg, BLOCK_M=min(cfg.BLOCK_M, rank_pad(M)), BLOCK_N=min(cfg.BLOCK_N, rank_pad(N)))
+
     if out.numel():
-        tune = lambda cfg: launch(cfg, torch.empty_like(out))  # noqa: E731
-        launch(_config("weight_grad", M, N, plan, b.dtype, b.device, tune), out)
+        tune = lambda cfg: launch(fit(cfg), torch.empty_like(out))  # noqa: E731
+        launch(fit(_config("weight_grad", M, N, plan, b.dtype, b.device, tune)), out)
     return out
 
 

@@ -12,9 +12,19 @@ Two switches, each a keyword of ``grouped_mlp`` and an environment variable read
   them; h, its SwiGLU derivative and the unweighted expert outputs Y are never saved (h is re-derived from
   gu where needed, and the routing-weight gradient ``<dout[t], Y[r]>`` is computed as ``<dout[t] W2_e, h[r]>``).
 
+Frozen bases and the tuning experts. The base stacks may be packed int4/int8 (read packed in every GEMM,
+forward and dx alike, never dequantised to memory); gradients then flow to x, the routing weights, the LoRA
+factors and the full-size tuned stacks only. Weight gradients are computed only for tensors that require grad,
+and only over their own experts (the tuned ones, or each LoRA slot's expert), so a frozen base costs no dW.
+
+LoRA, with ``s`` the scale, per row r of an expert with slot ``s_e`` (``xa = s x A_gu^T``, ``ha = s h A_d^T``,
+``u = s dout B_d``, ``dxa = s dgu B_gu``, all ``[R, rank]``, computed by the shrink kernel):
+``gu += xa B_gu^T``, ``Y += ha B_d^T``; backward ``g = dout W2 + u A_d`` (so dgu and the routing-weight
+gradient include the LoRA path), ``dx += dxa A_gu``, ``dB_gu = sum dgu^T xa``, ``dA_gu = sum dxa^T x``,
+``dB_d = sum w dout^T ha``, ``dA_d = sum w u^T h``.
+
 Backward always yields deterministic gradients: dx sums each token's distinct rows in slot order (unless
-``atomic_scatter``), weight gradients sweep each expert's rows sequentially. Gradients of gate_up, down and
-topk_weights are computed only when those require grad.
+``atomic_scatter``), weight gradients sweep each expert's rows sequentially.
 """
 
 from __future__ import annotations
@@ -25,8 +35,11 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from flux_engine.ops.grouped_mlp import ExpertLoRA, TunedExperts
 from flux_engine.ops.permute import RoutingPlan, permute
+from flux_engine.ops.quantize import QuantizedTensor
 from flux_engine.triton_kernels import grouped_mlp as kernels
+from flux_engine.triton_kernels.grouped_mlp import Expand, Stack
 
 ATOMIC_SCATTER_ENV = "FLUX_ENGINE_ATOMIC_SCATTER"
 RECOMPUTE_ENV = "FLUX_ENGINE_MOE_RECOMPUTE"
@@ -42,85 +55,183 @@ def _plan(topk_ids: torch.Tensor, num_experts: int, expert_map: Optional[torch.T
     return permute.op.select(topk_ids.device)(topk_ids, num_experts, expert_map)
 
 
-def _forward(x, gate_up, down, topk_weights, plan: RoutingPlan, atomic_scatter: bool, save_gu: bool):
-    """``(out [T, H], gu [R, 2I] or None)``."""
-    h, gu = kernels.gate_up_forward(x, gate_up, plan, store_h=True, store_gu=save_gu)
+class _LoRA:
+    """The device-side view of an ``ExpertLoRA`` over the physical experts: ``slots: [E]`` int32 (-1 none) and
+    ``experts: [S]`` int32, the physical expert of each slot (``E`` for none), computed without a host sync."""
+
+    def __init__(self, lora: ExpertLoRA, expert_map: Optional[torch.Tensor], num_experts: int):
+        slots = lora.physical_slots(expert_map, num_experts)
+        S = lora.num_slots
+        experts = torch.full((S + 1,), num_experts, dtype=torch.int32, device=slots.device)
+        # Bucket 0 takes every expert without a slot; slots are unique per physical expert (checked above).
+        experts.scatter_(0, slots.clamp_min(-1) + 1, torch.arange(num_experts, dtype=torch.int32, device=slots.device))
+        self.slots, self.experts, self.scale = slots.to(torch.int32), experts[1:], float(lora.scale)
+        self.gate_up_A, self.gate_up_B = lora.gate_up_A, lora.gate_up_B
+        self.down_A, self.down_B = lora.down_A, lora.down_B
+
+    def shrink(self, a, factor, transpose: bool, plan: RoutingPlan, by_token: bool) -> torch.Tensor:
+        return kernels.lora_shrink(a, factor, transpose, self.slots, plan, by_token=by_token, scale=self.scale)
+
+    def expand(self, rows: Optional[torch.Tensor], factor, transposed: bool) -> Optional[Expand]:
+        return None if rows is None else Expand(self.slots, rows, factor, transposed)
+
+
+def _forward(x, gate_up: Stack, down: Stack, topk_weights, plan: RoutingPlan, lora: Optional[_LoRA], atomic_scatter: bool,
+             save_gu: bool):  # fmt: skip
+    """``(out [T, H], gu [R, 2I] or None, xa, ha)``: the LoRA intermediates are None without those factors."""
+    xa = ha = None
+    if lora is not None and lora.gate_up_A is not None:
+        xa = lora.shrink(x, lora.gate_up_A, False, plan, by_token=True)
+    h, gu = kernels.gate_up_forward(
+        x, gate_up, plan, store_h=True, store_gu=save_gu,
+        expand=lora.expand(xa, lora.gate_up_B, False) if lora is not None else None,
+    )  # fmt: skip
+    if lora is not None and lora.down_A is not None:
+        ha = lora.shrink(h, lora.down_A, False, plan, by_token=False)
+    expand = lora.expand(ha, lora.down_B, False) if lora is not None else None
     if atomic_scatter:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         row_w = kernels.row_weights(plan, topk_weights)
-        kernels.rows_matmul(h, down, False, plan, kind="down", scatter_into=out, row_weights=row_w)
-        return out.to(x.dtype), gu
-    y = kernels.rows_matmul(h, down, False, plan, kind="down")
-    return kernels.combine(y, plan, topk_weights, x.dtype), gu
+        kernels.rows_matmul(h, down, False, plan, kind="down", scatter_into=out, row_weights=row_w, expand=expand)
+        return out.to(x.dtype), gu, xa, ha
+    y = kernels.rows_matmul(h, down, False, plan, kind="down", expand=expand)
+    return kernels.combine(y, plan, topk_weights, x.dtype), gu, xa, ha
+
+
+def _stacks(gate_up, down, tuned_gate_up, tuned_down):
+    return Stack(gate_up, tuned_gate_up), Stack(down, tuned_down)
 
 
 class GroupedMLPFunction(torch.autograd.Function):
-    """``out: [T, H] = sum_j w[t, j] * down_e(silu(gate_e x_t) * up_e x_t)``; see ``grouped_mlp``."""
+    """``out: [T, H] = sum_j w[t, j] * down_e(silu(gate_e x_t) * up_e x_t)`` (+ LoRA); see ``grouped_mlp``.
+
+    Tensor inputs, in order: x, gate_up, down (None when packed: then ``packed`` holds them), topk_weights,
+    topk_ids, expert_map, tuned gate_up / down, LoRA gate_up_A / gate_up_B / down_A / down_B, LoRA slots."""
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, topk_weights, topk_ids, expert_map, atomic_scatter, recompute):
-        plan = _plan(topk_ids, gate_up.shape[0], expert_map)
-        out, gu = _forward(x, gate_up, down, topk_weights, plan, atomic_scatter, save_gu=not recompute)
+    def forward(ctx, x, gate_up, down, topk_weights, topk_ids, expert_map, t_gate_up, t_down, gu_A, gu_B, d_A, d_B,
+                lora_slots, packed, lora_scale, atomic_scatter, recompute):  # fmt: skip
+        base_gate_up, base_down = packed if packed is not None else (gate_up, down)
+        gate_up_stack, down_stack = _stacks(base_gate_up, base_down, t_gate_up, t_down)
+        E = gate_up_stack.shape[0]
+        lora = None
+        if lora_slots is not None:
+            lora = _LoRA(ExpertLoRA(lora_slots, gu_A, gu_B, d_A, d_B, lora_scale), expert_map, E)
+        plan = _plan(topk_ids, E, expert_map)
+        out, gu, xa, ha = _forward(x, gate_up_stack, down_stack, topk_weights, plan, lora, atomic_scatter,
+                                   save_gu=not recompute)  # fmt: skip
         index = (plan.sorted_token_ids, plan.expert_offsets, plan.slot_rows)
-        ctx.save_for_backward(x, gate_up, down, topk_weights, *index, gu)
-        ctx.atomic_scatter = atomic_scatter
+        ctx.save_for_backward(x, gate_up, down, topk_weights, t_gate_up, t_down, gu_A, gu_B, d_A, d_B, *index, gu, xa, ha)
+        ctx.packed, ctx.lora, ctx.atomic_scatter = packed, lora, atomic_scatter
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        x, gate_up, down, topk_weights, sorted_token_ids, expert_offsets, slot_rows, gu = ctx.saved_tensors
-        need_x, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
-        T, H = x.shape
-        E, two_i, _ = gate_up.shape
+        (x, gate_up, down, topk_weights, t_gate_up, t_down, gu_A, gu_B, d_A, d_B, sorted_token_ids, expert_offsets,
+         slot_rows, gu, xa, ha) = ctx.saved_tensors  # fmt: skip
+        need = dict(zip(("x", "gate_up", "down", "weights"), ctx.needs_input_grad[:4]))
+        need.update(zip(("t_gate_up", "t_down", "gu_A", "gu_B", "d_A", "d_B"), ctx.needs_input_grad[6:12]))
+        base_gate_up, base_down = ctx.packed if ctx.packed is not None else (gate_up, down)
+        gate_up_stack, down_stack = _stacks(base_gate_up, base_down, t_gate_up, t_down)
+        E, two_i, H = gate_up_stack.shape
+        I = two_i // 2
+        T = x.shape[0]
+        S_t = gate_up_stack.num_tuned
+        lora = ctx.lora
         plan = RoutingPlan(sorted_token_ids, expert_offsets, slot_rows, T, E)
         dout = dout.to(x.dtype)
         if gu is None:
-            _, gu = kernels.gate_up_forward(x, gate_up, plan, store_h=False, store_gu=True)
+            expand = lora.expand(xa, gu_B, False) if lora is not None else None
+            _, gu = kernels.gate_up_forward(x, gate_up_stack, plan, store_h=False, store_gu=True, expand=expand)
         row_w = kernels.row_weights(plan, topk_weights)
 
-        dx = d_gate_up = d_down = d_weights = None
-        dgu, partial = None, None
-        if need_x or need_gate_up or need_weights:
+        # u = s dout B_d feeds g (hence dgu, dx, the routing-weight gradient) and dA_d.
+        need_dgu = need["x"] or need["gate_up"] or need["t_gate_up"] or need["gu_A"] or need["gu_B"]
+        u = None
+        if ha is not None and (need_dgu or need["weights"] or need["d_A"]):
+            u = lora.shrink(dout, d_B, True, plan, by_token=True)
+        dgu = partial = None
+        if need_dgu or need["weights"]:
             dgu, partial = kernels.down_backward(
-                dout, down, plan, gu, row_w, store_dgu=need_x or need_gate_up, store_partial=need_weights
-            )
-        if need_weights:
+                dout, down_stack, plan, gu, row_w, store_dgu=need_dgu, store_partial=need["weights"],
+                expand=lora.expand(u, d_A, True) if lora is not None else None,
+            )  # fmt: skip
+        grads = dict.fromkeys(("x", "gate_up", "down", "weights", "t_gate_up", "t_down", "gu_A", "gu_B", "d_A", "d_B"))
+        if need["weights"]:
             # <dout[t], Y[row]> for every slot; slots that collapsed into one row share it, as d w_r / d w[t, j] = 1.
-            d_weights = partial.sum(dim=1)[slot_rows.long()].to(topk_weights.dtype)
-        if need_x:
+            grads["weights"] = partial.sum(dim=1)[slot_rows.long()].to(topk_weights.dtype)
+        dxa = None
+        if xa is not None and (need["x"] or need["gu_A"]):
+            dxa = lora.shrink(dgu, gu_B, True, plan, by_token=False)
+        if need["x"]:
+            expand = lora.expand(dxa, gu_A, True) if lora is not None else None
             if ctx.atomic_scatter:
                 dx32 = torch.zeros((T, H), dtype=torch.float32, device=x.device)
-                kernels.rows_matmul(dgu, gate_up, True, plan, kind="dx", scatter_into=dx32)
-                dx = dx32.to(x.dtype)
+                kernels.rows_matmul(dgu, gate_up_stack, True, plan, kind="dx", scatter_into=dx32, expand=expand)
+                grads["x"] = dx32.to(x.dtype)
             else:
-                dx = kernels.combine(kernels.rows_matmul(dgu, gate_up, True, plan, kind="dx"), plan, None, x.dtype)
-        if need_gate_up:
-            d_gate_up = kernels.weight_grad(dgu, x, plan, (E, two_i, H), a_by_token=False, b_by_token=True)
-        if need_down:
-            d_down = kernels.weight_grad(
-                dout, gu, plan, (E, H, two_i // 2), a_by_token=True, b_by_token=False, row_weights=row_w, b_swiglu=True
-            )
-        return dx, d_gate_up, d_down, d_weights, None, None, None, None
+                rows = kernels.rows_matmul(dgu, gate_up_stack, True, plan, kind="dx", expand=expand)
+                grads["x"] = kernels.combine(rows, plan, None, x.dtype)
+
+        def experts(lo: int, n: int) -> torch.Tensor:
+            return torch.arange(lo, lo + n, dtype=torch.int32, device=x.device)
+
+        def gate_up_grad(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return kernels.weight_grad(dgu, x, plan, ids, (two_i, H), a_by_token=False, b_by_token=True, out_dtype=dtype)
+
+        def down_grad(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return kernels.weight_grad(dout, gu, plan, ids, (H, I), a_by_token=True, b_by_token=False,
+                                       row_weights=row_w, b_swiglu=True, out_dtype=dtype)  # fmt: skip
+
+        if need["gate_up"]:
+            grads["gate_up"] = gate_up_grad(experts(S_t, E - S_t), gate_up.dtype)
+        if need["down"]:
+            grads["down"] = down_grad(experts(S_t, E - S_t), down.dtype)
+        if need["t_gate_up"]:
+            grads["t_gate_up"] = gate_up_grad(experts(0, S_t), t_gate_up.dtype)
+        if need["t_down"]:
+            grads["t_down"] = down_grad(experts(0, S_t), t_down.dtype)
+        r = xa.shape[1] if xa is not None else (ha.shape[1] if ha is not None else 0)
+        if need["gu_B"]:
+            grads["gu_B"] = kernels.weight_grad(dgu, xa, plan, lora.experts, (two_i, r), a_by_token=False,
+                                                b_by_token=False, out_dtype=gu_B.dtype)  # fmt: skip
+        if need["gu_A"]:
+            grads["gu_A"] = kernels.weight_grad(dxa, x, plan, lora.experts, (r, H), a_by_token=False,
+                                                b_by_token=True, out_dtype=gu_A.dtype)  # fmt: skip
+        if need["d_B"]:
+            grads["d_B"] = kernels.weight_grad(dout, ha, plan, lora.experts, (H, r), a_by_token=True,
+                                               b_by_token=False, row_weights=row_w, out_dtype=d_B.dtype)  # fmt: skip
+        if need["d_A"]:
+            grads["d_A"] = kernels.weight_grad(u, gu, plan, lora.experts, (r, I), a_by_token=False, b_by_token=False,
+                                               row_weights=row_w, b_swiglu=True, out_dtype=d_A.dtype)  # fmt: skip
+        g = grads
+        return (g["x"], g["gate_up"], g["down"], g["weights"], None, None, g["t_gate_up"], g["t_down"], g["gu_A"],
+                g["gu_B"], g["d_A"], g["d_B"], None, None, None, None, None)  # fmt: skip
 
 
 def grouped_mlp(
     x: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    gate_up,
+    down,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_map: Optional[torch.Tensor] = None,
     *,
+    lora: Optional[ExpertLoRA] = None,
+    tuned: Optional[TunedExperts] = None,
     atomic_scatter: Optional[bool] = None,
     recompute: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Routed SwiGLU experts on the Triton kernels; differentiable in x, gate_up, down and topk_weights.
+    """Routed SwiGLU experts on the Triton kernels; differentiable in x, the plain base stacks, topk_weights,
+    the tuned stacks and the LoRA factors.
 
     Args:
-        x: ``[T, H]``; gate_up: ``[E, 2I, H]`` gate rows first; down: ``[E, H, I]`` (x's dtype).
+        x: ``[T, H]``; gate_up: ``[E, 2I, H]`` gate rows first; down: ``[E, H, I]`` (x's dtype), or both packed
+            ``QuantizedTensor``s (frozen).
         topk_weights: ``[T, k]`` float; topk_ids: ``[T, k]`` original expert ids.
-        expert_map: optional ``[E_orig]`` map to physical experts ``[0, E)``.
+        expert_map: optional ``[E_orig]`` map to physical experts ``[0, S_t + E)``.
+        lora: LoRA of the tuning experts; tuned: full-size tuning experts (physical ``[0, S_t)``).
         atomic_scatter: atomics instead of the deterministic combine (default: ``FLUX_ENGINE_ATOMIC_SCATTER``).
         recompute: recompute the gate/up pre-activations in backward (default: ``FLUX_ENGINE_MOE_RECOMPUTE``).
 
@@ -130,9 +241,21 @@ def grouped_mlp(
         ``[T, H]`` in x's dtype.
     """
     atomic_scatter = _flag(atomic_scatter, ATOMIC_SCATTER_ENV)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, topk_weights)):
+    packed = (gate_up, down) if isinstance(gate_up, QuantizedTensor) else None
+    plain = (None, None) if packed is not None else (gate_up, down)
+    t_gate_up, t_down = (tuned.gate_up, tuned.down) if tuned is not None else (None, None)
+    factors = (lora.gate_up_A, lora.gate_up_B, lora.down_A, lora.down_B) if lora is not None else (None,) * 4
+    differentiable = (x, *plain, topk_weights, t_gate_up, t_down, *factors)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
         recompute = _flag(recompute, RECOMPUTE_ENV)
-        return GroupedMLPFunction.apply(x, gate_up, down, topk_weights, topk_ids, expert_map, atomic_scatter, recompute)
+        return GroupedMLPFunction.apply(
+            x, *plain, topk_weights, topk_ids, expert_map, t_gate_up, t_down, *factors,
+            lora.slots if lora is not None else None, packed, lora.scale if lora is not None else 1.0,
+            atomic_scatter, recompute,
+        )  # fmt: skip
     # Inference: no autograd node, nothing saved, no pre-activations stored.
-    plan = _plan(topk_ids, gate_up.shape[0], expert_map)
-    return _forward(x, gate_up, down, topk_weights, plan, atomic_scatter, save_gu=False)[0]
+    gate_up_stack, down_stack = _stacks(gate_up, down, t_gate_up, t_down)
+    E = gate_up_stack.shape[0]
+    state = _LoRA(lora, expert_map, E) if lora is not None else None
+    plan = _plan(topk_ids, E, expert_map)
+    return _forward(x, gate_up_stack, down_stack, topk_weights, plan, state, atomic_scatter, save_gu=False)[0]

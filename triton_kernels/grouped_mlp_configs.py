@@ -21,6 +21,10 @@ Kinds and the family of tables they use:
 - ``weight_grad``: ``BLOCK_M x BLOCK_N`` tiles of one expert's weight gradient, ``BLOCK_K`` rows per step of
   the sweep over the expert's rows.
 The tables are written for 2-byte dtypes; fp32 halves ``BLOCK_K`` (same shared memory per stage).
+A kind over packed int4/int8 weights is named ``<kind>@int4`` / ``<kind>@int8`` (its own cache entries): it uses
+its family's table with ``BLOCK_K <= 32``, since the fp32 dequantised weight tile and its integer temporaries
+live in registers next to the accumulator (at ``BLOCK_K = 64`` the int4 gate_up kernel spills on sm_90 with
+Triton 3.6, checked with ptxas).
 """
 
 from __future__ import annotations
@@ -118,16 +122,25 @@ def rows_bucket(rows: int, num_experts: int) -> int:
     return triton.next_power_of_2(max(1, -(-rows // max(num_experts, 1))))
 
 
-def _for_dtype(cfg: BlockConfig, dtype: torch.dtype) -> BlockConfig:
+PACKED_BLOCK_K = 32
+
+
+def _for_kind(cfg: BlockConfig, kind: str, dtype: torch.dtype) -> BlockConfig:
     if dtype.itemsize == 4:
-        return replace(cfg, BLOCK_K=max(16, cfg.BLOCK_K // 2))
+        cfg = replace(cfg, BLOCK_K=max(16, cfg.BLOCK_K // 2))
+    if "@" in kind:
+        cfg = replace(cfg, BLOCK_K=min(cfg.BLOCK_K, PACKED_BLOCK_K))
     return cfg
 
 
+def _family(kind: str) -> str:
+    return KIND_FAMILY[kind.split("@")[0]]
+
+
 def default_config(arch: str, kind: str, bucket: int, dtype: torch.dtype) -> BlockConfig:
-    table = DEFAULTS[arch][KIND_FAMILY[kind]]
+    table = DEFAULTS[arch][_family(kind)]
     cfg = next(cfg for rows, cfg in table if bucket <= rows)
-    return _for_dtype(cfg, dtype)
+    return _for_kind(cfg, kind, dtype)
 
 
 def _key(kind: str, N: int, K: int, bucket: int, dtype: torch.dtype) -> str:
@@ -175,9 +188,9 @@ def _disk_cache(device_name: str) -> _DiskCache:
 
 def _candidates(arch: str, kind: str, dtype: torch.dtype) -> List[BlockConfig]:
     seen: List[BlockConfig] = []
-    for _, cfg in DEFAULTS[arch][KIND_FAMILY[kind]]:
+    for _, cfg in DEFAULTS[arch][_family(kind)]:
         for variant in (cfg, replace(cfg, num_warps=8 if cfg.num_warps == 4 else 4)):
-            variant = _for_dtype(variant, dtype)
+            variant = _for_kind(variant, kind, dtype)
             if variant not in seen:
                 seen.append(variant)
     return seen
@@ -209,7 +222,7 @@ def config_for(
     """Block config of a ``kind`` launch (see the module docstring for the lookup order).
 
     Args:
-        kind: one of ``KIND_FAMILY``.
+        kind: one of ``KIND_FAMILY``, with ``@int4``/``@int8`` for packed weights.
         N, K: the launch's output width and reduction length (for ``weight_grad``: the weight's two dims).
         bucket: ``rows_bucket(rows, E)``.
         dtype: element type of the GEMM operands.

@@ -1,7 +1,7 @@
 """The ops contract: each public function validates its inputs and dispatches to a tier (see backend.py)."""
 
 from flux_engine.ops.expert_counts import expert_counts
-from flux_engine.ops.grouped_mlp import ExpertLoRA, grouped_mlp
+from flux_engine.ops.grouped_mlp import ExpertLoRA, TunedExperts, grouped_mlp
 from flux_engine.ops.permute import RoutingPlan, permute
 from flux_engine.ops.quantize import QuantizedTensor, dequantize, quantize
 from flux_engine.ops.quantized_grouped_mlp import quantized_grouped_mlp
@@ -16,6 +16,7 @@ __all__ = [
     "RoutingPlan",
     "grouped_mlp",
     "ExpertLoRA",
+    "TunedExperts",
     "quantize",
     "dequantize",
     "QuantizedTensor",

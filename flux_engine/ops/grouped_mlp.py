@@ -4,12 +4,18 @@
 slots of one token that land on the same physical expert are computed once with their weights summed
 (see ``permute``). Optional LoRA adds ``scale * B_s (A_s v)`` to either projection of the experts that have
 a LoRA slot ``s`` (the tuning experts); the others run the frozen base only.
+
+Two ways to train the tuning experts (FLUX_DESIGN.md section 5, "Local tuning"):
+- LoRA: ``lora=ExpertLoRA(...)``; the base stacks stay frozen and may be packed int4/int8 ``QuantizedTensor``s.
+- full size: ``tuned=TunedExperts(gate_up [S_t, 2I, H], down [S_t, H, I])`` holds the tuning experts' own weights
+  (physical experts ``[0, S_t)``); the base stacks hold the frozen (merged) experts ``[S_t, S_t + E)``. Gradients
+  then exist for the ``S_t`` tuned experts only, never for the frozen stack.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,9 @@ from flux_engine.ops._checks import (
     check_tensor,
 )
 from flux_engine.ops.permute import permute_reference
+from flux_engine.ops.quantize import QuantizedTensor, dequantize
+
+Weights = Union[torch.Tensor, QuantizedTensor]
 
 
 @dataclass(frozen=True)
@@ -53,10 +62,12 @@ class ExpertLoRA:
     def physical_slots(self, expert_map: Optional[torch.Tensor], num_experts: int) -> torch.Tensor:
         """``[E_phys]`` int64 LoRA slot of each physical expert, -1 for none.
 
-        A LoRA'd original expert must own its physical expert alone: merged experts are frozen.
+        A LoRA'd original expert must own its physical expert alone (merged experts are frozen), and a slot
+        belongs to one physical expert.
         """
         slots = self.slots.long()
         if expert_map is None:
+            _assert(_slots_unique(slots, self.num_slots), "lora.slots: a LoRA slot is given to several experts")
             return slots
         emap = expert_map.long()
         hi = torch.full((num_experts,), -1, dtype=torch.long, device=slots.device).scatter_reduce(0, emap, slots, "amax")
@@ -64,13 +75,43 @@ class ExpertLoRA:
             0, emap, slots, "amin"
         )
         used = torch.zeros(num_experts, dtype=torch.bool, device=slots.device).index_fill(0, emap, True)
-        consistent = ((hi == lo) | ~used).all()
-        message = "lora.slots: a physical expert shared by several original experts has a LoRA slot on only some of them"
-        if consistent.device.type == "cuda":
-            torch._assert_async(consistent, message)
-        elif not bool(consistent):
-            raise ValueError(message)
+        _assert(
+            ((hi == lo) | ~used).all(),
+            "lora.slots: a physical expert shared by several original experts has a LoRA slot on only some of them",
+        )
+        _assert(_slots_unique(hi, self.num_slots), "lora.slots: a LoRA slot is given to several physical experts")
         return hi
+
+
+@dataclass(frozen=True)
+class TunedExperts:
+    """Full-size tuning experts: physical experts ``[0, S_t)`` of ``grouped_mlp`` (the base stacks hold the rest).
+
+    Attributes:
+        gate_up: ``[S_t, 2I, H]``; down: ``[S_t, H, I]``; dtype of x (never quantized: they are trained).
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+
+def _assert(ok: torch.Tensor, message: str) -> None:
+    """A value check that never synchronises with a GPU (see ``_checks``)."""
+    if ok.device.type == "cuda":
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
+
+
+def _slots_unique(physical_slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    # Bucket 0 collects the experts without a slot (-1).
+    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=physical_slots.device)
+    counts.index_add_(0, physical_slots.clamp_min(-1) + 1, torch.ones_like(physical_slots))
+    return (counts[1:] <= 1).all()
 
 
 def _lora_delta(v: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], slot: int, scale: float):
@@ -79,9 +120,21 @@ def _lora_delta(v: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Te
     return (v @ A[slot].float().t()) @ B[slot].float().t() * scale
 
 
-def grouped_mlp_reference(x, gate_up, down, topk_weights, topk_ids, expert_map, lora):
+def _stacks(x: torch.Tensor, gate_up: Weights, down: Weights, tuned: Optional[TunedExperts]):
+    """Per physical expert ``(gate_up_e, down_e)`` lists: tuned experts first, then the base (dequantised) ones."""
+    if isinstance(gate_up, QuantizedTensor):
+        gate_up, down = dequantize(gate_up, x.dtype), dequantize(down, x.dtype)
+    # unbind: one backward allocation per weight stack instead of a full-size zero gradient per expert slice.
+    gate_ups, downs = list(gate_up.unbind(0)), list(down.unbind(0))
+    if tuned is not None:
+        gate_ups, downs = list(tuned.gate_up.unbind(0)) + gate_ups, list(tuned.down.unbind(0)) + downs
+    return gate_ups, downs
+
+
+def grouped_mlp_reference(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned=None):
     T, H = x.shape
-    E = gate_up.shape[0]
+    gate_ups, downs = _stacks(x, gate_up, down, tuned)
+    E = len(gate_ups)
     plan = permute_reference(topk_ids, E, expert_map)
     row_weights = plan.row_weights(topk_weights.float())
     offsets = plan.expert_offsets.tolist()
@@ -90,8 +143,6 @@ def grouped_mlp_reference(x, gate_up, down, topk_weights, topk_ids, expert_map, 
         gu_A, gu_B, d_A, d_B, scale = lora.gate_up_A, lora.gate_up_B, lora.down_A, lora.down_B, lora.scale
     else:
         lora_slots, gu_A, gu_B, d_A, d_B, scale = [-1] * E, None, None, None, None, 0.0
-    # unbind: one backward allocation per weight stack instead of a full-size zero gradient per expert slice.
-    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
     ys = []
     for e in range(E):
         lo, hi = offsets[e], offsets[e + 1]
@@ -120,15 +171,17 @@ def grouped_mlp_reference(x, gate_up, down, topk_weights, topk_ids, expert_map, 
 _op = Op("grouped_mlp", grouped_mlp_reference, preference=("triton",))
 
 
-def _triton_lacks(x, gate_up, down, topk_weights, topk_ids, expert_map, lora):
-    return "lora yet" if lora is not None else None
+def _triton_lacks(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned):
+    if tuned is not None and isinstance(gate_up, QuantizedTensor):
+        return "full-size tuned experts over a packed base"
+    return None
 
 
 @_op.register("triton", unsupported=_triton_lacks)
-def _grouped_mlp_triton(x, gate_up, down, topk_weights, topk_ids, expert_map, lora):
+def _grouped_mlp_triton(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned):
     from flux_engine.triton_kernels.grouped_mlp_autograd import grouped_mlp as kernel
 
-    return kernel(x, gate_up, down, topk_weights, topk_ids, expert_map)
+    return kernel(x, gate_up, down, topk_weights, topk_ids, expert_map, lora=lora, tuned=tuned)
 
 
 def _check_lora(lora: ExpertLoRA, num_original: int, H: int, I: int) -> None:
@@ -158,67 +211,103 @@ def _check_lora(lora: ExpertLoRA, num_original: int, H: int, I: int) -> None:
         check_ids_in_range("lora.slots + 1", lora.slots + 1, S + 1)
 
 
+def _check_weights(x: torch.Tensor, gate_up: Weights, down: Weights, tuned: Optional[TunedExperts]):
+    """``(E_base, I)`` after checking the base stacks (tensors or packed) and the tuned experts against x."""
+    T, H = x.shape
+    quantized = isinstance(gate_up, QuantizedTensor)
+    if quantized != isinstance(down, QuantizedTensor):
+        raise TypeError("gate_up and down must both be tensors or both be QuantizedTensors")
+    if quantized:
+        for name, q in (("gate_up", gate_up), ("down", down)):
+            if len(q.shape) != 3:
+                raise ValueError(f"{name} must quantize a 3-D expert stack, got shape {tuple(q.shape)}")
+        gate_up_shape, down_shape = tuple(gate_up.shape), tuple(down.shape)
+    else:
+        check_tensor("gate_up", gate_up, ndim=3)
+        check_tensor("down", down, ndim=3)
+        for name, t in (("gate_up", gate_up), ("down", down)):
+            check_floating(name, t)
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
+        gate_up_shape, down_shape = tuple(gate_up.shape), tuple(down.shape)
+    E, two_i, h_in = gate_up_shape
+    if h_in != H:
+        raise ValueError(f"gate_up has size {h_in} in dim 2, expected {H} (hidden size H of x); shape {gate_up_shape}")
+    if down_shape[:2] != (E, H):
+        raise ValueError(f"down must be [E={E}, H={H}, I], got {down_shape}")
+    I = down_shape[2]
+    if two_i != 2 * I:
+        raise ValueError(f"gate_up has size {two_i} in dim 1, expected {2 * I} (2 * intermediate size I of down)")
+    if tuned is not None:
+        if not isinstance(tuned, TunedExperts):
+            raise TypeError(f"tuned must be a TunedExperts, got {type(tuned).__name__}")
+        check_tensor("tuned.gate_up", tuned.gate_up, ndim=3)
+        check_tensor("tuned.down", tuned.down, ndim=3)
+        S = tuned.gate_up.shape[0]
+        check_shape("tuned.gate_up", tuned.gate_up, (S, 2 * I, H), "[S_t, 2I, H]")
+        check_shape("tuned.down", tuned.down, (S, H, I), "[S_t, H, I]")
+        for name, t in (("tuned.gate_up", tuned.gate_up), ("tuned.down", tuned.down)):
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
+    return E, I
+
+
 def grouped_mlp(
     x: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    gate_up: Weights,
+    down: Weights,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_map: Optional[torch.Tensor] = None,
     lora: Optional[ExpertLoRA] = None,
+    tuned: Optional[TunedExperts] = None,
 ) -> torch.Tensor:
     """Routed SwiGLU experts, differentiable in x, the expert weights, topk_weights and the LoRA factors.
 
     Args:
         x: ``[T, H]`` token activations.
-        gate_up: ``[E, 2I, H]`` gate rows first, then up rows (transformers v5 layout); same dtype as x.
-        down: ``[E, H, I]``.
+        gate_up: ``[E, 2I, H]`` gate rows first, then up rows (transformers v5 layout); same dtype as x. Or a
+            ``QuantizedTensor`` of it (int4/int8, frozen: no gradient), read packed by the Triton tier.
+        down: ``[E, H, I]`` (or its ``QuantizedTensor``, together with gate_up).
         topk_weights: ``[T, k]`` routing weights (float; computed in fp32).
         topk_ids: ``[T, k]`` original expert ids.
-        expert_map: optional ``[E_orig]`` map from original to physical expert ids in ``[0, E)``.
-        lora: optional ``ExpertLoRA`` for the tuning experts.
+        expert_map: optional ``[E_orig]`` map from original to physical expert ids in ``[0, S_t + E)``.
+        lora: optional ``ExpertLoRA`` for the tuning experts (its slots index physical experts).
+        tuned: optional ``TunedExperts``: physical experts ``[0, S_t)``; the base stacks are ``[S_t, S_t + E)``.
 
     Returns:
         ``[T, H]`` in x's dtype.
 
-    The triton tier has no LoRA yet (such calls go to the next tier), and reads two switches:
-    ``FLUX_ENGINE_ATOMIC_SCATTER=1`` and ``FLUX_ENGINE_MOE_RECOMPUTE=1`` (see
-    ``flux_engine.triton_kernels.grouped_mlp_autograd``).
+    The triton tier reads two switches: ``FLUX_ENGINE_ATOMIC_SCATTER=1`` and ``FLUX_ENGINE_MOE_RECOMPUTE=1``
+    (see ``flux_engine.triton_kernels.grouped_mlp_autograd``).
     """
     check_tensor("x", x, ndim=2)
-    check_tensor("gate_up", gate_up, ndim=3)
-    check_tensor("down", down, ndim=3)
+    check_floating("x", x)
     check_tensor("topk_weights", topk_weights, ndim=2)
     check_tensor("topk_ids", topk_ids, ndim=2)
-    for name, t in (("x", x), ("gate_up", gate_up), ("down", down), ("topk_weights", topk_weights)):
-        check_floating(name, t)
+    check_floating("topk_weights", topk_weights)
     check_integer("topk_ids", topk_ids)
     T, H = x.shape
-    E = gate_up.shape[0]
-    check_dim("gate_up", gate_up, 2, H, "hidden size H of x")
-    check_dim("down", down, 0, E, "number of experts E of gate_up")
-    check_dim("down", down, 1, H, "hidden size H of x")
-    I = down.shape[2]
-    check_dim("gate_up", gate_up, 1, 2 * I, "2 * intermediate size I of down")
-    for name, t in (("gate_up", gate_up), ("down", down)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
+    E, I = _check_weights(x, gate_up, down, tuned)
+    E_phys = E + (tuned.num_experts if tuned is not None else 0)
     check_dim("topk_ids", topk_ids, 0, T, "tokens T of x")
     check_shape("topk_weights", topk_weights, topk_ids.shape, "same [T, k] as topk_ids")
-    num_original = E
+    num_original = E_phys
     if expert_map is not None:
         check_tensor("expert_map", expert_map, ndim=1)
         check_integer("expert_map", expert_map)
         num_original = expert_map.shape[0]
     if lora is not None:
         _check_lora(lora, num_original, H, I)
+    quantized = isinstance(gate_up, QuantizedTensor)
     device = check_same_device(
         x=x,
-        gate_up=gate_up,
-        down=down,
+        gate_up=gate_up.data if quantized else gate_up,
+        down=down.data if quantized else down,
         topk_weights=topk_weights,
         topk_ids=topk_ids,
         expert_map=expert_map,
+        **({} if tuned is None else {"tuned.gate_up": tuned.gate_up, "tuned.down": tuned.down}),
         **(
             {}
             if lora is None
@@ -232,9 +321,9 @@ def grouped_mlp(
         ),
     )
     if expert_map is not None:
-        check_ids_in_range("expert_map", expert_map, E)
+        check_ids_in_range("expert_map", expert_map, E_phys)
     check_ids_in_range("topk_ids", topk_ids, num_original)
-    return _op.run(device, x, gate_up, down, topk_weights, topk_ids, expert_map, lora)
+    return _op.run(device, x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned)
 
 
 grouped_mlp.op = _op

@@ -16,13 +16,12 @@ from flux_engine.ops._checks import (
     check_tensor,
 )
 from flux_engine.ops.grouped_mlp import grouped_mlp_reference
-from flux_engine.ops.quantize import QuantizedTensor, dequantize
+from flux_engine.ops.quantize import QuantizedTensor
 
 
 def quantized_grouped_mlp_reference(x, q_gate_up, q_down, topk_weights, topk_ids, expert_map):
     """Dequantise both stacks (one layer in x's dtype), then the reference grouped MLP."""
-    gate_up, down = dequantize(q_gate_up, x.dtype), dequantize(q_down, x.dtype)
-    return grouped_mlp_reference(x, gate_up, down, topk_weights, topk_ids, expert_map, None)
+    return grouped_mlp_reference(x, q_gate_up, q_down, topk_weights, topk_ids, expert_map, None)
 
 
 _op = Op("quantized_grouped_mlp", quantized_grouped_mlp_reference, preference=("triton",))
@@ -30,7 +29,7 @@ _op = Op("quantized_grouped_mlp", quantized_grouped_mlp_reference, preference=("
 
 @_op.register("triton")
 def _quantized_grouped_mlp_triton(x, q_gate_up, q_down, topk_weights, topk_ids, expert_map):
-    from flux_engine.triton_kernels.quantized_grouped_mlp import quantized_grouped_mlp as kernel
+    from flux_engine.triton_kernels.grouped_mlp_autograd import grouped_mlp as kernel
 
     return kernel(x, q_gate_up, q_down, topk_weights, topk_ids, expert_map)
 
@@ -52,7 +51,8 @@ def quantized_grouped_mlp(
         topk_weights, topk_ids, expert_map: as ``grouped_mlp``.
 
     Returns:
-        ``[T, H]`` in x's dtype. The Triton tier dequantises weight tiles in registers inside the GEMM loops.
+        ``[T, H]`` in x's dtype. The Triton tier (the grouped MLP kernels with a packed base) dequantises weight
+        tiles in registers inside the GEMM loops.
     """
     check_tensor("x", x, ndim=2)
     check_floating("x", x)
