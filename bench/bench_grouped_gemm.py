@@ -22,7 +22,6 @@ Shapes: the expert layers of Qwen3-30B-A3B, OLMoE, Mixtral-8x7B and DeepSeek-MoE
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import pytest
@@ -30,37 +29,11 @@ import torch
 
 from flux_engine.ops.grouped_mlp import grouped_mlp
 from flux_engine.ops.permute import permute_reference
+from moe_shapes import CUDA, DEVICE, DTYPE, MODELS, layer_shape, layer_weights
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.bfloat16 if CUDA else torch.float32
-CPU_SHRINK = 16
-
-# name: (E, H, I, k)
-MODELS = {
-    "qwen3-30b-a3b": (128, 2048, 768, 8),
-    "olmoe": (64, 2048, 1024, 8),
-    "mixtral-8x7b": (8, 4096, 14336, 2),
-    "deepseek-moe-16b": (64, 2048, 1408, 6),
-}
 TOKENS = (2048, 8192, 32768)
 TIERS = ("reference", "triton", "hf_eager", "hf_grouped_mm", "dense")
 ZIPF_EXPONENT = 1.2
-
-
-def _shape(model: str):
-    E, H, I, k = MODELS[model]
-    return (E, H, I, k) if CUDA else (E, H // CPU_SHRINK, I // CPU_SHRINK, k)
-
-
-@functools.lru_cache(maxsize=1)
-def _weights(model: str):
-    """``gate_up [E, 2I, H]``, ``down [E, H, I]`` of one layer, kept across the cases of a model."""
-    E, H, I, _ = _shape(model)
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    gate_up = torch.randn(E, 2 * I, H, generator=g, device=DEVICE, dtype=DTYPE) / H**0.5
-    down = torch.randn(E, H, I, generator=g, device=DEVICE, dtype=DTYPE) / I**0.5
-    return gate_up, down
 
 
 def _routing(T: int, E: int, k: int, kind: str):
@@ -125,9 +98,9 @@ def test_grouped_mlp(benchmark, model, T, routing, mode, merged, tier):
         pytest.skip("triton rows need a GPU (the interpreter is no benchmark)")
     if merged and tier.startswith("hf_"):
         pytest.skip("transformers' experts cannot merge experts")
-    E, H, I, k = _shape(model)
+    E, H, I, k = layer_shape(model)
     backward = mode == "fwd_bwd"
-    gate_up, down = (w.detach().requires_grad_(backward) for w in _weights(model))
+    gate_up, down = (w.detach().requires_grad_(backward) for w in layer_weights(model))
     ids, weights = _routing(T, E, k, routing)
     x = torch.randn(T, H, device=DEVICE, dtype=DTYPE, generator=torch.Generator(device=DEVICE).manual_seed(2))
     x.requires_grad_(backward)

@@ -27,37 +27,18 @@ import pytest
 import torch
 
 from flux_engine.ops import ExpertLoRA, grouped_mlp, quantize
+from moe_shapes import CUDA, DEVICE, DTYPE, layer_shape, layer_weights
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.bfloat16 if CUDA else torch.float32
-CPU_SHRINK = 16
 RANK = 16
-
-# name: (E, H, I, k)
-MODELS = {"deepseek-moe-16b": (64, 2048, 1408, 6), "qwen3-30b-a3b": (128, 2048, 768, 8)}
+SHAPES = ("deepseek-moe-16b", "qwen3-30b-a3b")
 TOKENS = (2048, 8192)
 SHARES = (0.0, 0.25, 1.0)
 CASES = ("frozen_base", "sparse_lora", "sparse_lora_int4", "peft_all_experts")
 
 
-def _shape(model: str):
-    E, H, I, k = MODELS[model]
-    return (E, H, I, k) if CUDA else (E, H // CPU_SHRINK, I // CPU_SHRINK, k)
-
-
-@functools.lru_cache(maxsize=1)
-def _weights(model: str):
-    E, H, I, _ = _shape(model)
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    gate_up = torch.randn(E, 2 * I, H, generator=g, device=DEVICE, dtype=DTYPE) / H**0.5
-    down = torch.randn(E, H, I, generator=g, device=DEVICE, dtype=DTYPE) / I**0.5
-    return gate_up, down
-
-
 @functools.lru_cache(maxsize=1)
 def _packed(model: str):
-    gate_up, down = _weights(model)
+    gate_up, down = layer_weights(model)
     return quantize(gate_up, 4, 128), quantize(down, 4, 128)
 
 
@@ -93,7 +74,7 @@ def _mib(n: int) -> str:
 @pytest.mark.parametrize("tier", ["reference", "triton"])
 @pytest.mark.parametrize("share", SHARES, ids=[f"S{int(100 * s)}pct" for s in SHARES])
 @pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("model", SHAPES)
 def test_sparse_lora(benchmark, model, T, tier, share, case):
     if tier == "triton" and not CUDA:
         pytest.skip("triton tier: needs a GPU (the interpreter is no benchmark)")
@@ -105,9 +86,9 @@ def test_sparse_lora(benchmark, model, T, tier, share, case):
         pytest.skip("the int4 base only pays on the triton tier (the reference dequantises the whole layer)")
     if case == "peft_all_experts" and share != 1.0:
         pytest.skip("LoRA on all experts: compared in the S = 100% group")
-    E, H, I, k = _shape(model)
+    E, H, I, k = layer_shape(model)
     S = round(share * E)
-    gate_up, down = _weights(model)
+    gate_up, down = layer_weights(model)
     g = torch.Generator(device=DEVICE).manual_seed(1)
     ids = torch.rand(T, E, generator=g, device=DEVICE).topk(k, dim=1).indices.to(torch.int32)
     weights = torch.rand(T, k, generator=g, device=DEVICE).requires_grad_()
