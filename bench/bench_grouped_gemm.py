@@ -17,7 +17,13 @@ Merged groups (``map E->E/2``) remap the router's ids onto E/2 experts: slots of
 expert collapse into one row, so the useful FLOPs drop; the baselines cannot merge and run unmerged only.
 
 Shapes: the expert layers of Qwen3-30B-A3B, OLMoE, Mixtral-8x7B and DeepSeek-MoE-16B at T in {2048, 8192,
-32768}, bf16. On CPU: T = 2048 only, H and I divided by 16, float32 (a full CPU run takes a few minutes).
+32768}, bf16. On CPU: T = 2048 only, H and I divided by 16, float32 (a CPU run takes under a minute); the
+CPU rows measure the reference tier and transformers' paths, never the kernels.
+
+GPU goals (issue 4, H100): triton forward >= 75% of the dense bound at T = 8192 on the Qwen3 shape, >= 0.95x
+``hf_grouped_mm``, merged E/2 <= 0.9x the unmerged time; zero host syncs per layer (that one is a test:
+``tests/test_grouped_mlp_triton.py::test_no_host_sync_on_cuda``). Rows not run on this machine are listed
+under "Not measured".
 """
 
 from __future__ import annotations
