@@ -238,3 +238,36 @@ def test_tuned_shape_errors():
     ids = torch.full_like(case["ids"], 5)  # 1 tuned + 4 base = 5 physical experts: id 5 is out of range
     with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 5\)"):
         grouped_mlp(case["x"], case["gate_up"], case["down"], case["weights"], ids, tuned=case["tuned"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync checks need a CUDA device")
+@pytest.mark.parametrize("variant", ["lora", "lora-int4", "tuned"])
+def test_no_host_sync_on_cuda(force_tier, variant):
+    """LoRA slots, tuned experts and packed bases add no host synchronisation to the triton tier."""
+    device = torch.device("cuda")
+    force_tier("triton", device)
+    emap = torch.tensor([0, 1] + [2 + (e % 4) for e in range(14)], dtype=torch.int32)
+    if variant == "tuned":
+        case = make_case(300, 4, 4, 8, None, torch.bfloat16, num_original=16, expert_map=emap, tuned=2)
+    else:
+        case = make_case(300, 6, 4, 8, 2, torch.bfloat16, base="int4" if variant == "lora-int4" else "plain",
+                         num_original=16, expert_map=emap)  # fmt: skip
+        slots = torch.full((16,), -1)
+        slots[:2] = torch.tensor([0, 1])
+        lo = case["lora"]
+        case["lora"] = ExpertLoRA(slots, lo.gate_up_A, lo.gate_up_B, lo.down_A, lo.down_B, lo.scale)
+    c = to_device(case, device)
+    wrt = list(differentiable(c).values())
+
+    def step():
+        out = grouped_mlp(c["x"], c["gate_up"], c["down"], c["weights"], c["ids"], c["expert_map"], lora=c["lora"],
+                          tuned=c["tuned"])  # fmt: skip
+        torch.autograd.grad(out, wrt, torch.ones_like(out))
+
+    step()  # compiles the kernels outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
