@@ -454,8 +454,8 @@ def merge(
         plan = plan_merge(model, profile, tuning_experts, budgets, pca_dim=pca_dim, seed=seed, iters=iters, batched=batched)
     for l, mlp in enumerate(model.moe_layers()):
         ex = mlp.experts
-        if ex.lora is not None:
-            raise ValueError("merge a model without LoRA attached (expert slots would change)")
+        if ex.has_tuning:
+            raise ValueError("merge a model without LoRA or tuned experts attached (detach_tuning first)")
         old_map = ex.expert_map.long()
         alpha = merge_alphas(profile, l, weighting)
         gu, dn = ex.gate_up_proj, ex.down_proj

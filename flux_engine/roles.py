@@ -42,7 +42,7 @@ def _per_sample_losses(model: nn.Module, input_ids: torch.Tensor, labels: Option
     return tok.sum(1) / n, out.routers
 
 
-def _routed_samples(routers, batch: int, num_experts: int, attention_mask=None) -> torch.Tensor:
+def routed_samples(routers, batch: int, num_experts: int, attention_mask=None) -> torch.Tensor:
     """``[L, B, E]`` bool: sample b routed at least one (non-padding) token to original expert e of layer l."""
     rows = []
     for r in routers:
@@ -80,7 +80,7 @@ def _sq_norms_per_original(model: nn.Module, grads: Sequence[torch.Tensor]) -> t
     return torch.stack(rows)
 
 
-def _utility_from(sum_sq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def utility_from(sum_sq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     # u_e = |D_e| * sqrt(sum_k ||g_k||^2 / |D_e|), 0 when D_e is empty.
     return torch.where(count > 0, count * (sum_sq / count.clamp_min(1)).sqrt(), torch.zeros_like(sum_sq))
 
@@ -112,14 +112,14 @@ def utility_microbatch(
             am = None if attention_mask is None else attention_mask[sl]
             losses, routers = _per_sample_losses(model, input_ids[sl], None if labels is None else labels[sl], am)
             grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
-            hit = _routed_samples(routers, losses.shape[0], E, am)  # [L, b, E]
+            hit = routed_samples(routers, losses.shape[0], E, am)  # [L, b, E]
             touched = hit.any(1)
             sum_sq += torch.where(touched, _sq_norms_per_original(model, grads), torch.zeros(()))
             count += hit.sum(1).double()
     finally:
         for p, r in zip(params, saved):
             p.requires_grad_(r)
-    return _utility_from(sum_sq, count)
+    return utility_from(sum_sq, count)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def explore_experts(
 
     with torch.no_grad():
         out = model(input_ids, attention_mask=attention_mask, return_routers=True)
-        hit = _routed_samples(out.routers, input_ids.shape[0], E, attention_mask)
+        hit = routed_samples(out.routers, input_ids.shape[0], E, attention_mask)
     util = torch.full((len(layers), E), float("nan"), dtype=torch.float64)
     for l, e in explore:
         ex = layers[l].experts

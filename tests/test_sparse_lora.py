@@ -271,3 +271,12 @@ def test_no_host_sync_on_cuda(force_tier, variant):
         step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_fp32_factors_on_bf16_base(tier_device):
+    """The runtime keeps LoRA factors in fp32 (optimizer master weights) over a bf16 base."""
+    case = make_case(19, 8, 2, 8, 2, torch.bfloat16)
+    lo = case["lora"]
+    f32 = [t.detach().float().requires_grad_() for t in (lo.gate_up_A, lo.gate_up_B, lo.down_A, lo.down_B)]
+    case["lora"] = ExpertLoRA(lo.slots, *f32, lo.scale)
+    check(case, tier_device)

@@ -107,8 +107,16 @@ def save_pretrained(
             numbered shards plus ``model.safetensors.index.json``.
         overwrite: replace a non-empty ``path``; otherwise that raises.
 
-    Expert LoRA factors (``Experts.lora``) are not part of the checkpoint.
+    A model with tuning experts attached (LoRA factors or split-off tuned stacks) raises: fold them in first
+    (``flux_engine.adapters.merge_lora`` or ``flux_engine.training.detach_tuning``), or export the adapters with
+    ``flux_engine.adapters.save_peft_adapter``.
     """
+    attached = [mlp.layer for mlp in model.moe_layers() if mlp.experts.has_tuning]
+    if attached:
+        raise ValueError(
+            f"save_pretrained: MoE layers {attached} have tuning experts attached; fold them in with "
+            "adapters.merge_lora / training.detach_tuning first, or save the adapters with adapters.save_peft_adapter"
+        )
     name = layout or model.config.metadata.get(CHECKPOINT_LAYOUT, NATIVE)
     target = get_layout(name, "save_pretrained")
     if not target.keys.expert_map:

@@ -7,8 +7,9 @@ kernel tier (reference, Triton, CUDA) is chosen by dispatch, not here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flux_engine import ops
 from flux_engine.models.config import MoEConfig
-from flux_engine.ops.grouped_mlp import ExpertLoRA
+from flux_engine.ops.grouped_mlp import ExpertLoRA, TunedExperts
 
 INIT_STD = 0.02
 
@@ -107,15 +108,79 @@ class DenseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+LORA_TARGETS = ("gate_up", "down")
+
+
+def check_lora_settings(rank: int, targets: Sequence[str]) -> None:
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if not targets or set(targets) - set(LORA_TARGETS):
+        raise ValueError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {tuple(targets)}")
+
+
+class ExpertLoRAAdapter(nn.Module):
+    """Trainable LoRA factors of one layer's ``S`` tuning experts (never of all ``E``).
+
+    ``slots: [E_orig]`` buffer, the slot of each original expert (-1: none); per target in ``targets``:
+    ``gate_up_A [S, r, H]``, ``gate_up_B [S, 2I, r]``, ``down_A [S, r, I]``, ``down_B [S, H, r]``; the update of
+    slot s is ``scale * B_s A_s`` with ``scale = alpha / rank`` (PEFT's convention). Factors are fp32 whatever the
+    base dtype: they are the optimizer's master weights and the kernels accumulate in fp32 anyway.
+    """
+
+    def __init__(self, slots: torch.Tensor, hidden_size: int, intermediate_size: int, rank: int, alpha: float,
+                 targets: Sequence[str] = LORA_TARGETS):  # fmt: skip
+        super().__init__()
+        check_lora_settings(rank, targets)
+        self.register_buffer("slots", slots.to(torch.int32))
+        S = int((slots >= 0).sum())
+        self.rank, self.alpha, self.scale = int(rank), float(alpha), float(alpha) / rank
+        shapes = {"gate_up": (hidden_size, 2 * intermediate_size), "down": (intermediate_size, hidden_size)}
+        dev = slots.device
+        for name, (fan_in, fan_out) in shapes.items():
+            present = name in targets
+            A = nn.Parameter(torch.zeros(S, rank, fan_in, device=dev)) if present else None
+            B = nn.Parameter(torch.zeros(S, fan_out, rank, device=dev)) if present else None
+            self.register_parameter(f"{name}_A", A)
+            self.register_parameter(f"{name}_B", B)
+
+    @property
+    def targets(self) -> Tuple[str, ...]:
+        return tuple(t for t in LORA_TARGETS if getattr(self, f"{t}_A") is not None)
+
+    @torch.no_grad()
+    def reset_slot(self, slot: int, generator: Optional[torch.Generator] = None) -> None:
+        """PEFT's initialisation: ``A`` kaiming-uniform (a = sqrt 5, i.e. U(+-1/sqrt(fan_in))), ``B`` zeros, so the
+        adapter starts as the identity. Drawn on the CPU so a seed gives the same factors on every device."""
+        for t in self.targets:
+            A = getattr(self, f"{t}_A")
+            init = torch.empty(A.shape[1:])
+            nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
+            A[slot].copy_(init)
+            getattr(self, f"{t}_B")[slot].zero_()
+
+    def as_op(self) -> ExpertLoRA:
+        return ExpertLoRA(self.slots, self.gate_up_A, self.gate_up_B, self.down_A, self.down_B, self.scale)
+
+
 class Experts(nn.Module):
-    """Routed expert stacks in the transformers v5 layout, plus the original -> physical expert map."""
+    """Routed expert stacks in the transformers v5 layout, plus the original -> physical expert map.
+
+    Tuning experts can be attached (``flux_engine.training.attach_tuning``) in two ways:
+    - ``lora``: an ``ExpertLoRAAdapter`` over the (frozen) stacks;
+    - ``tuned_gate_up_proj [S_t, 2I, H]`` / ``tuned_down_proj [S_t, H, I]``: full-size tuning experts, physical
+      experts ``[0, S_t)``; ``gate_up_proj`` / ``down_proj`` then hold only the physical experts ``[S_t, E_phys)``.
+    """
 
     def __init__(self, num_original: int, num_physical: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_physical, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_physical, hidden_size, intermediate_size))
         self.register_buffer("expert_map", torch.empty(num_original, dtype=torch.int32))
-        self.lora: Optional[ExpertLoRA] = None
+        self.lora: Optional[ExpertLoRAAdapter] = None
+        self.register_parameter("tuned_gate_up_proj", None)
+        self.register_parameter("tuned_down_proj", None)
+        # Physical order before tuned experts were split off (new physical j was old ``tuned_order[j]``).
+        self.tuned_order: Optional[List[int]] = None
         self.reset_expert_map()
 
     @torch.no_grad()
@@ -126,12 +191,71 @@ class Experts(nn.Module):
             self.expert_map.copy_(torch.arange(n, dtype=torch.int32, device=self.expert_map.device) % self.num_physical)
 
     @property
+    def num_tuned(self) -> int:
+        return 0 if self.tuned_gate_up_proj is None else self.tuned_gate_up_proj.shape[0]
+
+    @property
     def num_physical(self) -> int:
-        return self.gate_up_proj.shape[0]
+        return self.num_tuned + self.gate_up_proj.shape[0]
+
+    @property
+    def has_tuning(self) -> bool:
+        return self.lora is not None or self.tuned_gate_up_proj is not None
+
+    def physical_weights(self, p: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Views ``(gate_up [2I, H], down [H, I])`` of physical expert ``p``, in whichever stack holds it."""
+        S = self.num_tuned
+        if p < S:
+            return self.tuned_gate_up_proj[p], self.tuned_down_proj[p]
+        return self.gate_up_proj[p - S], self.down_proj[p - S]
+
+    @torch.no_grad()
+    def split_tuned(self, physical: Sequence[int]) -> None:
+        """Move the given physical experts (in this order) into trainable full-size ``tuned_*`` stacks, which
+        become physical ``[0, S_t)``; the others stay, frozen, in ``gate_up_proj`` / ``down_proj`` (copies: the
+        frozen stacks never get a gradient buffer)."""
+        if self.has_tuning:
+            raise ValueError("tuning experts are already attached")
+        E, chosen = self.num_physical, set(physical)
+        order = list(physical) + [p for p in range(E) if p not in chosen]
+        dev = self.gate_up_proj.device
+        tuned, rest = torch.tensor(order[: len(physical)], device=dev), torch.tensor(order[len(physical):], device=dev)
+        gu, dn = self.gate_up_proj, self.down_proj
+        self.tuned_gate_up_proj = nn.Parameter(gu.index_select(0, tuned))
+        self.tuned_down_proj = nn.Parameter(dn.index_select(0, tuned))
+        self.gate_up_proj = nn.Parameter(gu.index_select(0, rest), requires_grad=False)
+        self.down_proj = nn.Parameter(dn.index_select(0, rest), requires_grad=False)
+        new_of_old = torch.empty(E, dtype=torch.long, device=dev)
+        new_of_old[torch.tensor(order, device=dev)] = torch.arange(E, device=dev)
+        self.expert_map.copy_(new_of_old[self.expert_map.long()].to(self.expert_map.dtype))
+        self.tuned_order = order
+
+    @torch.no_grad()
+    def fold_tuned(self) -> None:
+        """Undo ``split_tuned``: one frozen stack per projection in the original physical order, trained weights
+        included."""
+        if self.tuned_order is None:
+            return
+        dev = self.gate_up_proj.device
+        old_of_new = torch.tensor(self.tuned_order, device=dev)
+        new_of_old = torch.empty_like(old_of_new)
+        new_of_old[old_of_new] = torch.arange(old_of_new.numel(), device=dev)
+        gu = torch.cat([self.tuned_gate_up_proj.detach(), self.gate_up_proj]).index_select(0, new_of_old)
+        dn = torch.cat([self.tuned_down_proj.detach(), self.down_proj]).index_select(0, new_of_old)
+        self.tuned_gate_up_proj = None
+        self.tuned_down_proj = None
+        self.gate_up_proj = nn.Parameter(gu, requires_grad=False)
+        self.down_proj = nn.Parameter(dn, requires_grad=False)
+        self.expert_map.copy_(old_of_new[self.expert_map.long()].to(self.expert_map.dtype))
+        self.tuned_order = None
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """``x: [N, H]``, ``topk_*: [N, k]`` over original experts -> ``[N, H]``."""
-        return ops.grouped_mlp(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, self.expert_map, self.lora)
+        lora = None if self.lora is None else self.lora.as_op()
+        tuned = None if self.tuned_gate_up_proj is None else TunedExperts(self.tuned_gate_up_proj, self.tuned_down_proj)
+        return ops.grouped_mlp(
+            x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, self.expert_map, lora, tuned
+        )
 
 
 @dataclass

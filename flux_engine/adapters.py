@@ -1,0 +1,237 @@
+"""Expert LoRA adapters: PEFT's on-disk format, and folding adapters into expert weights.
+
+On disk (``adapter_config.json`` + ``adapter_model.safetensors``, ``peft_type: "LORA"``) every adapted expert is a
+set of per-expert modules ``model.layers.{i}.mlp.experts.{e}.gate_proj / up_proj / down_proj``, the per-expert
+layout of qwen2_moe / olmoe / deepseek in transformers < 5, keyed as PEFT writes them
+(``base_model.model.<module>.lora_A.weight``). Our gate_up LoRA shares one ``A`` between gate and up, so it is
+written as ``gate_proj: (A, B[:I])`` and ``up_proj: (A, B[I:])`` and read back exactly; adapters with different gate
+and up ``A``s (or only one of them) are read as one gate_up LoRA of concatenated rank (``A = [A_g; A_u]``,
+``B = blockdiag(B_g, B_u)``), still exact.
+
+In memory adapters are ``Dict[ExpertKey, Dict[str, Tensor]]`` as in ``training.TrainResult.trained``
+(``gate_up_A [r, H]``, ``gate_up_B [2I, r]``, ``down_A [r, I]``, ``down_B [H, r]``), applied with one ``scale``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from flux_engine.checkpoint.errors import CheckpointError
+from flux_engine.checkpoint.safetensors_io import atomic_directory, read_json, write_json
+from flux_engine.models.config import MoEConfig
+from flux_engine.training import ExpertKey, ExpertState, _check_owns, tuning_state
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_KEY = re.compile(
+    r"base_model\.model\.model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.lora_([AB])\.weight"
+)
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class PeftAdapter:
+    """Adapters read from a PEFT folder; ``scale`` = ``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA)."""
+
+    adapters: ExpertState
+    rank: int
+    alpha: float
+    scale: float
+
+
+def expert_module(config: MoEConfig, layer: int, expert: int, proj: str) -> str:
+    """PEFT module name of projection ``proj`` of original expert ``expert`` in MoE layer ``layer``."""
+    return f"model.layers.{config.moe_layer_indices[layer]}.mlp.experts.{expert}.{proj}"
+
+
+def _peft_key(module: str, factor: str) -> str:
+    return f"base_model.model.{module}.lora_{factor}.weight"
+
+
+def _adapter_rank(key: ExpertKey, tensors: Dict[str, torch.Tensor]) -> int:
+    ranks = {t.shape[0] for name, t in tensors.items() if name.endswith("_A")}
+    ranks |= {t.shape[1] for name, t in tensors.items() if name.endswith("_B")}
+    if len(ranks) != 1:
+        raise ValueError(f"expert {key}: LoRA factors of inconsistent ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+def save_peft_adapter(
+    path: PathLike,
+    adapters: ExpertState,
+    config: MoEConfig,
+    alpha: float,
+    overwrite: bool = False,
+    base_model_name_or_path: Optional[str] = None,
+) -> None:
+    """Write ``adapters`` (all of one rank ``r``, applied with scale ``alpha / r``) as a PEFT LoRA folder,
+    atomically (a staging folder renamed into place). ``target_modules`` lists exactly the exported modules."""
+    if not adapters:
+        raise ValueError("no adapters to save")
+    ranks = {_adapter_rank(key, t) for key, t in adapters.items()}
+    if len(ranks) != 1:
+        raise ValueError(f"PEFT's adapter_config has one rank r; these adapters have ranks {sorted(ranks)}")
+    I = config.moe_intermediate_size
+    tensors: Dict[str, torch.Tensor] = {}
+    for (l, e), t in sorted(adapters.items()):
+        pairs = []
+        if "gate_up_A" in t:
+            A, B = t["gate_up_A"], t["gate_up_B"]
+            pairs += [("gate_proj", A, B[:I]), ("up_proj", A, B[I:])]
+        if "down_A" in t:
+            pairs.append(("down_proj", t["down_A"], t["down_B"]))
+        if not pairs:
+            raise ValueError(f"expert {(l, e)}: no LoRA factors (expected gate_up_A/B and/or down_A/B)")
+        for proj, A, B in pairs:
+            module = expert_module(config, l, e, proj)
+            # clone: safetensors refuses tensors that share storage (gate and up share A, B's halves share B).
+            tensors[_peft_key(module, "A")] = A.detach().to("cpu").contiguous().clone()
+            tensors[_peft_key(module, "B")] = B.detach().to("cpu").contiguous().clone()
+    modules = sorted({k[len("base_model.model.") : -len(".lora_A.weight")] for k in tensors if ".lora_A." in k})
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": ranks.pop(),
+        "lora_alpha": alpha,
+        "target_modules": modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    with atomic_directory(os.fspath(path), overwrite) as staging:
+        write_json(os.path.join(staging, ADAPTER_CONFIG), adapter_config)
+        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def _read_config(path: str) -> Tuple[int, float, float]:
+    """``(r, lora_alpha, scale)`` of an adapter_config.json, rejecting what has no equivalent here."""
+    cfg = read_json(path)
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path}: peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
+    for key, ok in (("fan_in_fan_out", False), ("bias", "none")):
+        if cfg.get(key, ok) != ok:
+            raise CheckpointError(f"{path}: {key}={cfg[key]!r} is not supported (only {ok!r})")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise CheckpointError(f"{path}: per-module {key} is not supported")
+    try:
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: needs integer 'r' and numeric 'lora_alpha'") from None
+    if r < 1:
+        raise CheckpointError(f"{path}: r must be >= 1, got {r}")
+    return r, alpha, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def _read_factors(path: str, config: MoEConfig) -> Dict[ExpertKey, Dict[str, Dict[str, torch.Tensor]]]:
+    """``{(layer, expert): {proj: {"A": [r, in], "B": [out, r]}}}`` from a PEFT safetensors file, shapes checked."""
+    H, I = config.hidden_size, config.moe_intermediate_size
+    fans = {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+    moe_layers = config.moe_layer_indices
+    found: Dict[ExpertKey, Dict[str, Dict[str, torch.Tensor]]] = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                m = _KEY.fullmatch(key)
+                if m is None:
+                    raise CheckpointError(
+                        f"{path}: unsupported key {key!r} (only routed-expert LoRA of gate/up/down_proj)"
+                    )
+                i, e, proj, factor = int(m[1]), int(m[2]), m[3], m[4]
+                if i not in moe_layers or not 0 <= e < config.num_experts:
+                    raise CheckpointError(f"{path}: key {key!r} names no routed expert of this model")
+                found.setdefault((moe_layers.index(i), e), {}).setdefault(proj, {})[factor] = f.get_tensor(key).float()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    for key, projs in found.items():
+        for proj, f in projs.items():
+            if set(f) != {"A", "B"}:
+                raise CheckpointError(f"{path}: expert {key} {proj} has lora_{''.join(f)} without its partner")
+            fan_in, fan_out = fans[proj]
+            r = f["A"].shape[0]
+            if f["A"].shape != (r, fan_in) or f["B"].shape != (fan_out, r):
+                raise CheckpointError(
+                    f"{path}: expert {key} {proj}: lora_A {list(f['A'].shape)}, lora_B {list(f['B'].shape)}, expected "
+                    f"[r, {fan_in}] and [{fan_out}, r]"
+                )
+    return found
+
+
+def _gate_up(gate: Optional[Dict[str, torch.Tensor]], up: Optional[Dict[str, torch.Tensor]], I: int):
+    """One gate_up LoRA ``(A [r, H], B [2I, r])`` equal to separate gate and up LoRAs (either may be absent)."""
+    if gate is not None and up is not None and torch.equal(gate["A"], up["A"]):
+        return gate["A"], torch.cat([gate["B"], up["B"]])
+    parts = [(p, half) for p, half in ((gate, 0), (up, 1)) if p is not None]
+    A = torch.cat([p["A"] for p, _ in parts])
+    B = torch.zeros(2 * I, A.shape[0])
+    col = 0
+    for p, half in parts:
+        r = p["A"].shape[0]
+        B[half * I : (half + 1) * I, col : col + r] = p["B"]
+        col += r
+    return A, B
+
+
+def load_peft_adapter(path: PathLike, config: MoEConfig) -> PeftAdapter:
+    """Read a PEFT LoRA folder of per-expert modules (as ``save_peft_adapter`` writes) for a model of ``config``."""
+    folder = os.fspath(path)
+    r, alpha, scale = _read_config(os.path.join(folder, ADAPTER_CONFIG))
+    found = _read_factors(os.path.join(folder, ADAPTER_WEIGHTS), config)
+    adapters: ExpertState = {}
+    for key, projs in sorted(found.items()):
+        t: Dict[str, torch.Tensor] = {}
+        if "gate_proj" in projs or "up_proj" in projs:
+            I = config.moe_intermediate_size
+            t["gate_up_A"], t["gate_up_B"] = _gate_up(projs.get("gate_proj"), projs.get("up_proj"), I)
+        if "down_proj" in projs:
+            t["down_A"], t["down_B"] = projs["down_proj"]["A"], projs["down_proj"]["B"]
+        adapters[key] = t
+    return PeftAdapter(adapters, r, alpha, scale)
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module, adapters: ExpertState, scale: float, skip: Iterable[ExpertKey] = ()) -> None:
+    """Fold LoRA adapters into the experts' weights: ``W_e += scale * B A`` on each adapted expert's physical
+    weights (which it must own). ``skip``: experts left as they are, e.g. this round's tuning experts, whose
+    global factors ``training.train_round(init=...)`` resumes instead (folding them too would count them twice)."""
+    skip = set(skip)
+    layers = model.moe_layers()
+    for (l, e), t in adapters.items():
+        if (l, e) in skip:
+            continue
+        if not 0 <= l < len(layers):
+            raise ValueError(f"adapter for expert {(l, e)}: the model has {len(layers)} MoE layers")
+        _check_owns(model, l, e)
+        ex = layers[l].experts
+        for W, target in zip(ex.physical_weights(int(ex.expert_map[e])), ("gate_up", "down")):
+            if f"{target}_A" in t:
+                A, B = t[f"{target}_A"].to(W.device, torch.float32), t[f"{target}_B"].to(W.device, torch.float32)
+                W.copy_((W.float() + scale * (B @ A)).to(W.dtype))
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every attached LoRA adapter into its experts' weights (for serving) and drop the adapters."""
+    state = tuning_state(model)
+    for l, mlp in enumerate(model.moe_layers()):
+        lora = mlp.experts.lora
+        if lora is not None:
+            merge_adapters(model, {key: t for key, t in state.items() if key[0] == l}, lora.scale)
+            mlp.experts.lora = None
+
