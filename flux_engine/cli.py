@@ -1,0 +1,340 @@
+"""``flux-engine``: the command line.
+
+    flux-engine demo                       # 3 clients x 2 rounds on the tiny model, in this process
+    flux-engine run --config run.toml      # a federation from a config file (keys: federated.config.RunConfig)
+    flux-engine run --config run.toml --resume
+    flux-engine profile --preset tiny      # routing frequencies / importance of one client's data
+    flux-engine merge --preset tiny --tune 2 --merged 6    # merge plan and its output error
+    flux-engine bench --preset tiny        # one client round, timed by phase
+
+Errors (unknown preset, config typo, budget too small, malformed data, damaged checkpoint) print one line and exit
+with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import tomllib
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+EXIT_ERROR = 2
+
+
+class _Progress:
+    """``tqdm`` when installed, else one line per step."""
+
+    def __init__(self, total: int, desc: str):
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="round")
+        except ImportError:
+            self._bar, self._n, self._total, self._desc = None, 0, total, desc
+
+    def update(self, postfix: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(postfix)
+            self._bar.update(1)
+        else:
+            self._n += 1
+            print(f"{self._desc}: {self._n}/{self._total} {postfix}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def table(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain text table of ``rows`` (floats to 4 significant digits)."""
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ federation
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """A run config from TOML (flat keys, or under ``[tool.flwr.app.config]`` as in pyproject.toml) or JSON."""
+    from flux_engine.federated.config import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            raw = json.load(f) if path.endswith(".json") else tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'TOML'} ({e})") from None
+    return raw.get("tool", {}).get("flwr", {}).get("app", {}).get("config", raw)
+
+
+def preflight(run) -> List[Any]:
+    """Fail before starting anything: the model config (unknown preset, bad checkpoint), every client's budget
+    (``BudgetError``), the data (client 0's partition) and, with ``resume``, the server checkpoint. Returns the
+    budget plans."""
+    from flux_engine import budget
+    from flux_engine.federated.client import client_batches, model_config, train_settings
+    from flux_engine.federated.config import ConfigError
+    from flux_engine.federated.state import ServerState
+
+    config = model_config(run)
+    plans = []
+    for pid in range(run.num_clients):
+        try:
+            plans.append(budget.plan_budget(config, run.budget_for(pid, {}), train_settings(run)))
+        except budget.BudgetError as e:
+            raise budget.BudgetError(f"client {pid}: {e}", e.missing_bytes) from None
+    client_batches(run, 0, run.num_clients, config.vocab_size)
+    if run.resume:
+        ServerState.load(run.state_dir)
+    elif os.path.exists(os.path.join(run.state_dir, "latest.json")):
+        raise ConfigError(
+            f"{run.state_dir} already holds a server checkpoint: pass --resume, or choose another state-dir"
+        )
+    return plans
+
+
+def federate(run, verbose: bool = False) -> int:
+    from flux_engine.federated.simulation import run_local
+
+    plans = preflight(run)
+    rows = [{"client": i, "B_tune": p.B_tune, "B_non": p.B_non, "budget": p.budget_bytes} for i, p in enumerate(plans)]
+    print(table(rows, ["client", "B_tune", "B_non", "budget"]))
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    todo = run.num_rounds
+    if run.resume:
+        from flux_engine.federated.state import ServerState
+
+        todo -= ServerState.load(run.state_dir).round
+    bar = _Progress(max(todo, 0), "rounds")
+
+    def on_round(report: Dict[str, Any]) -> None:
+        bar.update(f"round {report['round']} accepted {len(report['accepted'])} dropped {len(report['dropped'])}")
+
+    try:
+        state = run_local(run, on_round=on_round)
+    finally:
+        bar.close()
+    rows = []
+    for h in state.history:
+        losses = [v for v in h["train_loss"].values()]
+        rows.append(
+            {
+                "round": h["round"],
+                "accepted": len(h["accepted"]),
+                "dropped": len(h["dropped"]),
+                "applied": h["applied"],
+                "experts": h["experts_changed"],
+                "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+                "eval_loss": h.get("eval_loss", float("nan")),
+                "seconds": h.get("seconds", float("nan")),
+            }
+        )
+    print(table(rows, ["round", "accepted", "dropped", "applied", "experts", "train_loss", "eval_loss", "seconds"]))
+    for h in state.history:
+        for client, reason in sorted(h["dropped"].items()):
+            print(f"round {h['round']}: client {client} dropped: {reason}")
+    print(f"server state: {run.state_dir} (round {state.round})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from flux_engine.federated.config import RunConfig
+
+    state_dir = args.state_dir or tempfile.mkdtemp(prefix="flux-demo-")
+    # The tiny model with budgets that give the three clients 2, 4 and 5 tuning experts (LoRA) and make them merge.
+    run = RunConfig(
+        preset="tiny", num_rounds=args.rounds, num_clients=3, min_clients=2, mode="lora", lora_rank=4,
+        budgets="2368KiB,2560KiB,2688KiB", workspace="0", batch_size=4, seq_len=32, samples_per_client=16,
+        local_steps=4, lr=1e-2, state_dir=state_dir,
+    )  # fmt: skip
+    return federate(run, args.verbose)
+
+
+def cmd_run(args) -> int:
+    from flux_engine.federated.config import RunConfig
+
+    raw = load_config_file(args.config)
+    if args.resume:
+        raw = {**raw, "resume": True}
+    return federate(RunConfig.from_mapping(raw), args.verbose)
+
+
+# ------------------------------------------------------------------------------------------------ single client
+
+
+def _client(args):
+    """Model, run config and batches of one client, from the ``--config`` file and command-line overrides."""
+    from flux_engine.federated.client import build_model, client_batches, model_config
+    from flux_engine.federated.config import RunConfig
+
+    raw = load_config_file(args.config) if args.config else {}
+    raw.update({k: v for k, v in (("preset", args.preset), ("data", args.data)) if v is not None})
+    run = RunConfig.from_mapping(raw)
+    model_config(run)  # unknown preset / bad checkpoint: fail before building anything
+    model = build_model(run)
+    train, _ = client_batches(run, 0, 1, model.config.vocab_size)
+    return run, model, train
+
+
+def _profile(model, batches, bits: int):
+    from flux_engine import profiling
+
+    return profiling.profile(model, batches, bits=bits or None)
+
+
+def cmd_profile(args) -> int:
+    run, model, batches = _client(args)
+    t0 = time.perf_counter()
+    p = _profile(model, batches, args.bits)
+    seconds = time.perf_counter() - t0
+    rows = [
+        {
+            "layer": layer,
+            "expert": e,
+            "frequency": float(p.frequency[l, e]),
+            "importance": float(p.importance[l, e]),
+            "samples": len(p.samples[l][e]),
+        }
+        for l, layer in enumerate(p.layers)
+        for e in range(p.num_experts)
+    ]
+    print(table(rows, ["layer", "expert", "frequency", "importance", "samples"]))
+    print(
+        f"{p.num_tokens} tokens profiled in {seconds:.2f} s ({'int%d' % args.bits if args.bits else 'full precision'})"
+    )
+    if args.out:
+        p.save(args.out)
+        print(f"profile written to {args.out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from flux_engine import merging
+
+    run, model, batches = _client(args)
+    p = _profile(model, batches, args.bits)
+    # The most frequent experts of each layer tune (an assignment without a server); the rest merge.
+    per_layer = max(1, args.tune // len(p.layers))
+    tuning = [torch.argsort(p.frequency[l], descending=True)[:per_layer].tolist() for l in range(len(p.layers))]
+    t0 = time.perf_counter()
+    merged = merging.merge(model, p, tuning, args.merged, seed=run.seed)
+    seconds = time.perf_counter() - t0
+    errors = merging.merge_output_error(model, merged, batches[0]["input_ids"], batches[0]["attention_mask"])
+    rows = [
+        {
+            "layer": layer,
+            "tuning": len(tuning[l]),
+            "physical": mlp.experts.num_physical,
+            "groups": merged.merge_plan.groups[l],
+            "output_error": errors[l],
+        }
+        for l, (layer, mlp) in enumerate(zip(p.layers, merged.moe_layers()))
+    ]
+    print(table(rows, ["layer", "tuning", "physical", "output_error", "groups"]))
+    print(f"merged in {seconds:.2f} s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """One client round on synthetic data, timed by phase (profile, merge, train)."""
+    from flux_engine import budget, merging, roles
+    from flux_engine.federated.client import train_config, train_settings
+    from flux_engine.training import train_round
+
+    run, model, batches = _client(args)
+    plan = budget.plan_budget(model.config, run.budget_for(0, {}), train_settings(run))
+    times = {}
+    t0 = time.perf_counter()
+    p = _profile(model, batches, run.profile_bits)
+    times["profile"] = time.perf_counter() - t0
+    r = roles.assign_roles(roles.frequency_utility(p.frequency), [plan.B_tune])[0]
+    t0 = time.perf_counter()
+    merged = merging.merge(model, p, r.tuning_lists(), plan.B_non, seed=run.seed)
+    times["merge"] = time.perf_counter() - t0
+    result = train_round(merged, r.tuning_lists(), batches, train_config(run))
+    times["train"] = result.seconds
+    print(plan.describe())
+    rows = [{"phase": k, "seconds": v} for k, v in times.items()]
+    rows.append({"phase": "train tokens/s", "seconds": result.tokens / max(result.seconds, 1e-9)})
+    print(table(rows, ["phase", "seconds"]))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flux-engine", description="Federated fine-tuning of MoE LLMs (Flux).")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="3 clients x N rounds on the tiny model, in this process")
+    demo.add_argument("--rounds", type=int, default=2)
+    demo.add_argument("--state-dir", default=None, help="server checkpoints (default: a temp dir)")
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="a federation from a config file (TOML or JSON)")
+    run.add_argument("--config", required=True)
+    run.add_argument("--resume", action="store_true", help="continue from the last complete round in state-dir")
+    run.set_defaults(func=cmd_run)
+
+    for name, func, help_ in (
+        ("profile", cmd_profile, "profile one client's data"),
+        ("merge", cmd_merge, "merge the non-tuning experts and report the output error"),
+        ("bench", cmd_bench, "time one client round by phase"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", default=None, help="run config file (model, data, budgets)")
+        p.add_argument("--preset", default=None)
+        p.add_argument("--data", default=None, help="synthetic | jsonl:PATH | bigbench:TASK,...")
+        if name != "bench":
+            p.add_argument("--bits", type=int, default=4, help="profiling precision: 4, 8, 0 = full")
+        if name == "profile":
+            p.add_argument("--out", default=None, help="write the profile (JSON)")
+        if name == "merge":
+            p.add_argument("--tune", type=int, default=2, help="tuning experts in total")
+            p.add_argument("--merged", type=int, default=4, help="merged experts in total (B_non)")
+        p.set_defaults(func=func)
+    for p in sub.choices.values():
+        p.add_argument("-v", "--verbose", action="store_true", help="Flower's logs and full tracebacks")
+    return ap
+
+
+def _user_errors() -> tuple:
+    from flux_engine.budget import BudgetError
+    from flux_engine.checkpoint.errors import CheckpointError
+    from flux_engine.federated.config import ConfigError
+    from flux_engine.federated.state import StateError
+
+    # ValueError covers unknown presets and malformed data records (both name what is wrong).
+    return (BudgetError, CheckpointError, ConfigError, StateError, ValueError, FileNotFoundError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        if args.verbose:
+            raise
+        print(f"flux-engine {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Per-expert aggregation, update validation and the utility table (flux_engine.aggregation)."""
+
+import math
+
+import pytest
+import torch
+
+from flux_engine.aggregation import ClientUpdate, UpdateError, UtilityTable, aggregate, expert_shapes, validate_update
+
+L, E, H, I, R = 2, 4, 6, 5, 2
+LORA = expert_shapes(H, I, R)
+FULL = expert_shapes(H, I)
+
+
+def _tensors(shapes, fill: float):
+    return {name: torch.full(shape, fill) for name, shape in shapes.items()}
+
+
+def _update(client, experts, shapes=FULL):
+    """``experts``: {key: (fill value, tokens)}."""
+    return ClientUpdate(
+        client, {k: _tensors(shapes, v) for k, (v, _) in experts.items()}, {k: n for k, (_, n) in experts.items()}
+    )
+
+
+def test_shapes():
+    assert FULL == {"gate_up": (2 * I, H), "down": (H, I)}
+    assert LORA == {"gate_up_A": (R, H), "gate_up_B": (2 * I, R), "down_A": (R, I), "down_B": (H, R)}
+
+
+def test_weighted_average_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    a = {n: torch.randn(s, generator=g) for n, s in LORA.items()}
+    b = {n: torch.randn(s, generator=g) for n, s in LORA.items()}
+    c = {n: torch.randn(s, generator=g) for n, s in LORA.items()}
+    updates = [
+        ClientUpdate("a", {(0, 1): a, (1, 3): c}, {(0, 1): 30, (1, 3): 5}),
+        ClientUpdate("b", {(0, 1): b}, {(0, 1): 10}),
+    ]
+    new, changed = aggregate({}, updates)
+    assert changed == [(0, 1), (1, 3)]
+    for n in LORA:
+        torch.testing.assert_close(new[(0, 1)][n], 0.75 * a[n] + 0.25 * b[n])
+        torch.testing.assert_close(new[(1, 3)][n], c[n])  # one trainer: its value, whatever its weight
+
+
+def test_untrained_experts_keep_their_value_and_dtype():
+    old = {(0, 0): _tensors(FULL, 7.0), (0, 2): {n: t.double() for n, t in _tensors(FULL, 1.0).items()}}
+    new, changed = aggregate(old, [_update("a", {(0, 2): (3.0, 4)}), _update("b", {(0, 2): (5.0, 12)})])
+    assert changed == [(0, 2)]
+    assert new[(0, 0)] is old[(0, 0)]
+    assert new[(0, 2)]["down"].dtype == torch.float64
+    assert torch.all(new[(0, 2)]["down"] == 4.5)  # (3 * 4 + 5 * 12) / 16
+    assert torch.all(old[(0, 2)]["down"] == 1.0)  # the input state is not modified
+
+
+def test_zero_tokens_everywhere_gives_plain_mean():
+    new, _ = aggregate({}, [_update("a", {(1, 1): (2.0, 0)}), _update("b", {(1, 1): (4.0, 0)})])
+    assert torch.all(new[(1, 1)]["gate_up"] == 3.0)
+
+
+def test_zero_token_client_gets_no_weight():
+    new, _ = aggregate({}, [_update("a", {(1, 1): (2.0, 0)}), _update("b", {(1, 1): (4.0, 9)})])
+    assert torch.all(new[(1, 1)]["gate_up"] == 4.0)
+
+
+def test_validate_accepts_good_update():
+    validate_update(_update("a", {(0, 1): (1.0, 3), (1, 3): (2.0, 0)}, LORA), LORA, L, E)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda u: u.tensors[(0, 1)].__setitem__("down", torch.zeros(I, H)), "down has shape (5, 6), expected (6, 5)"),
+        (lambda u: u.tensors[(0, 1)].pop("gate_up"), "missing tensors ['gate_up']"),
+        (lambda u: u.tensors[(0, 1)].__setitem__("extra", torch.zeros(1)), "unexpected tensors ['extra']"),
+        (lambda u: u.tensors[(0, 1)]["down"].__setitem__((0, 0), math.nan), "down has non-finite values"),
+        (lambda u: u.tensors[(0, 1)]["down"].__setitem__((0, 0), math.inf), "down has non-finite values"),
+        (lambda u: u.token_counts.__setitem__((0, 1), -1), "token count must be a non-negative int"),
+        (lambda u: u.token_counts.pop((0, 1)), "token counts and tensors name different experts"),
+        (lambda u: setattr(u, "utilities", torch.zeros(L, E + 1)), "utilities have shape"),
+    ],
+)
+def test_validate_rejects_bad_updates(mutate, message):
+    u = _update("client-7", {(0, 1): (1.0, 3)})
+    mutate(u)
+    with pytest.raises(UpdateError, match="client client-7") as e:
+        validate_update(u, FULL, L, E)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("key", [(L, 0), (0, E), (-1, 0)])
+def test_validate_rejects_unknown_expert(key):
+    with pytest.raises(UpdateError, match=rf"unknown expert \({key[0]}, {key[1]}\)"):
+        validate_update(_update("a", {key: (1.0, 1)}), FULL, L, E)
+
+
+def test_validate_rejects_wrong_mode():
+    with pytest.raises(UpdateError, match="expert \\(0, 0\\): missing tensors"):
+        validate_update(_update("a", {(0, 0): (1.0, 1)}, FULL), LORA, L, E)
+
+
+def test_utility_table_stale_semantics():
+    t = UtilityTable(L, E)
+    assert torch.equal(t.for_client("new"), torch.zeros(L, E, dtype=torch.float64))
+    t.update("a", torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]))
+    nan = math.nan
+    t.update("a", torch.tensor([[nan, 20.0, nan, nan], [nan, nan, nan, 80.0]]))  # only measured entries change
+    assert t.for_client("a").tolist() == [[1.0, 20.0, 3.0, 4.0], [5.0, 6.0, 7.0, 80.0]]
+    t.update("b", torch.tensor([[3.0, nan, nan, nan], [nan, nan, nan, nan]]))
+    # b's unmeasured experts fall back to the mean over clients that reported them
+    assert t.for_client("b").tolist() == [[3.0, 20.0, 3.0, 4.0], [5.0, 6.0, 7.0, 80.0]]
+    assert t.mean()[0, 0] == 2.0
+    assert torch.equal(t.for_client("c"), t.mean())
+    with pytest.raises(UpdateError, match="client a: utilities have shape"):
+        t.update("a", torch.zeros(E, L))

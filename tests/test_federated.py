@@ -1,0 +1,362 @@
+"""The federated layer: server checkpoints, run config, FluxStrategy with fake clients, and a real 3-client x 2-round
+run on the tiny model through the in-process Flower grid."""
+
+import json
+import os
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flux_engine.aggregation import expert_shapes
+from flux_engine.federated import wire
+from flux_engine.federated.config import ConfigError, RunConfig
+from flux_engine.federated.simulation import run_local
+from flux_engine.federated.state import ServerState, StateError
+from flux_engine.presets import get
+
+TINY = get("tiny")
+L, E = len(TINY.moe_layer_indices), TINY.num_experts
+RANK = 2
+SHAPES = expert_shapes(TINY.hidden_size, TINY.moe_intermediate_size, RANK)
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def _state() -> ServerState:
+    s = ServerState(L, E, round=3, config={"preset": "tiny"})
+    s.global_tensors = {
+        (0, 1): {n: torch.randn(sh) for n, sh in SHAPES.items()},
+        (1, 7): {n: torch.randn(sh) for n, sh in SHAPES.items()},
+    }
+    s.updated_round = {(0, 1): 2, (1, 7): 3}
+    s.utilities.update("5", torch.rand(L, E, dtype=torch.float64))
+    s.budgets = {"5": 3, "9": 4}
+    s.last_sync = {"5": 2}
+    s.rng.manual_seed(11)
+    torch.randperm(10, generator=s.rng)
+    s.history = [{"round": 3, "dropped": {"9": "no reply"}}]
+    return s
+
+
+def test_state_roundtrip(tmp_path):
+    s = _state()
+    s.save(str(tmp_path))
+    t = ServerState.load(str(tmp_path))
+    assert (t.round, t.budgets, t.last_sync, t.history, t.config) == (3, s.budgets, s.last_sync, s.history, s.config)
+    assert t.updated_round == s.updated_round
+    for key, ts in s.global_tensors.items():
+        for n in SHAPES:
+            assert torch.equal(t.global_tensors[key][n], ts[n])
+    assert torch.equal(t.utilities.tables["5"], s.utilities.tables["5"])
+    # The RNG continues where it stopped.
+    assert torch.equal(torch.randperm(10, generator=t.rng), torch.randperm(10, generator=s.rng))
+
+
+def test_state_save_is_atomic_and_keeps_only_the_latest(tmp_path, monkeypatch):
+    s = _state()
+    s.save(str(tmp_path))
+    s.round = 4
+    s.save(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["latest.json", "state-r00004.safetensors"]
+    # A crash while writing round 5's manifest leaves round 4 loadable and no temp files behind.
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if dst.endswith("latest.json"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    s.round = 5
+    with pytest.raises(OSError, match="disk full"):
+        s.save(str(tmp_path))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert ServerState.load(str(tmp_path)).round == 4
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_truncated_state_is_one_clear_error(tmp_path):
+    path = _state().save(str(tmp_path))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(StateError, match=r"state-r00003.safetensors is damaged: .* \(truncated copy\?\)"):
+        ServerState.load(str(tmp_path))
+
+
+def test_missing_or_broken_manifest(tmp_path):
+    with pytest.raises(StateError, match="nothing to resume"):
+        ServerState.load(str(tmp_path))
+    (tmp_path / "latest.json").write_text("{not json")
+    with pytest.raises(StateError, match="not a valid manifest"):
+        ServerState.load(str(tmp_path))
+    (tmp_path / "latest.json").write_text(
+        json.dumps({"round": 2, "file": "state-r00002.safetensors", "bytes": 1, "sha256": "0"})
+    )
+    with pytest.raises(StateError, match="round 2.* is missing"):
+        ServerState.load(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_config_rejects_typos_and_lists_valid_keys():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'num-round'; valid keys: preset, checkpoint, .*num-rounds"
+    ):
+        RunConfig.from_mapping({"num-round": 3})
+    with pytest.raises(ConfigError, match="'lora-rank': expected int"):
+        RunConfig.from_mapping({"lora_rank": "eight"})
+    with pytest.raises(ConfigError, match="memory-budget: cannot read"):
+        RunConfig.from_mapping({"memory-budget": "lots"})
+    cfg = RunConfig.from_mapping({"num_rounds": "4", "stale-profile": "false", "budgets": "1GiB,2GiB"})
+    assert (cfg.num_rounds, cfg.stale_profile) == (4, False)
+    assert cfg.budget_for(1, {}) == 2 << 30
+    assert cfg.budget_for(1, {"memory-budget": "3GiB"}) == 3 << 30
+    assert RunConfig.from_mapping(cfg.to_flower()) == cfg
+
+
+# ---------------------------------------------------------------------------------------- strategy, fake clients
+
+
+def _fake_client(behaviour):
+    """A ClientApp answering like the real one; ``behaviour[partition]`` picks how its updates go wrong."""
+    app = ClientApp()
+    seen = {}
+
+    @app.query("profile")
+    def query(msg, ctx):
+        pid = int(ctx.node_config["partition-id"])
+        u = torch.arange(L * E, dtype=torch.float64).view(L, E) * (pid + 1)
+        return Message(
+            RecordDict({"plan": ConfigRecord({"B_tune": pid + 2}), "utilities": ArrayRecord({"utilities": u})}),
+            reply_to=msg,
+        )
+
+    @app.train()
+    def train(msg, ctx):
+        pid = int(ctx.node_config["partition-id"])
+        kind = behaviour.get(pid, "good")
+        keys = [tuple(k) for k in torch.nonzero(wire.ids_to_mask(msg.content["config"]["tuning"], L, E)).tolist()]
+        seen.setdefault(pid, []).append((keys, sorted(wire.unpack_tensors(msg.content["global"]))))
+        if kind == "raise":
+            raise RuntimeError("out of memory")
+        tensors = {k: {n: torch.full(sh, float(pid + 1)) for n, sh in SHAPES.items()} for k in keys}
+        if kind == "wrong-shape":
+            tensors[keys[0]]["down_A"] = torch.zeros(RANK + 1, TINY.moe_intermediate_size)
+        elif kind == "missing":
+            del tensors[keys[0]]["gate_up_B"]
+        elif kind == "unassigned":
+            free = next((l, e) for l in range(L) for e in range(E) if (l, e) not in keys)
+            tensors[free] = {n: torch.zeros(sh) for n, sh in SHAPES.items()}
+        counts = {k: 10 * (pid + 1) for k in tensors}
+        u = torch.full((L, E), float("nan"), dtype=torch.float64)
+        content = RecordDict(
+            {
+                "update": wire.pack_tensors(tensors),
+                "token_counts": wire.pack_counts(counts),
+                "utilities": ArrayRecord({"utilities": u}),
+                "metrics": MetricRecord({"train-loss": 1.0 + pid}),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, ctx):
+        return Message(RecordDict({"metrics": MetricRecord({"eval-loss": 2.0, "num-tokens": 10})}), reply_to=msg)
+
+    return app, seen
+
+
+def _run_cfg(tmp_path, **kw):
+    base = {
+        "preset": "tiny",
+        "num-rounds": 2,
+        "num-clients": 4,
+        "min-clients": 2,
+        "lora-rank": RANK,
+        "state-dir": str(tmp_path / "state"),
+    }
+    return RunConfig.from_mapping({**base, **kw})
+
+
+def test_strategy_assigns_budgets_and_syncs_only_changes(tmp_path):
+    app, seen = _fake_client({})
+    # No evaluation: it would sync the clients between the rounds.
+    state = run_local(_run_cfg(tmp_path, **{"eps-fixed": 1.0, "evaluate-every": 0}), client_app=app)
+    for pid, rounds in seen.items():
+        assert all(len(keys) == pid + 2 for keys, _ in rounds)  # B_tune = pid + 2 from the profile query
+    # eps = 1: pure exploitation of the per-client utilities (largest last: layer 1, experts 7, 6, ...).
+    assert seen[0][0][0] == [(1, 6), (1, 7)]
+    assert seen[3][0][0] == [(1, 3), (1, 4), (1, 5), (1, 6), (1, 7)]
+    # Round 1: nothing trained yet, nothing sent. Round 2: only what round 1 changed, and no more.
+    assert all(rounds[0][1] == [] for rounds in seen.values())
+    assert seen[0][1][1] == [(1, k) for k in range(3, 8)]
+    # (1, 7): trained by all four clients, weights 10, 20, 30, 40 -> (1*10 + 2*20 + 3*30 + 4*40) / 100 = 3.
+    assert torch.allclose(state.global_tensors[(1, 7)]["down_B"], torch.tensor(3.0))
+    assert state.round == 2 and all(h["applied"] and not h["dropped"] for h in state.history)
+
+
+def test_strategy_rejects_bad_updates_and_drops_failed_clients(tmp_path):
+    app, _ = _fake_client({0: "good", 1: "wrong-shape", 2: "unassigned", 3: "raise"})
+    state = run_local(_run_cfg(tmp_path, **{"num-rounds": 1, "min-clients": 1, "evaluate-every": 0}), client_app=app)
+    report = state.history[0]
+    assert report["accepted"] == ["1"] and report["applied"]
+    dropped = report["dropped"]
+    assert (
+        dropped["2"].startswith("rejected, not averaged: client 2, expert")
+        and "down_A has shape (3, 48)" in dropped["2"]
+    )
+    assert "trained experts it was not assigned" in dropped["3"]
+    assert dropped["4"] == "failed: RuntimeError: out of memory"
+    # Only client 1's experts moved, to its values.
+    assert all(torch.all(ts["down_B"] == 1.0) for ts in state.global_tensors.values())
+    # Dropped clients get the full state again next time.
+    assert set(state.last_sync) == {"1"}
+
+
+def test_strategy_min_clients_guard(tmp_path):
+    app, _ = _fake_client({1: "missing", 2: "raise", 3: "raise"})
+    state = run_local(_run_cfg(tmp_path, **{"num-rounds": 1, "min-clients": 2}), client_app=app)
+    report = state.history[0]
+    assert report["accepted"] == ["1"] and not report["applied"]
+    assert "missing tensors ['gate_up_B']" in report["dropped"]["2"]
+    assert state.global_tensors == {}
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+# Budgets for the tiny model giving B_tune 2 / 4 / 5 (with 6 / 8 / 10 and 11 / 12 / 11 merged experts; see
+# budget.plan_budget): full tuning costs more per expert.
+BUDGETS = {"lora": "2368KiB,2560KiB,2688KiB", "full": "2748KiB,3132KiB,3196KiB"}
+
+
+def _tiny_run(tmp_path, mode, **kw):
+    cfg = {
+        "preset": "tiny", "mode": mode, "num-clients": 3, "min-clients": 2, "budgets": BUDGETS[mode], "workspace": "0",
+        "lora-rank": 4, "batch-size": 4, "seq-len": 32, "samples-per-client": 12, "local-steps": 2,
+        "lr": 1e-2, "state-dir": str(tmp_path / "state"),
+    }  # fmt: skip
+    return RunConfig.from_mapping({**cfg, **kw})
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_three_clients_two_rounds_and_resume(tmp_path, mode):
+    pytest.importorskip("flux_engine.training")
+    state = run_local(_tiny_run(tmp_path, mode, **{"num-rounds": 2}))
+    assert state.round == 2
+    assert [h["accepted"] for h in state.history] == [["1", "2", "3"]] * 2
+    assert all(h["applied"] and h["experts_changed"] > 0 and "eval_loss" in h for h in state.history)
+    names = set(expert_shapes(TINY.hidden_size, TINY.moe_intermediate_size, 4 if mode == "lora" else None))
+    assert state.global_tensors and all(set(ts) == names for ts in state.global_tensors.values())
+    assert state.budgets == {"1": 2, "2": 4, "3": 5}
+    # Utilities measured in training replaced the round-1 frequencies for trained experts.
+    assert len(state.utilities.tables) == 3
+    # A restarted server continues after round 2; restarted clients get the full state.
+    resumed = run_local(_tiny_run(tmp_path, mode, resume=True, **{"num-rounds": 3}))
+    assert resumed.round == 3 and len(resumed.history) == 3
+    assert resumed.history[-1]["accepted"] == ["1", "2", "3"]
+
+
+# ------------------------------------------------------------------------------------------------ app config and CLI
+
+
+def test_pyproject_flower_config_matches_run_config():
+    import tomllib
+
+    from flwr.common.config import validate_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    ok, errors, _ = validate_config(project, check_module=True, project_dir=root)
+    assert ok, errors
+    assert RunConfig.from_mapping(project["tool"]["flwr"]["app"]["config"]) == RunConfig()
+    assert project["project"]["scripts"]["flux-engine"] == "flux_engine.cli:main"
+
+
+def _cli(tmp_path, capsys, text, *extra):
+    from flux_engine.cli import main
+
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    code = main(["run", "--config", str(path), *extra])
+    return code, capsys.readouterr()
+
+
+GOOD = (
+    'budgets = "2368KiB,2560KiB,2688KiB"\nworkspace = "0"\nseq-len = 32\nlora-rank = 4\nlocal-steps = 1\n'
+    "samples-per-client = 8\n"
+)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('preset = "nope"\n', "unknown preset 'nope'; known presets: "),
+        ("num-round = 3\n", "unknown config key 'num-round'; valid keys: "),
+        ('memory-budget = "1MiB"\n', "client 0: memory budget 1.00 MiB is "),
+        ('data = "jsonl:{bad}"\n' + GOOD, "line 1: field 'domain' is missing or not a string"),
+        ("x = [", "not valid TOML"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, capsys, text, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "task": "t"}\n')
+    code, out = _cli(tmp_path, capsys, text.replace("{bad}", str(bad)))
+    assert code == 2
+    assert out.err.count("\n") == 1 and out.err.startswith("flux-engine run: error: ") and message in out.err
+
+
+def test_cli_run_resume_and_truncated_checkpoint(tmp_path, capsys):
+    pytest.importorskip("flux_engine.training")
+    text = GOOD + f'num-rounds = 1\nstate-dir = "{tmp_path / "st"}"\n'
+    code, out = _cli(tmp_path, capsys, text)
+    assert code == 0 and "round" in out.out and "server state:" in out.out
+    code, out = _cli(tmp_path, capsys, text)
+    assert code == 2 and "already holds a server checkpoint: pass --resume" in out.err
+    code, out = _cli(tmp_path, capsys, text.replace("num-rounds = 1", "num-rounds = 2"), "--resume")
+    assert code == 0 and "(round 2)" in out.out
+    state = tmp_path / "st" / "state-r00002.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    code, out = _cli(tmp_path, capsys, text, "--resume")
+    assert code == 2 and "state-r00002.safetensors is damaged" in out.err
+
+
+def test_clients_restarted_every_message_keep_their_global_copy(tmp_path):
+    """Under flower-supernode each message runs in a fresh ClientApp process: only the Flower context survives."""
+    pytest.importorskip("flux_engine.training")
+    from flux_engine.federated import client
+
+    real = client.make_client_app()
+
+    def fresh_process(msg, ctx):
+        client._RUNTIMES.clear()
+        return real(msg, ctx)
+
+    state = run_local(_tiny_run(tmp_path, "lora", **{"num-rounds": 3, "evaluate-every": 2}), client_app=fresh_process)
+    assert [h["accepted"] for h in state.history] == [["1", "2", "3"]] * 3
+
+
+@pytest.mark.slow
+def test_flower_ray_simulation_runtime(tmp_path):
+    """The same apps under Flower's Simulation Runtime (Ray backend, ``flwr[simulation]``; ~20 s on 2 cores)."""
+    pytest.importorskip("ray")
+    pytest.importorskip("flux_engine.training")
+    from flux_engine.federated.simulation import run_ray
+
+    cfg = _tiny_run(tmp_path, "lora", **{"num-rounds": 2, "round-timeout": 300})
+    run_ray(
+        cfg,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
+    state = ServerState.load(cfg.state_dir)
+    # Flower's simulation gives nodes random ids: three distinct clients, all accepted in both rounds.
+    assert [len(h["accepted"]) for h in state.history] == [3, 3] and len(state.budgets) == 3
+    assert all(h["applied"] and not h["dropped"] and "eval_loss" in h for h in state.history)
