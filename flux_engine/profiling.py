@@ -1,8 +1,8 @@
 """Expert profiling on a low-bit copy of the global model (Flux section 5, "Profiling").
 
-``profile(model_or_checkpoint, batches, bits=4)`` runs the model forward over a client's batches with its routed
-experts quantized (int4 group-wise by default, int8 per-channel, or ``bits=None`` for full precision) and records
-per MoE layer and ORIGINAL expert e:
+``profile(model_or_checkpoint, batches, bits=4)`` runs the model forward over a client's batches on a low-bit copy
+(int4 group-wise by default, int8 per-channel, or ``bits=None`` for full precision) and records per MoE layer and
+ORIGINAL expert e:
 
 - ``counts[l, e]``: routed (token, slot) pairs that chose e (padding excluded); ``frequency = counts / sum``;
 - ``attn_sums[l, e]``: the sum over those pairs of the token's received attention (``ops.received_attention`` of
@@ -10,17 +10,30 @@ per MoE layer and ORIGINAL expert e:
   each sequence's scores sum to 1); ``importance = attn_sums / counts`` is the paper's ``a_e``;
 - ``samples[l][e]``: ids of the samples (sequences) with at least one token routed to e (``D_e``).
 
+What is low-bit. The routed expert stacks are stored at ``bits`` (group size / symmetry as given); every other
+large weight at ``dense_bits`` (default 8, per-channel): attention q/k/v/o, dense MLPs (e.g. DeepSeek's first
+layers) and shared experts, the embedding (quantized along H, so a lookup dequantizes only the gathered rows) and
+the LM head (a tied LM head shares the embedding's quantized table). Kept in full precision: norms, biases and the
+routers (small, and they make the very decisions profiling counts; see ``_dense_weights``). ``dense_bits=None``
+quantizes the routed experts only (the behaviour before issue #5). Why int8 for the dense weights by default:
+measured on the SmolLM2 -mini presets (bench/results/profiling.md), int4 attention v/o and dense MLPs move the
+routing itself (frequency error 15-17%, top-k Jaccard 0.6-0.7 against full precision), int8 ones do not (about
+2%), while experts stay int4; the dense weights are the small part of an MoE model.
+
 Memory. A checkpoint folder is streamed (``flux_engine.checkpoint``): the model skeleton is built on the meta
-device, the non-expert tensors are materialised, and each expert stack is read into one full-precision buffer,
-quantized and freed, so peak memory is about the non-expert weights + the quantized experts + one layer's stack.
-An in-memory model is snapshotted the same way (non-expert tensors cloned, experts quantized stack by stack), so
-the caller may keep training it while ``profile_async`` runs.
+device and only the full-precision tensors (norms, routers, biases) are materialised; every other tensor is
+quantized as soon as it is complete (a whole tensor straight from the file, an expert stack stored one key per
+expert through one full-precision buffer), in row chunks so quantization temporaries stay small. Peak memory is
+about the int4 model + one tensor in full precision, never the full-precision model. An in-memory model is
+snapshotted the same way, tensor by tensor, so the caller may keep training it while ``profile_async`` runs. The
+forward dequantizes one linear's weight just before use and drops it after (``_QLinear``), so at most one layer's
+weights exist in full precision at a time.
 
 Per-layer compute: attention (capturing q/k after RoPE), received attention, the router with in-place per-expert
 accumulation (``ops.route_and_count``: one fused kernel on GPU, no host sync), the quantized grouped MLP
 (``ops.quantized_grouped_mlp``: packed weights read directly by the Triton tier). Sample sets are gathered on the
-device per batch and read back once at the end. Attention-only linears, embeddings and norms stay in the
-checkpoint dtype; only routed experts are quantized (they are >90% of an MoE model's weights).
+device per batch and read back once at the end. Layers after the last MoE layer, the final norm and the LM head
+cannot change a profile and are not run.
 
 Padding (``attention_mask`` 0) is neither counted nor part of received attention (padded queries are dropped
 and the mean over queries divides by the row's real tokens). Limitation: received attention assumes plain causal
@@ -35,20 +48,21 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
 
 from flux_engine import ops
 from flux_engine.models import MoEForCausalLM
-from flux_engine.models.moe import Experts, MoEMLP, attention_mask_4d, rope_cos_sin
+from flux_engine.models.moe import Attention, DenseMLP, Experts, MoEMLP, attention_mask_4d, rope_cos_sin
 from flux_engine.ops.quantize import QuantizedTensor
 from flux_engine.ops.quantized_grouped_mlp import quantized_grouped_mlp
 from flux_engine.ops.received_attention import received_attention
 from flux_engine.ops.route_and_count import route_and_count
 
 _STACKS = ("gate_up_proj", "down_proj")
+DEFAULT_DENSE_BITS = 8
 FORMAT_VERSION = 1
 
 
@@ -168,30 +182,116 @@ def group_for(K: int, bits: int, group_size: Optional[int]) -> int:
     raise ValueError(f"no int{bits} group size divides K={K}")
 
 
+# Rows quantized per call: bounds quantize's float32 temporaries (a few copies of the chunk) to ~16 MiB each
+# whatever the tensor's size (an embedding [V, H] is often the model's largest tensor).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _quantize(w: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool) -> QuantizedTensor:
+    """``ops.quantize(w, bits, group_for(K, ...))``, computed in row chunks into preallocated storage (groups
+    run along the last dimension, so rows are independent and the result is identical)."""
+    K = w.shape[-1]
+    g = group_for(K, bits, group_size)
+    rows = w.reshape(-1, K)
+    step = max(1, _CHUNK_ELEMENTS // K)
+    if rows.shape[0] <= step:
+        return ops.quantize(w, bits, g, symmetric=symmetric)
+    data = scales = zeros = None
+    for i in range(0, rows.shape[0], step):
+        part = ops.quantize(rows[i : i + step], bits, g, symmetric=symmetric)
+        if data is None:
+            R = rows.shape[0]
+            data = torch.empty((R, part.data.shape[-1]), dtype=part.data.dtype, device=w.device)
+            scales = torch.empty((R, part.scales.shape[-1]), dtype=part.scales.dtype, device=w.device)
+            if part.zeros is not None:
+                zeros = torch.empty((R, part.zeros.shape[-1]), dtype=part.zeros.dtype, device=w.device)
+        n = part.data.shape[0]
+        data[i : i + n].copy_(part.data)
+        scales[i : i + n].copy_(part.scales)
+        if zeros is not None:
+            zeros[i : i + n].copy_(part.zeros)
+        del part
+    lead = tuple(w.shape[:-1])
+    return QuantizedTensor(
+        data.view(*lead, -1), scales.view(*lead, -1), None if zeros is None else zeros.view(*lead, -1),
+        bits, g, w.shape, w.dtype,
+    )  # fmt: skip
+
+
 def _compress(w: torch.Tensor, bits: Optional[int], group_size: Optional[int], symmetric: bool):
     if bits is None:
         return w
-    return ops.quantize(w, bits, group_for(w.shape[-1], bits, group_size), symmetric=symmetric)
+    return _quantize(w, bits, group_size, symmetric)
+
+
+class _QLinear(nn.Module):
+    """A linear layer with a quantized weight ``[N, K]`` (groups along K): each call dequantizes the weight just
+    before use and drops it after (one linear in full precision at a time); the bias stays full precision."""
+
+    def __init__(self, weight: QuantizedTensor, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.qweight = weight
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, ops.dequantize(self.qweight, x.dtype), self.bias)
+
+
+class _QEmbedding(nn.Module):
+    """An embedding table ``[V, H]`` quantized along H (row-wise groups): a lookup gathers the packed rows of the
+    requested ids and dequantizes only those."""
+
+    def __init__(self, weight: QuantizedTensor):
+        super().__init__()
+        self.qweight = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q, flat = self.qweight, ids.reshape(-1)
+        rows = QuantizedTensor(
+            q.data[flat], q.scales[flat], None if q.zeros is None else q.zeros[flat], q.bits, q.group_size,
+            torch.Size((flat.numel(), q.shape[-1])), q.dtype,
+        )  # fmt: skip
+        return ops.dequantize(rows).view(*ids.shape, q.shape[-1])
 
 
 class _LowBitModel:
-    """A profiling copy of the model: the skeleton's non-expert modules (real tensors) + per-layer experts."""
+    """A profiling copy of the model: the skeleton (norms, routers, biases and, with ``dense_bits=None``, the
+    dense weights as real tensors; quantized linears / embedding as ``_QLinear`` / ``_QEmbedding``) + per-layer
+    routed experts."""
 
-    def __init__(self, skeleton: MoEForCausalLM, experts: Dict[int, _LayerExperts], expert_maps: Dict[int, torch.Tensor]):
-        self.skeleton, self.experts, self.expert_maps = skeleton, experts, expert_maps
+    def __init__(
+        self, skeleton: MoEForCausalLM, experts: Dict[int, _LayerExperts], expert_maps: Dict[int, torch.Tensor],
+        device: torch.device,
+    ):  # fmt: skip
+        self.skeleton, self.experts, self.expert_maps, self.device = skeleton, experts, expert_maps, device
 
     @property
     def config(self):
         return self.skeleton.config
 
     def nbytes(self) -> int:
-        total = 0
-        for name, t in self.skeleton.state_dict(keep_vars=True).items():
-            if not t.is_meta:
+        """Bytes held by the copy: real skeleton tensors, quantized weights (a tied embedding / LM head once)
+        and the expert stacks."""
+        seen, total = set(), 0
+
+        def add(t) -> None:
+            nonlocal total
+            if t is None or id(t) in seen:
+                return
+            seen.add(id(t))
+            if isinstance(t, QuantizedTensor):
+                total += t.nbytes()
+            elif not t.is_meta:
                 total += t.numel() * t.element_size()
+
+        for t in self.skeleton.state_dict(keep_vars=True).values():
+            add(t)
+        for module in self.skeleton.modules():
+            if isinstance(module, (_QLinear, _QEmbedding)):
+                add(module.qweight)
         for le in self.experts.values():
-            for w in (le.gate_up, le.down):
-                total += w.nbytes() if isinstance(w, QuantizedTensor) else w.numel() * w.element_size()
+            add(le.gate_up)
+            add(le.down)
         return total
 
 
@@ -203,71 +303,134 @@ def _layer_of(name: str) -> int:
     return int(name.split(".")[2])
 
 
-def _skeleton(config, dtype: torch.dtype, device: torch.device) -> MoEForCausalLM:
-    """The model on the meta device with every tensor but the expert stacks materialised (uninitialised)."""
+def _dense_weights(model: MoEForCausalLM) -> Set[str]:
+    """Names of the weights ``dense_bits`` stores low-bit: attention q/k/v/o, dense MLPs and shared experts
+    (``DenseMLP``), the embedding and the LM head (listed once, as the embedding, when tied).
+
+    Kept in full precision: norms, biases, and the routers (``mlp.gate``, ``shared_expert_gate``): they are tiny
+    ([E, H]) and decide which experts are counted, the very thing profiling measures; quantization noise there
+    flips near-tied top-k choices directly, while noise elsewhere only perturbs the hidden states."""
+    out = {"model.embed_tokens.weight"}
+    if not model.config.tie_word_embeddings:
+        out.add("lm_head.weight")
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            out.update(f"{name}.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        elif isinstance(module, DenseMLP):
+            out.update(f"{name}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+    return out
+
+
+def _skeleton(config, dtype: torch.dtype, device: torch.device, quantize_dense: bool):
+    """The model on the meta device with every tensor materialised (uninitialised) but the expert stacks and,
+    with ``quantize_dense``, the dense weights that will be stored quantized; returns it and those names."""
     with torch.device("meta"):
         model = MoEForCausalLM(config)
     model.to(dtype=dtype)
-    for module in model.modules():
-        if not isinstance(module, Experts):
-            module.to_empty(device=device, recurse=False)
+    dense = _dense_weights(model) if quantize_dense else set()
+    new: Dict[int, nn.Parameter] = {}  # a tied tensor is materialised once
+    for mname, module in model.named_modules():
+        if isinstance(module, Experts):
+            continue
+        for pname, p in list(module._parameters.items()):
+            if p is None or f"{mname}.{pname}".lstrip(".") in dense:
+                continue
+            if id(p) not in new:
+                new[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            module._parameters[pname] = new[id(p)]
+        for bname, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[bname] = torch.empty_like(b, device=device)
     for mlp in model.moe_layers():
         n = mlp.experts.expert_map.numel()
         mlp.experts._buffers["expert_map"] = torch.empty(n, dtype=torch.int32, device=device)
         mlp.experts.reset_expert_map()
     model.tie_weights()
-    return model.eval()
+    return model.eval(), dense
 
 
-def _build(tensors: Iterable, plan: Dict[str, Any], skeleton: MoEForCausalLM, bits, group_size, symmetric, device):
-    """Fill ``skeleton`` from ``(key, tensor)`` pairs (``plan[key]``: ``Entry`` with param and index); expert
-    stacks go through one full-precision buffer per stack, quantized as soon as complete."""
+def _install(skeleton: MoEForCausalLM, name: str, q: QuantizedTensor) -> None:
+    """Replace the module owning weight ``name`` by its quantized counterpart (bias kept as it is)."""
+    path = name[: -len(".weight")]
+    parent_path, _, attr = path.rpartition(".")
+    parent = skeleton.get_submodule(parent_path) if parent_path else skeleton
+    module = getattr(parent, attr)
+    if isinstance(module, nn.Embedding):
+        setattr(parent, attr, _QEmbedding(q))
+    else:
+        setattr(parent, attr, _QLinear(q, module.bias))
+
+
+def _build(
+    tensors: Iterable, plan: Dict[str, Any], skeleton: MoEForCausalLM, dense: Set[str], bits, group_size,
+    symmetric, device, dense_bits,
+) -> _LowBitModel:  # fmt: skip
+    """Fill ``skeleton`` from ``(key, tensor)`` pairs (``plan[key]``: ``Entry`` with param and index). Expert
+    stacks (at ``bits``) and the ``dense`` weights (at ``dense_bits``) are stored as soon as complete: a whole tensor is
+    quantized straight from its source, a split one (per-expert keys) goes through one full-precision buffer."""
     from flux_engine.checkpoint.keymap import model_tensors
 
     targets = model_tensors(skeleton)
+    dense = dense if bits is not None else set()
     remaining: Dict[str, int] = {}
     for entry in plan.values():
-        if _is_stack(entry.param):
+        if _is_stack(entry.param) or entry.param in dense:
             remaining[entry.param] = remaining.get(entry.param, 0) + 1
     pending: Dict[str, torch.Tensor] = {}
-    done: Dict[int, Dict[str, Any]] = {}
+    stored: Dict[str, Any] = {}
     with torch.no_grad():
         for key, source in tensors:
             entry = plan[key]
-            if not _is_stack(entry.param):
-                targets[entry.param][entry.index].copy_(source)
+            name = entry.param
+            if name not in remaining:
+                targets[name][entry.index].copy_(source)
                 continue
-            target = targets[entry.param]
-            buf = pending.get(entry.param)
-            if buf is None:
-                buf = pending[entry.param] = torch.empty(target.shape, dtype=target.dtype, device=device)
-            buf[entry.index].copy_(source)
+            target = targets[name]
+            if bits is not None and entry.index == () and remaining[name] == 1:
+                w = source.to(device=device, dtype=target.dtype)  # no copy when it already matches
+            else:
+                buf = pending.get(name)
+                if buf is None:
+                    buf = pending[name] = torch.empty(target.shape, dtype=target.dtype, device=device)
+                buf[entry.index].copy_(source)
+                w = None
             del source
-            remaining[entry.param] -= 1
-            if remaining[entry.param] == 0:
-                w = pending.pop(entry.param)
-                stored = _compress(w, bits, group_size, symmetric)
+            remaining[name] -= 1
+            if remaining[name] == 0:
+                if w is None:
+                    w = pending.pop(name)
+                if _is_stack(name):
+                    stored[name] = _compress(w, bits, group_size, symmetric)
+                else:  # the expert group size only where the dense weights share the experts' format
+                    stored[name] = _compress(w, dense_bits, group_size if dense_bits == bits else None, symmetric)
                 del w
-                done.setdefault(_layer_of(entry.param), {})[entry.param.rsplit(".", 1)[-1]] = stored
     if pending:
-        raise ValueError(f"incomplete expert stacks: {sorted(pending)}")
+        raise ValueError(f"incomplete tensors: {sorted(pending)}")
+    done: Dict[int, Dict[str, Any]] = {}
+    for name, t in stored.items():
+        if _is_stack(name):
+            done.setdefault(_layer_of(name), {})[name.rsplit(".", 1)[-1]] = t
+        else:
+            _install(skeleton, name, t)
+    if "model.embed_tokens.weight" in stored and skeleton.config.tie_word_embeddings:
+        skeleton.lm_head = _QLinear(stored["model.embed_tokens.weight"], None)  # tied: quantized once, shared
     experts = {layer: _LayerExperts(d["gate_up_proj"], d["down_proj"]) for layer, d in done.items()}
     maps = {mlp.layer: mlp.experts.expert_map for mlp in skeleton.moe_layers()}
-    return _LowBitModel(skeleton, experts, maps)
+    return _LowBitModel(skeleton, experts, maps, device)
 
 
-def _from_model(model: MoEForCausalLM, bits, group_size, symmetric, device) -> _LowBitModel:
+def _from_model(model: MoEForCausalLM, bits, group_size, symmetric, device, dense_bits) -> _LowBitModel:
     from flux_engine.checkpoint.keymap import Entry, model_tensors
 
     param = next(model.parameters())
-    skeleton = _skeleton(model.config, param.dtype, device)
+    skeleton, dense = _skeleton(model.config, param.dtype, device, dense_bits is not None and bits is not None)
     sources = model_tensors(model)
     plan = {name: Entry(name, name) for name in model_tensors(skeleton)}
     pairs = ((name, sources[name].detach()) for name in plan)
-    return _build(pairs, plan, skeleton, bits, group_size, symmetric, device)
+    return _build(pairs, plan, skeleton, dense, bits, group_size, symmetric, device, dense_bits)
 
 
-def _from_checkpoint(path, dtype, bits, group_size, symmetric, device) -> _LowBitModel:
+def _from_checkpoint(path, dtype, bits, group_size, symmetric, device, dense_bits) -> _LowBitModel:
     from flux_engine import checkpoint as ck
     from flux_engine.checkpoint.safetensors_io import CONFIG_FILE, read_json, scan, stream
 
@@ -278,24 +441,30 @@ def _from_checkpoint(path, dtype, bits, group_size, symmetric, device) -> _LowBi
     config = ck._read_config(layout, raw, config_path)
     found = scan(folder)
     keys = layout.keys_for(found)
-    skeleton = _skeleton(config, dtype or ck._config_dtype(raw, config_path), device)
+    skeleton, dense = _skeleton(
+        config, dtype or ck._config_dtype(raw, config_path), device, dense_bits is not None and bits is not None
+    )
     with torch.device("meta"):
         meta_model = MoEForCausalLM(config)
     plan = ck._plan(meta_model, layout, keys, found, folder)
-    return _build(stream(found, list(plan)), plan, skeleton, bits, group_size, symmetric, device)
+    return _build(stream(found, list(plan)), plan, skeleton, dense, bits, group_size, symmetric, device, dense_bits)
 
 
 def prepare(
     model_or_checkpoint, bits: Optional[int] = 4, group_size: Optional[int] = None, *, symmetric: bool = True,
-    dtype: Optional[torch.dtype] = None, device=None,
+    dtype: Optional[torch.dtype] = None, device=None, dense_bits: Optional[int] = DEFAULT_DENSE_BITS,
 ) -> _LowBitModel:  # fmt: skip
     """The profiling copy (see the module docstring); ``profile`` calls this, ``profile_async`` before its thread."""
     if bits not in (None, 4, 8):
         raise ValueError(f"bits must be 4, 8 or None (full precision), got {bits!r}")
+    if dense_bits not in (None, 4, 8):
+        raise ValueError(f"dense_bits must be 4, 8 or None (dense weights in full precision), got {dense_bits!r}")
     if isinstance(model_or_checkpoint, MoEForCausalLM):
         dev = torch.device(device) if device is not None else next(model_or_checkpoint.parameters()).device
-        return _from_model(model_or_checkpoint, bits, group_size, symmetric, dev)
-    return _from_checkpoint(model_or_checkpoint, dtype, bits, group_size, symmetric, torch.device(device or "cpu"))
+        return _from_model(model_or_checkpoint, bits, group_size, symmetric, dev, dense_bits)
+    return _from_checkpoint(
+        model_or_checkpoint, dtype, bits, group_size, symmetric, torch.device(device or "cpu"), dense_bits
+    )
 
 
 # ------------------------------------------------------------------------------------------------- profiling
@@ -369,7 +538,9 @@ def _run(low: _LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, A
     model = low.skeleton
     config = model.config
     layers = [mlp.layer for mlp in model.moe_layers()]
-    device = model.model.embed_tokens.weight.device
+    device = low.device
+    # Layers after the last MoE layer cannot change the profile (nor can the final norm / LM head): skipped.
+    last = max((i for i, layer in enumerate(model.model.layers) if layer.is_moe), default=-1)
     acc = _Accumulator(layers, config.num_experts, device)
     seen = 0
     for batch in batches:
@@ -385,7 +556,7 @@ def _run(low: _LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, A
         positions = torch.arange(T, device=device).expand(B, T)
         cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
         attn_mask = attention_mask_4d(am, T, config.sliding_window, device)
-        for layer in model.model.layers:
+        for layer in model.model.layers[: last + 1]:
             attn = layer.self_attn
             attn.capture_qk = layer.is_moe
             try:
@@ -421,6 +592,7 @@ def profile(
     symmetric: bool = True,
     dtype: Optional[torch.dtype] = None,
     device=None,
+    dense_bits: Optional[int] = DEFAULT_DENSE_BITS,
 ) -> ExpertProfile:
     """Profile routed experts on a low-bit copy of a model (see the module docstring).
 
@@ -433,13 +605,21 @@ def profile(
             stack's reduction width where needed (``group_for``).
         symmetric: symmetric quantization (else per-group zero points).
         dtype: checkpoint loading dtype (default: the config's); device: where to run (default: the model's, or CPU).
+        dense_bits: format of attention, dense / shared-expert MLPs, the embedding and the LM head: 8
+            (per-channel, default), 4 (group-wise) or None (kept in full precision). Ignored when ``bits`` is None.
     """
-    low = prepare(model_or_checkpoint, bits, group_size, symmetric=symmetric, dtype=dtype, device=device)
-    return _run(low, batches, _meta(bits, group_size, symmetric))
+    low = prepare(
+        model_or_checkpoint, bits, group_size, symmetric=symmetric, dtype=dtype, device=device,
+        dense_bits=dense_bits,
+    )  # fmt: skip
+    return _run(low, batches, _meta(bits, group_size, symmetric, dense_bits))
 
 
-def _meta(bits, group_size, symmetric) -> Dict[str, Any]:
-    return {"bits": bits, "group_size": group_size, "symmetric": bool(symmetric)}
+def _meta(bits, group_size, symmetric, dense_bits) -> Dict[str, Any]:
+    return {
+        "bits": bits, "group_size": group_size, "symmetric": bool(symmetric),
+        "dense_bits": dense_bits if bits is not None else None,
+    }  # fmt: skip
 
 
 class ProfileHandle:
@@ -472,6 +652,7 @@ class ProfileHandle:
 def profile_async(
     model_or_checkpoint, batches: Iterable[Dict[str, Any]], bits: Optional[int] = 4, group_size: Optional[int] = None,
     *, symmetric: bool = True, dtype: Optional[torch.dtype] = None, device=None,
+    dense_bits: Optional[int] = DEFAULT_DENSE_BITS,
 ) -> ProfileHandle:  # fmt: skip
     """``profile`` in a background thread (on a side CUDA stream for GPU models): stale profiling.
 
@@ -479,10 +660,13 @@ def profile_async(
     now), so the caller may go on training; the result equals ``profile`` on that snapshot. ``batches`` is
     materialised into a list first.
     """
-    low = prepare(model_or_checkpoint, bits, group_size, symmetric=symmetric, dtype=dtype, device=device)
+    low = prepare(
+        model_or_checkpoint, bits, group_size, symmetric=symmetric, dtype=dtype, device=device,
+        dense_bits=dense_bits,
+    )  # fmt: skip
     batches = list(batches)
-    meta = _meta(bits, group_size, symmetric)
-    dev = low.skeleton.model.embed_tokens.weight.device
+    meta = _meta(bits, group_size, symmetric, dense_bits)
+    dev = low.device
     if dev.type == "cuda":
         # The copy was made on the caller's stream; the side stream waits for it, then runs independently.
         stream = torch.cuda.Stream(device=dev)
