@@ -1,6 +1,6 @@
 """``flux-engine``: the command line.
 
-    flux-engine demo                       # 3 clients x 2 rounds on the tiny model, in this process
+    flux-engine demo                       # 4 clients x 3 rounds: SmolLM2-MoE on BIG-bench, accuracy curve
     flux-engine run --config run.toml      # a federation from a config file (keys: federated.config.RunConfig)
     flux-engine run --config run.toml --resume
     flux-engine profile --preset tiny      # routing frequencies / importance of one client's data
@@ -21,9 +21,12 @@ import sys
 import tempfile
 import time
 import tomllib
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from flux_engine.federated.state import ServerState
 
 EXIT_ERROR = 2
 
@@ -108,7 +111,9 @@ def preflight(run) -> List[Any]:
     return plans
 
 
-def federate(run, verbose: bool = False) -> int:
+def federate(run, verbose: bool = False) -> "ServerState":
+    """Run the federation in this process, printing the budget plans, progress and one row per round; returns the
+    final ``ServerState``."""
     from flux_engine.federated.simulation import run_local
 
     plans = preflight(run)
@@ -130,40 +135,128 @@ def federate(run, verbose: bool = False) -> int:
         state = run_local(run, on_round=on_round)
     finally:
         bar.close()
-    rows = []
-    for h in state.history:
-        losses = [v for v in h["train_loss"].values()]
-        rows.append(
-            {
-                "round": h["round"],
-                "accepted": len(h["accepted"]),
-                "dropped": len(h["dropped"]),
-                "applied": h["applied"],
-                "experts": h["experts_changed"],
-                "train_loss": sum(losses) / len(losses) if losses else float("nan"),
-                "eval_loss": h.get("eval_loss", float("nan")),
-                "seconds": h.get("seconds", float("nan")),
-            }
-        )
-    print(table(rows, ["round", "accepted", "dropped", "applied", "experts", "train_loss", "eval_loss", "seconds"]))
+    rows = round_rows(state)
+    print(table(rows, list(rows[0]) if rows else []))
     for h in state.history:
         for client, reason in sorted(h["dropped"].items()):
             print(f"round {h['round']}: client {client} dropped: {reason}")
+        for client, reason in sorted(h.get("eval_failed", {}).items()):
+            print(f"round {h['round']}: client {client} failed to evaluate: {reason}")
     print(f"server state: {run.state_dir} (round {state.round})")
-    return 0
+    return state
+
+
+def round_rows(state: "ServerState") -> List[Dict[str, Any]]:
+    """One row per round (round 0: the model before training, when evaluated): clients accepted / dropped, experts
+    changed, mean train loss, held-out loss, accuracy per domain and their mean (when evaluated), seconds."""
+    reports = ([{"round": 0, **state.baseline}] if state.baseline else []) + state.history
+    domains = sorted({d for h in reports for d in h.get("accuracy", {})})
+    nan = float("nan")
+    rows = []
+    for h in reports:
+        losses = list(h.get("train_loss", {}).values())
+        row = {
+            "round": h["round"],
+            "accepted": len(h["accepted"]) if "accepted" in h else "-",
+            "dropped": len(h["dropped"]) if "dropped" in h else "-",
+            "applied": h.get("applied", "-"),
+            "experts": h.get("experts_changed", "-"),
+            "train_loss": sum(losses) / len(losses) if losses else nan,
+            "eval_loss": h.get("eval_loss", nan),
+        }
+        row.update({d: h.get("accuracy", {}).get(d, nan) for d in domains})
+        if domains:
+            row["mean_acc"] = h.get("accuracy_mean", nan)
+        row["seconds"] = h.get("seconds", h.get("eval_seconds", nan))
+        rows.append(row)
+    return rows
+
+
+# The demo: bench/runtime.py's multiple-choice domains (one per client) on its prepared llama-moe preset.
+DEMO_PRESET = "smollm2-llama-moe-mini"
+DEMO_DOMAINS = ("vitaminc_fact_verification", "goal_step_wikihow", "social_iqa", "winowhy")
+
+
+def demo_model() -> str:
+    """The checkpoint folder of the demo's model: ``DEMO_PRESET`` after the continued pre-training (router warm-up)
+    of ``flux_engine.pretrain`` with bench/runtime.py's recipe (Drop-Upcycle at the preset's fraction, 30 steps on the
+    domain mix), prepared on first use: SmolLM2 and BIG-bench are fetched, the preset built and trained (~5 min on
+    2 cores), then cached."""
+    from flux_engine import presets
+    from flux_engine.cache import cache_root
+    from flux_engine.pretrain import Recipe, prepare
+
+    recipe = Recipe(preset=DEMO_PRESET, steps=30, drop_fraction=presets.get(DEMO_PRESET).metadata["drop_fraction"])
+    # prepare()'s cache entry; asking for the folder only spares loading the model here (the clients load it).
+    folder = cache_root() / "pretrain" / f"{recipe.preset}-{recipe.key()}"
+    if not folder.is_dir():
+        prepare(recipe)
+    return str(folder)
 
 
 def cmd_demo(args) -> int:
     from flux_engine.federated.config import RunConfig
 
+    start = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
     state_dir = args.state_dir or tempfile.mkdtemp(prefix="flux-demo-")
-    # The tiny model with budgets that give the three clients 2, 4 and 5 tuning experts (LoRA) and make them merge.
+    # Sized for < 5 min on 2 CPU cores (bench/results/demo.md): short sequences, a few LoRA steps per round, a
+    # small multiple-choice test sample per domain, int8 profiling (int4 is slower on the CPU reference path).
+    # The default budgets give the clients 2, 4, 5 and 6 tuning experts (B_tune) of 40 and merge the others into
+    # 8 to 13 (B_non), by the memory model of flux_engine.budget.
     run = RunConfig(
-        preset="tiny", num_rounds=args.rounds, num_clients=3, min_clients=2, mode="lora", lora_rank=4,
-        budgets="2368KiB,2560KiB,2688KiB", workspace="0", batch_size=4, seq_len=32, samples_per_client=16,
-        local_steps=4, lr=1e-2, state_dir=state_dir,
+        checkpoint=demo_model(), tokenizer="smollm2", data="bigbench:" + ",".join(DEMO_DOMAINS), partition="domain",
+        num_rounds=args.rounds, num_clients=len(DEMO_DOMAINS), min_clients=3, mode="lora", lora_rank=8,
+        lora_alpha=16.0, lr=args.lr, local_steps=args.local_steps, batch_size=4, seq_len=args.seq_len,
+        samples_per_client=args.samples, eval_fraction=0.25, eval_records=args.eval_records, profile_bits=8,
+        budgets=args.budgets, workspace="0", state_dir=state_dir,
     )  # fmt: skip
-    return federate(run, args.verbose)
+    state = federate(run, args.verbose)
+    rows = round_rows(state)
+    csv_path, png_path = os.path.join(args.out, "demo.csv"), os.path.join(args.out, "demo.png")
+    write_csv(csv_path, rows)
+    plot_accuracy(png_path, rows, [d for d in DEMO_DOMAINS if d in rows[0]])
+    print(f"wrote {csv_path} and {png_path}")
+    train = sum(h["train_seconds"] for h in state.history)
+    evaluate = state.baseline.get("eval_seconds", 0.0) + sum(h.get("eval_seconds", 0.0) for h in state.history)
+    print(f"demo: {len(DEMO_DOMAINS)} clients x {state.round} rounds in {time.perf_counter() - start:.1f} s "
+          f"(training rounds {train:.1f} s, evaluations {evaluate:.1f} s), torch threads {torch.get_num_threads()}")
+    return 0
+
+
+def write_csv(path: str, rows: Sequence[Dict[str, Any]]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_accuracy(path: str, rows: Sequence[Dict[str, Any]], domains: Sequence[str]) -> None:
+    """Accuracy vs round (one line per domain, the mean over domains in bold) beside the held-out loss vs round."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    rounds = [r["round"] for r in rows]
+    for d in domains:
+        acc.plot(rounds, [r[d] for r in rows], marker="o", label=d)
+    acc.plot(rounds, [r["mean_acc"] for r in rows], marker="s", color="black", linewidth=2.5, label="mean")
+    acc.set_ylabel("multiple-choice accuracy (held-out test records)")
+    acc.legend(fontsize=8)
+    loss.plot(rounds, [r["eval_loss"] for r in rows], marker="o", color="tab:red")
+    loss.set_ylabel("held-out LM loss (clients' held-out rows)")
+    for ax in (acc, loss):
+        ax.set_xlabel("round (0: before federated training)")
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Flux on {DEMO_PRESET}: {len(domains)} clients, one BIG-bench domain each")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def cmd_run(args) -> int:
@@ -172,7 +265,8 @@ def cmd_run(args) -> int:
     raw = load_config_file(args.config)
     if args.resume:
         raw = {**raw, "resume": True}
-    return federate(RunConfig.from_mapping(raw), args.verbose)
+    federate(RunConfig.from_mapping(raw), args.verbose)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ single client
@@ -283,8 +377,17 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flux-engine", description="Federated fine-tuning of MoE LLMs (Flux).")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="3 clients x N rounds on the tiny model, in this process")
-    demo.add_argument("--rounds", type=int, default=2)
+    demo = sub.add_parser(
+        "demo", help="4 clients (one BIG-bench domain each) fine-tune the SmolLM2 MoE preset; accuracy per round"
+    )
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--local-steps", type=int, default=3, help="LoRA steps per client and round")
+    demo.add_argument("--lr", type=float, default=5e-3)
+    demo.add_argument("--seq-len", type=int, default=64, help="tokens per training row")
+    demo.add_argument("--samples", type=int, default=12, help="training records per client")
+    demo.add_argument("--eval-records", type=int, default=16, help="test records per domain scored each round")
+    demo.add_argument("--budgets", default="990MiB,1030MiB,1060MiB,1090MiB", help="memory budget per client")
+    demo.add_argument("--out", default="bench/results", help="folder for demo.csv and demo.png")
     demo.add_argument("--state-dir", default=None, help="server checkpoints (default: a temp dir)")
     demo.set_defaults(func=cmd_demo)
 

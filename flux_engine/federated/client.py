@@ -11,15 +11,19 @@ Handlers:
   (normalised frequencies, ``roles.frequency_utility``).
 - ``train``: apply the received global tensors to a copy of the base (the global model) and start profiling it in
   the background (stale profiling: that profile serves the next round); merge the non-tuning experts with the
-  previous round's profile (``merging.merge``, tuning experts first); train (``training.train_round``; LoRA mode:
-  tuning experts keep their base weights and resume from their global adapters via ``init``); reply the trained
-  tensors, routed-token counts and utilities.
-- ``evaluate``: held-out loss of the global model (every expert, nothing merged).
+  previous round's profile (``merging.merge``, tuning and exploration experts kept whole); estimate the exploration
+  experts' utilities forward-only (``roles.explore_experts``, two-point SPSA; explore-mode "zo"); train the tuning
+  experts (``training.train_round``; LoRA mode: they keep their base weights and resume from their global adapters
+  via ``init``); reply the trained tensors, routed-token counts and utilities (Eq. 3 from training for tuning
+  experts, the SPSA estimate for exploration experts).
+- ``evaluate``: the global model (every expert, nothing merged) on held-out data: LM loss and, with
+  ``eval-records``, multiple-choice accuracy per domain (``flux_engine.evaluation``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,8 +33,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flux_engine import budget, merging, presets, profiling, roles
+from flux_engine import budget, evaluation, merging, presets, profiling, roles
 from flux_engine.aggregation import Update
+from flux_engine.data import Record
+from flux_engine.evaluation import sample_test_records
 from flux_engine.federated import wire
 from flux_engine.federated.config import RunConfig, parse_size_or_error
 from flux_engine.models.moe import MoEForCausalLM
@@ -62,10 +68,41 @@ def build_model(run: RunConfig) -> MoEForCausalLM:
     return MoEForCausalLM(presets.get(run.preset)).to(dtype).eval()
 
 
+@functools.lru_cache(maxsize=1)
+def _split_records(data: str, seed: int) -> Tuple[Tuple[Record, ...], Tuple[Record, ...]]:
+    """``(train, test)`` records of a ``jsonl:PATH`` / ``bigbench:TASK,...`` data spec, split within every task.
+    Cached: the clients of an in-process federation all read the same records (BIG-bench: ~1 s per load)."""
+    from flux_engine.data import load_tasks, read_jsonl, train_test_split
+
+    kind, _, arg = data.partition(":")
+    records = read_jsonl(arg) if kind == "jsonl" else load_tasks([t for t in arg.split(",") if t])
+    train, test = train_test_split(records, test_size=0.2, seed=seed)
+    return tuple(train), tuple(test)
+
+
+def _check_data(run: RunConfig) -> None:
+    if run.data != "synthetic" and not run.data.startswith(("bigbench:", "jsonl:")):
+        raise ValueError(f"data must be 'synthetic', 'jsonl:PATH' or 'bigbench:TASK,...', got {run.data!r}")
+
+
+def client_records(
+    run: RunConfig, partition_id: int, num_partitions: int
+) -> Tuple[List[Record], Dict[str, List[Record]]]:
+    """``(training records, evaluation records by domain)`` of one client: its partition of the train split (at
+    most ``samples-per-client``) and ``eval-records`` test records of each domain in that partition."""
+    from flux_engine.data import partition
+
+    train, test = _split_records(run.data, run.seed)
+    mine = partition(train, num_partitions, scheme=run.partition, alpha=run.alpha, seed=run.seed)[partition_id]
+    mine = mine[: run.samples_per_client]
+    return mine, sample_test_records(test, {r.domain for r in mine}, run.eval_records, run.seed)
+
+
 def client_batches(
     run: RunConfig, partition_id: int, num_partitions: int, vocab_size: int
 ) -> Tuple[List[dict], List[dict]]:
     """``(train, eval)`` batches of ``{"input_ids", "labels", "attention_mask"}`` ``[B, seq_len]`` for one client."""
+    _check_data(run)
     if run.data == "synthetic":
         # Non-IID tokens: each client draws from its own skewed distribution over the vocabulary (smaller alpha,
         # more skew), so clients route differently.
@@ -76,22 +113,11 @@ def client_batches(
         rows = [{"input_ids": ids[i : i + run.batch_size], "labels": ids[i : i + run.batch_size].clone(),
                  "attention_mask": torch.ones_like(ids[i : i + run.batch_size])}
                 for i in range(0, len(ids), run.batch_size)]  # fmt: skip
-    elif run.data.startswith(("bigbench:", "jsonl:")):
-        from flux_engine.data import lm_batches, partition, read_jsonl, train_test_split
-
-        kind, _, arg = run.data.partition(":")
-        if kind == "jsonl":
-            records = read_jsonl(arg)
-        else:
-            from flux_engine.data import load_tasks
-
-            records = load_tasks([t for t in arg.split(",") if t])
-        train, _ = train_test_split(records, test_size=0.2, seed=run.seed)
-        mine = partition(train, num_partitions, scheme=run.partition, alpha=run.alpha, seed=run.seed)[partition_id]
-        mine = mine[: run.samples_per_client]
-        rows = list(lm_batches(mine, tokenizer(run), run.seq_len, run.batch_size, seed=run.seed, packed=False))
     else:
-        raise ValueError(f"data must be 'synthetic', 'jsonl:PATH' or 'bigbench:TASK,...', got {run.data!r}")
+        from flux_engine.data import lm_batches
+
+        mine, _ = client_records(run, partition_id, num_partitions)
+        rows = list(lm_batches(mine, tokenizer(run), run.seq_len, run.batch_size, seed=run.seed, packed=False))
     n_eval = max(1, round(run.eval_fraction * len(rows))) if len(rows) > 1 else 0
     return rows[n_eval:], rows[:n_eval]
 
@@ -106,13 +132,19 @@ class ByteTokenizer:
 
 
 def tokenizer(run: RunConfig):
-    if run.tokenizer == "bytes":
+    return _tokenizer(run.tokenizer)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(name: str):
+    # Cached: loading SmolLM2's tokenizer takes ~1.5 s, and in-process clients share it (tokenizers are stateless).
+    if name == "bytes":
         return ByteTokenizer()
-    if run.tokenizer == "smollm2":
+    if name == "smollm2":
         from flux_engine.smollm2 import load_tokenizer
 
         return load_tokenizer()
-    raise ValueError(f"tokenizer must be 'bytes' or 'smollm2', got {run.tokenizer!r}")
+    raise ValueError(f"tokenizer must be 'bytes' or 'smollm2', got {name!r}")
 
 
 def train_settings(run: RunConfig) -> budget.TrainSettings:
@@ -133,6 +165,7 @@ class ClientRuntime:
     plan: budget.BudgetPlan
     train_batches: List[dict]
     eval_batches: List[dict]
+    eval_records: Dict[str, List[Record]]
     global_tensors: Update = field(default_factory=dict)
     synced: int = 0
     profile: Any = None  # an ExpertProfile, or a ProfileHandle still computing
@@ -162,6 +195,9 @@ class ClientRuntime:
 
 
 _RUNTIMES: Dict[Tuple[int, int], ClientRuntime] = {}
+# Base models by run: the clients of one process share one (it is never modified: every round works on copies), so
+# an in-process federation of N clients holds one base model, not N.
+_BASES: Dict[int, MoEForCausalLM] = {}
 
 
 def runtime(context: Context, run: Optional[RunConfig] = None) -> ClientRuntime:
@@ -171,10 +207,15 @@ def runtime(context: Context, run: Optional[RunConfig] = None) -> ClientRuntime:
         run = run or RunConfig.from_mapping(dict(context.run_config))
         pid = int(context.node_config.get("partition-id", 0))
         num = int(context.node_config.get("num-partitions", 1))
-        base = build_model(run)
+        if context.run_id not in _BASES:
+            # Frozen once here: copies share its non-expert tensors (round_copy), and training would otherwise
+            # switch their requires_grad off in the shared base.
+            _BASES[context.run_id] = build_model(run).requires_grad_(False)
+        base = _BASES[context.run_id]
         plan = budget.plan_budget(base.config, run.budget_for(pid, context.node_config), train_settings(run))
         train, ev = client_batches(run, pid, num, base.config.vocab_size)
-        _RUNTIMES[key] = ClientRuntime(run, pid, base, plan, train, ev, num_layers=len(base.moe_layers()))
+        records = client_records(run, pid, num)[1] if run.eval_records and run.data != "synthetic" else {}
+        _RUNTIMES[key] = ClientRuntime(run, pid, base, plan, train, ev, records, num_layers=len(base.moe_layers()))
     return _RUNTIMES[key]
 
 
@@ -182,9 +223,24 @@ def release(run_id: int) -> None:
     """Free the resources this process holds for a finished run."""
     for key in [k for k in _RUNTIMES if k[0] == run_id]:
         del _RUNTIMES[key]
+    _BASES.pop(run_id, None)
 
 
 # ------------------------------------------------------------------------------------------------ model state
+
+
+def round_copy(base: MoEForCausalLM) -> MoEForCausalLM:
+    """A copy of the base model for one round's work. Only the routed experts' tensors (``mlp.experts.*``: stacks
+    and expert maps) are copied, since merging, training and folding adapters in change only those; attention,
+    embeddings, routers and dense MLPs are shared with the base, which must stay frozen. Halves the copy of a
+    SmolLM2 preset (every round copies the base up to three times)."""
+    shared = {
+        id(t): t
+        for name, t in [*base.named_parameters(), *base.named_buffers()]
+        if ".mlp.experts." not in name
+    }
+    # deepcopy takes memo entries as objects already copied: the shared tensors are reused as they are.
+    return copy.deepcopy(base, memo=shared)
 
 
 def _profile_bits(run: RunConfig) -> Optional[int]:
@@ -214,6 +270,20 @@ def train_config(run: RunConfig):
 # ------------------------------------------------------------------------------------------------ handlers
 
 
+def explore_utilities(rt: ClientRuntime, model: MoEForCausalLM, explore: torch.Tensor, round_: int) -> torch.Tensor:
+    """``[L, E]`` utilities of the exploration experts (``explore``, bool ``[L, E]``) from two-point SPSA estimates
+    on this client's first training batch (``roles.explore_experts``: two forward passes per expert, weights
+    restored), NaN elsewhere. One batch keeps exploration cheap beside training (which sees every batch)."""
+    if not bool(explore.any()):
+        return torch.full(explore.shape, float("nan"), dtype=torch.float64)
+    rows = rt.train_batches[0]
+    pairs = [tuple(k) for k in torch.nonzero(explore).tolist()]
+    # A fresh perturbation direction every round (and the same on a rerun of the round: resumable runs).
+    zo = roles.ZerothOrderConfig(seed=rt.run.seed * 1_000_003 + round_)
+    with torch.no_grad():
+        return roles.explore_experts(model, rows["input_ids"], pairs, zo, rows["labels"], rows["attention_mask"])
+
+
 def handle_profile(rt: ClientRuntime) -> RecordDict:
     p = profiling.profile(rt.base, rt.train_batches, bits=_profile_bits(rt.run))
     rt.profile = p
@@ -233,8 +303,10 @@ def handle_train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> R
     cfg = content["config"]
     L, E = rt.num_layers, rt.base.config.num_experts
     tuning = wire.ids_to_mask(cfg["tuning"], L, E)
+    # Exploration experts the server wants a forward-only utility estimate of (explore-mode "zo"; absent: none).
+    explore = wire.ids_to_mask(cfg["explore"] if "explore" in cfg else [], L, E)
     tuning_keys = {tuple(k) for k in torch.nonzero(tuning).tolist()}
-    global_model = copy.deepcopy(rt.base)
+    global_model = round_copy(rt.base)
     apply_global(global_model, rt.global_tensors, rt.run)
     profile = rt.take_profile()
     if profile is None:
@@ -249,21 +321,27 @@ def handle_train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> R
     working = global_model
     if rt.run.mode == "lora" and tuning_keys & set(rt.global_tensors):
         # Tuning experts resume from their global factors (init) on their base weights: do not fold those in.
-        working = copy.deepcopy(rt.base)
+        working = round_copy(rt.base)
         apply_global(working, rt.global_tensors, rt.run, skip=tuning_keys)
     tuning_lists = [torch.nonzero(row).flatten().tolist() for row in tuning]
+    # Exploration experts keep a physical expert of their own, like tuning experts, so that their estimate is
+    # theirs and not a merged group's.
+    unmerged = [torch.nonzero(row).flatten().tolist() for row in tuning | explore]
     model = merging.merge(
-        working, profile, tuning_lists, rt.plan.B_non, weighting=rt.run.merge_weighting, seed=rt.run.seed, inplace=True
+        working, profile, unmerged, rt.plan.B_non, weighting=rt.run.merge_weighting, seed=rt.run.seed, inplace=True
     )
+    explored = explore_utilities(rt, model, explore, int(cfg["round"]))
     init = {k: v for k, v in rt.global_tensors.items() if k in tuning_keys}
     result = train_round(model, tuning_lists, rt.train_batches, train_config(rt.run), init)
+    utilities = result.utilities
+    utilities[explore] = explored[explore]  # NaN for experts neither trained nor explored: "not measured"
     trained = result.trained
     losses = [float(x) for x in result.losses]
     return RecordDict(
         {
             "update": wire.pack_tensors(trained),
             "token_counts": wire.pack_counts({k: int(result.token_counts.get(k, 0)) for k in trained}),
-            "utilities": ArrayRecord({"utilities": result.utilities}),
+            "utilities": ArrayRecord({"utilities": utilities}),
             "metrics": MetricRecord(
                 {
                     "train-loss": sum(losses) / len(losses) if losses else float("nan"),
@@ -280,16 +358,20 @@ def handle_train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> R
 
 @torch.no_grad()
 def handle_evaluate(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
+    """The global model (every expert, nothing merged) on this client's held-out data: LM loss on its held-out
+    batches and multiple-choice accuracy on its domains' test records."""
     rt.sync(content, state)
-    model = copy.deepcopy(rt.base)
+    model = round_copy(rt.base)
     apply_global(model, rt.global_tensors, rt.run)
-    total, n = 0.0, 0
-    for b in rt.eval_batches:
-        out = model(b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"])
-        k = int((b["labels"][:, 1:] != -100).sum())
-        total += float(out.loss) * k
-        n += k
-    return RecordDict({"metrics": MetricRecord({"eval-loss": total / max(n, 1), "num-tokens": n})})
+    loss, tokens = evaluation.heldout_loss(model, rt.eval_batches)
+    accuracy = evaluation.domain_accuracy(model, tokenizer(rt.run), rt.eval_records)
+    return RecordDict(
+        {
+            "metrics": MetricRecord({"eval-loss": loss, "num-tokens": tokens}),
+            "accuracy": MetricRecord({d: acc for d, (acc, _) in accuracy.items()}),
+            "records": MetricRecord({d: n for d, (_, n) in accuracy.items()}),
+        }
+    )
 
 
 def make_client_app(run: Optional[RunConfig] = None) -> ClientApp:

@@ -30,6 +30,9 @@ class RunConfig:
     fraction_train: float = 1.0
     round_timeout: float = 3600.0
     evaluate_every: int = 1  # rounds between held-out evaluations on the clients (0: never)
+    # Multiple-choice test records per domain each client scores in evaluations (its domains' held-out test
+    # split; 0: held-out loss only). Round 0, the model before any training, is evaluated too.
+    eval_records: int = 0
     # Memory budgets: one for every client, or a comma-separated list indexed by partition id. Node config
     # ``memory-budget`` overrides both (deployment: ``flower-supernode --node-config "memory-budget='24GiB'"``).
     memory_budget: str = "24GiB"
@@ -49,6 +52,9 @@ class RunConfig:
     d_eps: float = 0.05
     eps_max: float = 0.9
     eps_fixed: float = -1.0
+    # Exploration experts: "zo" (Flux): not trained, their utility refreshed by a forward-only two-point SPSA
+    # estimate; "train": trained by backprop with the exploitation experts (the design's open "also updated" switch).
+    explore_mode: str = "zo"
     # Profiling and merging.
     profile_bits: int = 4  # 0: full precision
     stale_profile: bool = True
@@ -70,6 +76,10 @@ class RunConfig:
             raise ConfigError(f"mode must be 'lora' or 'full', got {self.mode!r}")
         if self.min_clients < 1 or self.num_rounds < 0 or not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("need min-clients >= 1, num-rounds >= 0 and 0 < fraction-train <= 1")
+        if self.explore_mode not in ("zo", "train"):
+            raise ConfigError(f"explore-mode must be 'zo' or 'train', got {self.explore_mode!r}")
+        if self.eval_records < 0:
+            raise ConfigError(f"eval-records must be >= 0, got {self.eval_records}")
         for name in ("memory_budget", "workspace"):
             parse_size_or_error(getattr(self, name), name.replace("_", "-"))
 

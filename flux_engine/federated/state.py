@@ -36,7 +36,8 @@ class ServerState:
     ``global_tensors``: current value of every expert trained so far (experts absent here are still the base
     checkpoint's, or fresh adapters); ``updated_round[key]``: the round that last changed it, so a client that synced
     at round s is sent only keys with ``updated_round > s`` (``last_sync[client] = s``). ``budgets[client]``:
-    ``B_tune`` as the client reported it. ``history``: one report per completed round.
+    ``B_tune`` as the client reported it. ``history``: one report per completed round; ``baseline``: the evaluation
+    of the model before any training (round 0), empty when there was none.
     """
 
     num_layers: int
@@ -50,6 +51,7 @@ class ServerState:
     rng: torch.Generator = field(default_factory=torch.Generator)
     config: Dict[str, Any] = field(default_factory=dict)
     history: List[Dict[str, Any]] = field(default_factory=list)
+    baseline: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.utilities is None:
@@ -77,6 +79,7 @@ class ServerState:
             "last_sync": self.last_sync,
             "config": self.config,
             "history": self.history,
+            "baseline": self.baseline,
         }
         return st_save(tensors, metadata={"flux_server_state": json.dumps(meta)})
 
@@ -98,6 +101,7 @@ class ServerState:
         state.budgets = {k: int(v) for k, v in meta["budgets"].items()}
         state.last_sync = {k: int(v) for k, v in meta["last_sync"].items()}
         state.history = meta["history"]
+        state.baseline = meta.get("baseline", {})  # absent in checkpoints written before round-0 evaluations
         return state
 
     # ------------------------------------------------------------------------------------------ disk

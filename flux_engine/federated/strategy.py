@@ -5,13 +5,17 @@ A round r (``start``):
 
 1. ``configure_train``: sample clients (seeded by the state's RNG); ask clients never seen before for their budget
    and first profile (a ``query.profile`` message: ``B_tune`` and round-1 utilities = normalised frequencies);
-   assign tuning experts per client from the utility table (stale by one round) and each client's ``B_tune``;
-   send each client its roles plus only the global tensors changed since it last synced.
+   assign tuning experts per client from the utility table (stale by one round) and each client's ``B_tune``:
+   exploitation experts it trains and exploration experts (explore-mode "zo": it reports a forward-only utility
+   estimate of them; "train": it trains them too); send each client its roles plus only the global tensors
+   changed since it last synced.
 2. ``aggregate_train``: drop clients that failed or did not reply in time, reject updates that fail validation or
    touch experts the client was not assigned, average the rest per expert; with fewer than ``min-clients``
    accepted updates the round changes nothing. Each round's report (accepted, dropped with the reason) is logged
    and kept in ``state.history``.
-3. optionally ``configure_evaluate`` / ``aggregate_evaluate``: held-out loss of the global model on clients.
+3. every ``evaluate-every`` rounds, ``configure_evaluate`` / ``aggregate_evaluate``: the global model on the
+   clients' held-out data (LM loss; with ``eval-records``, multiple-choice accuracy per domain), pooled over
+   clients (``flux_engine.evaluation``); round 0 (before any training) is evaluated too, into ``state.baseline``.
 4. the state is checkpointed; ``--resume`` continues at round r + 1.
 """
 
@@ -29,6 +33,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from flux_engine.aggregation import ClientUpdate, UpdateError, aggregate, expert_shapes, validate_update
+from flux_engine.evaluation import mean_accuracy, pool_accuracy, pool_loss
 from flux_engine.federated import wire
 from flux_engine.federated.config import RunConfig
 from flux_engine.federated.state import ServerState
@@ -63,6 +68,7 @@ class FluxStrategy(Strategy):
         self.state = state
         self._assigned: Dict[str, Set[Tuple[int, int]]] = {}  # this round's tuning experts per client
         self._dropped: Dict[str, str] = {}  # clients dropped while configuring this round
+        self.evaluation: Dict = {}  # the last evaluation's summary (aggregate_evaluate)
 
     # ------------------------------------------------------------------------------------------ Strategy API
 
@@ -97,14 +103,18 @@ class FluxStrategy(Strategy):
         )
         self._assigned = {}
         messages = []
+        zo = self.run.explore_mode == "zo"
         for node, client, r in zip(nodes, clients, roles):
-            self._assigned[client] = {tuple(k) for k in torch.nonzero(r.tuning).tolist()}
+            # "zo": the client trains the exploitation experts and only estimates the exploration experts' utility.
+            trained = r.exploit if zo else r.tuning
+            self._assigned[client] = {tuple(k) for k in torch.nonzero(trained).tolist()}
             content = RecordDict(
                 {
                     "config": ConfigRecord(
                         {
                             "round": server_round,
-                            "tuning": wire.mask_to_ids(r.tuning),
+                            "tuning": wire.mask_to_ids(trained),
+                            "explore": wire.mask_to_ids(r.explore) if zo else [],
                             **self._sync_config(client, server_round - 1),
                         }
                     ),
@@ -205,32 +215,46 @@ class FluxStrategy(Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
-        total, n = 0.0, 0
+        """Pool the clients' held-out loss and per-domain accuracy; the summary is kept in ``self.evaluation`` (a
+        dict: ``eval_loss``, ``accuracy`` and ``eval_records`` per domain, ``accuracy_mean``, ``eval_failed``)."""
+        losses, accuracies, failed = [], [], {}
         for msg in replies:
+            client = str(msg.metadata.src_node_id)
             if msg.has_error():
-                log(
-                    WARNING,
-                    "round %d: evaluation failed on client %s (%s)",
-                    server_round,
-                    msg.metadata.src_node_id,
-                    msg.error.reason,
-                )
-                self.state.last_sync.pop(str(msg.metadata.src_node_id), None)
+                failed[client] = msg.error.reason
+                log(WARNING, "round %d: evaluation failed on client %s (%s)", server_round, client, msg.error.reason)
+                self.state.last_sync.pop(client, None)
                 continue
             try:
                 m = msg.content["metrics"]
-                loss, tokens = float(m["eval-loss"]), int(m["num-tokens"])
+                loss = (float(m["eval-loss"]), int(m["num-tokens"]))
+                acc = msg.content["accuracy"] if "accuracy" in msg.content else {}
+                n = msg.content["records"] if "records" in msg.content else {}
+                accuracy = {d: (float(acc[d]), int(n[d])) for d in acc}
             except (KeyError, TypeError, ValueError) as e:
-                log(WARNING, "round %d: bad evaluation reply from %s (%s)", server_round, msg.metadata.src_node_id, e)
+                failed[client] = f"bad evaluation reply ({type(e).__name__}: {e})"
+                log(WARNING, "round %d: bad evaluation reply from %s (%s)", server_round, client, e)
                 continue
-            total += loss * tokens
-            n += tokens
-            self.state.last_sync[str(msg.metadata.src_node_id)] = server_round
-        if n == 0:
+            losses.append(loss)
+            accuracies.append(accuracy)
+            self.state.last_sync[client] = server_round
+        loss, tokens = pool_loss(losses)
+        pooled = pool_accuracy(accuracies)
+        if not tokens and not pooled:
+            self.evaluation = {"eval_failed": failed} if failed else {}
             return None
-        loss = total / n
-        self.state.history[-1]["eval_loss"] = loss
-        return MetricRecord({"eval-loss": loss, "num-tokens": n})
+        accuracy = {d: acc for d, (acc, _) in pooled.items()}
+        self.evaluation = {
+            "eval_loss": loss,
+            "accuracy": accuracy,
+            "eval_records": {d: n for d, (_, n) in pooled.items()},
+            "accuracy_mean": mean_accuracy(accuracy),
+            "eval_failed": failed,
+        }
+        return MetricRecord(
+            {"eval-loss": loss, "num-tokens": tokens, "accuracy-mean": self.evaluation["accuracy_mean"],
+             **{f"accuracy/{d}": a for d, a in accuracy.items()}}
+        )  # fmt: skip
 
     def start(
         self,
@@ -250,6 +274,9 @@ class FluxStrategy(Strategy):
         log(INFO, "Starting FluxStrategy:")
         self.summary()
         result = Result()
+        if self.state.round == 0 and self.run.evaluate_every > 0:
+            # Round 0: the model before any training, the start of every accuracy curve.
+            self.state.baseline = self._evaluate(grid, 0, result, timeout)
         for r in range(self.state.round + 1, num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", r, num_rounds)
             t_round = time.perf_counter()
@@ -261,20 +288,28 @@ class FluxStrategy(Strategy):
                 result.arrays = arrays
             result.train_metrics_clientapp[r] = metrics
             log(INFO, "\t└──> %s", metrics)
-            eval_msgs = list(self.configure_evaluate(r, ArrayRecord(), ConfigRecord(), grid))
-            if eval_msgs:
-                ev = self.aggregate_evaluate(r, grid.send_and_receive(eval_msgs, timeout=timeout))
-                if ev is not None:
-                    result.evaluate_metrics_clientapp[r] = ev
-                    log(INFO, "\t└──> %s", ev)
+            report = self.state.history[-1]
+            report["train_seconds"] = time.perf_counter() - t_round
+            if self.run.evaluate_every > 0 and r % self.run.evaluate_every == 0:
+                report.update(self._evaluate(grid, r, result, timeout))
             self.state.round = r
-            self.state.history[-1]["seconds"] = time.perf_counter() - t_round
+            report["seconds"] = time.perf_counter() - t_round
             self.state.save(self.run.state_dir)
             if self.on_round is not None:
-                self.on_round(self.state.history[-1])
+                self.on_round(report)
         return result
 
     # ------------------------------------------------------------------------------------------ helpers
+
+    def _evaluate(self, grid: Grid, server_round: int, result: Result, timeout: float) -> Dict:
+        """One evaluation round on every client -> its summary (``aggregate_evaluate``) with ``eval_seconds``."""
+        t0 = time.perf_counter()
+        msgs = list(self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
+        ev = self.aggregate_evaluate(server_round, grid.send_and_receive(msgs, timeout=timeout))
+        if ev is not None:
+            result.evaluate_metrics_clientapp[server_round] = ev
+            log(INFO, "\t└──> %s", ev)
+        return {**self.evaluation, "eval_seconds": time.perf_counter() - t0}
 
     def _sample(self, grid: Grid) -> List[int]:
         """Wait (up to the round timeout) for ``min-clients`` nodes, then draw ``ceil(fraction * N)`` of them."""
