@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from flux_engine.checkpoint.errors import CheckpointError
 from flux_engine.checkpoint.safetensors_io import atomic_directory, read_json, write_json
 from flux_engine.models.config import MoEConfig
-from flux_engine.training import ExpertKey, ExpertState, _check_owns, tuning_state
+from flux_engine.training import ExpertKey, ExpertState, check_owns, tuning_state
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -118,7 +118,7 @@ def save_peft_adapter(
         save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-def _read_config(path: str) -> Tuple[int, float, float]:
+def read_config(path: str) -> Tuple[int, float, float]:
     """``(r, lora_alpha, scale)`` of an adapter_config.json, rejecting what has no equivalent here."""
     cfg = read_json(path)
     if cfg.get("peft_type") != "LORA":
@@ -192,7 +192,7 @@ def _gate_up(gate: Optional[Dict[str, torch.Tensor]], up: Optional[Dict[str, tor
 def load_peft_adapter(path: PathLike, config: MoEConfig) -> PeftAdapter:
     """Read a PEFT LoRA folder of per-expert modules (as ``save_peft_adapter`` writes) for a model of ``config``."""
     folder = os.fspath(path)
-    r, alpha, scale = _read_config(os.path.join(folder, ADAPTER_CONFIG))
+    r, alpha, scale = read_config(os.path.join(folder, ADAPTER_CONFIG))
     found = _read_factors(os.path.join(folder, ADAPTER_WEIGHTS), config)
     adapters: ExpertState = {}
     for key, projs in sorted(found.items()):
@@ -218,7 +218,7 @@ def merge_adapters(model: nn.Module, adapters: ExpertState, scale: float, skip: 
             continue
         if not 0 <= l < len(layers):
             raise ValueError(f"adapter for expert {(l, e)}: the model has {len(layers)} MoE layers")
-        _check_owns(model, l, e)
+        check_owns(model, l, e)
         ex = layers[l].experts
         for W, target in zip(ex.physical_weights(int(ex.expert_map[e])), ("gate_up", "down")):
             if f"{target}_A" in t:

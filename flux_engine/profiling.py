@@ -107,7 +107,7 @@ class ExpertProfile:
         if self.layers != other.layers or self.counts.shape != other.counts.shape:
             raise ValueError("profiles of different models cannot be merged")
         samples = [
-            [sorted(set(a) | set(b), key=_id_key) for a, b in zip(la, lb)] for la, lb in zip(self.samples, other.samples)
+            [sorted(set(a) | set(b), key=sample_id_key) for a, b in zip(la, lb)] for la, lb in zip(self.samples, other.samples)
         ]
         meta = dict(self.meta)
         meta["merged"] = int(meta.get("merged", 1)) + int(other.meta.get("merged", 1))
@@ -158,7 +158,8 @@ class ExpertProfile:
             return cls.from_dict(json.load(f))
 
 
-def _id_key(x: Any):
+def sample_id_key(x: Any):
+    """Sort key putting numeric sample ids first (numerically), then the others as strings."""
     return (0, x, "") if isinstance(x, (int, float)) else (1, 0, str(x))
 
 
@@ -438,15 +439,15 @@ def _from_checkpoint(path, dtype, bits, group_size, symmetric, device, dense_bit
     config_path = os.path.join(folder, CONFIG_FILE)
     raw = read_json(config_path)
     layout = ck.get_layout(raw.get("model_type"), config_path)
-    config = ck._read_config(layout, raw, config_path)
+    config = ck.read_config(layout, raw, config_path)
     found = scan(folder)
     keys = layout.keys_for(found)
     skeleton, dense = _skeleton(
-        config, dtype or ck._config_dtype(raw, config_path), device, dense_bits is not None and bits is not None
+        config, dtype or ck.config_dtype(raw, config_path), device, dense_bits is not None and bits is not None
     )
     with torch.device("meta"):
         meta_model = MoEForCausalLM(config)
-    plan = ck._plan(meta_model, layout, keys, found, folder)
+    plan = ck.load_plan(meta_model, layout, keys, found, folder)
     return _build(stream(found, list(plan)), plan, skeleton, dense, bits, group_size, symmetric, device, dense_bits)
 
 
@@ -470,7 +471,8 @@ def prepare(
 # ------------------------------------------------------------------------------------------------- profiling
 
 
-def _sample_ids(batch: Dict[str, Any], B: int, seen: int) -> List[Any]:
+def batch_sample_ids(batch: Dict[str, Any], B: int, seen: int) -> List[Any]:
+    """The ``B`` sample ids of a batch: its ``sample_ids``, else running row numbers from ``seen``."""
     ids = batch.get("sample_ids")
     if ids is None:
         return list(range(seen, seen + B))
@@ -480,7 +482,9 @@ def _sample_ids(batch: Dict[str, Any], B: int, seen: int) -> List[Any]:
     return ids
 
 
-class _Accumulator:
+class ProfileAccumulator:
+    """Per-layer counts ``[L, E]``, attention sums, per-batch hit masks and sample ids, accumulated on the device."""
+
     def __init__(self, layers: List[int], E: int, device: torch.device):
         self.layers = layers
         self.counts = torch.zeros(len(layers), E, dtype=torch.int64, device=device)
@@ -541,7 +545,7 @@ def _run(low: _LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, A
     device = low.device
     # Layers after the last MoE layer cannot change the profile (nor can the final norm / LM head): skipped.
     last = max((i for i, layer in enumerate(model.model.layers) if layer.is_moe), default=-1)
-    acc = _Accumulator(layers, config.num_experts, device)
+    acc = ProfileAccumulator(layers, config.num_experts, device)
     seen = 0
     for batch in batches:
         input_ids = batch["input_ids"].to(device)
@@ -549,7 +553,7 @@ def _run(low: _LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, A
         am = batch.get("attention_mask")
         am = am.to(device) if am is not None else None
         mask = am.bool() if am is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-        acc.batch_ids.append(_sample_ids(batch, B, seen))
+        acc.batch_ids.append(batch_sample_ids(batch, B, seen))
         seen += B
         acc.tokens += mask.sum()
         x = model.model.embed_tokens(input_ids)
@@ -579,7 +583,7 @@ def _run(low: _LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, A
             rows, experts = torch.cat(acc.hits[li]).nonzero(as_tuple=True)
             for r, e in zip(rows.tolist(), experts.tolist()):
                 per_expert[e].append(flat_ids[r])
-        samples.append([sorted(set(s), key=_id_key) for s in per_expert])
+        samples.append([sorted(set(s), key=sample_id_key) for s in per_expert])
     return ExpertProfile(layers, acc.counts.cpu(), acc.attn.double().cpu(), samples, int(acc.tokens), meta)
 
 

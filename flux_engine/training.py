@@ -86,7 +86,7 @@ class TrainResult:
 # Attaching the tuning experts
 
 
-def _check_owns(model: nn.Module, layer: int, expert: int) -> None:
+def check_owns(model: nn.Module, layer: int, expert: int) -> None:
     """A trained expert must own its physical expert alone: a merged expert is frozen (and shared)."""
     emap = model.moe_layers()[layer].experts.expert_map.long().cpu()
     sharing = torch.nonzero(emap == emap[expert]).flatten().tolist()
@@ -109,7 +109,7 @@ def _normalise_tuning(model: nn.Module, tuning: Sequence[Sequence[int]]) -> List
         if any(not 0 <= e < E for e in ids) or len(set(ids)) != len(ids):
             raise ValueError(f"MoE layer {l}: tuning experts {ids} must be distinct ids in [0, {E})")
         for e in ids:
-            _check_owns(model, l, e)
+            check_owns(model, l, e)
         out.append(ids)
     return out
 
@@ -231,7 +231,7 @@ def load_expert_weights(model: nn.Module, weights: ExpertState) -> None:
     weights after full-mode aggregation) on a model's physical experts; each expert must own its physical one."""
     layers = model.moe_layers()
     for (l, e), tensors in weights.items():
-        _check_owns(model, l, e)
+        check_owns(model, l, e)
         ex = layers[l].experts
         _copy_expert((l, e), tensors, dict(zip(FULL_NAMES, ex.physical_weights(int(ex.expert_map[e])))))
 

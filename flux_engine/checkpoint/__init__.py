@@ -70,13 +70,13 @@ def load_pretrained(
     config_path = os.path.join(folder, CONFIG_FILE)
     raw = read_json(config_path)
     layout = get_layout(raw.get("model_type"), config_path)
-    config = _read_config(layout, raw, config_path)
+    config = read_config(layout, raw, config_path)
     found = scan(folder)
     with torch.device("meta"):
         model = MoEForCausalLM(config)
     keys = layout.keys_for(found)
-    plan = _plan(model, layout, keys, found, folder)
-    model.to(dtype=dtype or _config_dtype(raw, config_path))
+    plan = load_plan(model, layout, keys, found, folder)
+    model.to(dtype=dtype or config_dtype(raw, config_path))
     model.to_empty(device=device)
     model.tie_weights()
     if not keys.expert_map:
@@ -84,7 +84,7 @@ def load_pretrained(
             mlp.experts.reset_expert_map()
     tensors = model_tensors(model)
     for key, source in stream(found, list(plan)):
-        _copy_into(tensors, plan[key], source)
+        copy_into(tensors, plan[key], source)
         del source  # one source tensor alive at a time
     # Loaded models are for inference until the caller says otherwise, as with transformers.
     return model.eval()
@@ -121,7 +121,7 @@ def save_pretrained(
     target = get_layout(name, "save_pretrained")
     if not target.keys.expert_map:
         _check_unmerged(model, name)
-    config_json = _config_json(target, model.config, model.model.embed_tokens.weight.dtype)
+    config_json = layout_config_json(target, model.config, model.model.embed_tokens.weight.dtype)
     max_bytes = parse_size(max_shard_size)
     tensors = model_tensors(model)
     items = [(entry.key, tensors[entry.param][entry.index]) for entry in entries(model, target.keys)]
@@ -133,7 +133,8 @@ def save_pretrained(
 # -- loading ---------------------------------------------------------------------------------------------------
 
 
-def _read_config(layout: Layout, raw: Dict[str, Any], config_path: str) -> MoEConfig:
+def read_config(layout: Layout, raw: Dict[str, Any], config_path: str) -> MoEConfig:
+    """The ``MoEConfig`` of a checkpoint's parsed ``config.json`` (``raw``) in ``layout``; errors name ``config_path``."""
     try:
         config = layout.from_hf(raw)
     except (CheckpointError, ValueError, TypeError) as e:
@@ -147,7 +148,8 @@ def _read_config(layout: Layout, raw: Dict[str, Any], config_path: str) -> MoECo
     return config
 
 
-def _config_dtype(raw: Dict[str, Any], config_path: str) -> torch.dtype:
+def config_dtype(raw: Dict[str, Any], config_path: str) -> torch.dtype:
+    """The floating-point dtype a ``config.json`` declares (``dtype`` / ``torch_dtype``; float32 if none)."""
     name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -155,7 +157,7 @@ def _config_dtype(raw: Dict[str, Any], config_path: str) -> torch.dtype:
     return dtype
 
 
-def _plan(
+def load_plan(
     model: MoEForCausalLM, layout: Layout, keys: KeyLayout, found: Dict[str, TensorInfo], folder: str
 ) -> Dict[str, Entry]:
     """Checkpoint key -> model slice, after checking that the checkpoint has exactly these keys, shaped right."""
@@ -184,7 +186,8 @@ def _plan(
 
 
 @torch.no_grad()
-def _copy_into(tensors: Dict[str, torch.Tensor], entry: Entry, source: torch.Tensor) -> None:
+def copy_into(tensors: Dict[str, torch.Tensor], entry: Entry, source: torch.Tensor) -> None:
+    """Copy one checkpoint tensor into the model slice ``entry`` names (``tensors``: ``model_tensors(model)``)."""
     tensors[entry.param][entry.index].copy_(source)
 
 
@@ -203,7 +206,8 @@ def _check_unmerged(model: MoEForCausalLM, layout_name: str) -> None:
             )
 
 
-def _config_json(layout: Layout, config: MoEConfig, dtype: torch.dtype) -> Dict[str, Any]:
+def layout_config_json(layout: Layout, config: MoEConfig, dtype: torch.dtype) -> Dict[str, Any]:
+    """The ``config.json`` of ``config`` written in ``layout`` (raises where the layout cannot express it)."""
     dtype_name = str(dtype).removeprefix("torch.")
     header = {"model_type": layout.model_type, "architectures": [layout.architecture], "dtype": dtype_name}
     if layout.model_type == NATIVE:

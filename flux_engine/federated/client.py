@@ -48,11 +48,11 @@ from flux_engine.models.moe import MoEForCausalLM
 def model_config(run: RunConfig):
     """The MoE config of the run's model (a checkpoint folder's, else the preset's)."""
     if run.checkpoint:
-        from flux_engine.checkpoint import CONFIG_FILE, _read_config, get_layout, read_json
+        from flux_engine.checkpoint import CONFIG_FILE, read_config, get_layout, read_json
 
         path = os.path.join(run.checkpoint, CONFIG_FILE)
         raw = read_json(path)
-        return _read_config(get_layout(raw.get("model_type"), path), raw, path)
+        return read_config(get_layout(raw.get("model_type"), path), raw, path)
     return presets.get(run.preset)
 
 

@@ -51,12 +51,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from flux_engine import merging, ops
 from flux_engine.checkpoint import SOURCE_MODEL_TYPE, CheckpointError, get_layout
-from flux_engine.checkpoint import _config_json, _copy_into, _plan, _read_config
+from flux_engine.checkpoint import copy_into, layout_config_json, load_plan, read_config
 from flux_engine.checkpoint.keymap import KeyLayout, entries, model_tensors
 from flux_engine.checkpoint.safetensors_io import TensorInfo
 from flux_engine.models import MoEForCausalLM
 from flux_engine.models.moe import LORA_TARGETS, ExpertLoRAAdapter, Experts
-from flux_engine.profiling import ExpertProfile, _Accumulator, _id_key, _sample_ids
+from flux_engine.profiling import ExpertProfile, ProfileAccumulator, sample_id_key, batch_sample_ids
 
 IMPLEMENTATION = "flux"
 EXPERT_MAPS = "flux_expert_maps"  # config attribute: {"<layer>": [E_orig physical ids]}
@@ -230,7 +230,7 @@ def profile_hf(model: PreTrainedModel, batches: Iterable[Dict[str, Any]]) -> Exp
     """
     layers = moe_layers(model)
     device = model.get_input_embeddings().weight.device
-    acc = _Accumulator([m.layer for m in layers], layers[0].num_original, device)
+    acc = ProfileAccumulator([m.layer for m in layers], layers[0].num_original, device)
     attention = [m for m in model.modules() if hasattr(m, "layer_idx")]  # attention modules (and harmless others)
     previous = model.config._attn_implementation
     step: Dict[str, Any] = {}
@@ -262,7 +262,7 @@ def profile_hf(model: PreTrainedModel, batches: Iterable[Dict[str, Any]]) -> Exp
             step["capture"] = capture = _Capture(am)
             for module in attention:
                 module._flux_capture = capture
-            acc.batch_ids.append(_sample_ids(batch, B, seen))
+            acc.batch_ids.append(batch_sample_ids(batch, B, seen))
             seen += B
             acc.tokens += step["mask"].sum()
             model(input_ids=input_ids, attention_mask=am, use_cache=False)
@@ -280,7 +280,7 @@ def profile_hf(model: PreTrainedModel, batches: Iterable[Dict[str, Any]]) -> Exp
             rows, experts = torch.cat(acc.hits[li]).nonzero(as_tuple=True)
             for r, e in zip(rows.tolist(), experts.tolist()):
                 per_expert[e].add(flat_ids[r])
-        samples.append([sorted(s, key=_id_key) for s in per_expert])
+        samples.append([sorted(s, key=sample_id_key) for s in per_expert])
     meta = {"bits": None, "source": "transformers", "model_type": model.config.model_type}
     return ExpertProfile(acc.layers, acc.counts.cpu(), acc.attn.double().cpu(), samples, int(acc.tokens), meta)
 
@@ -473,7 +473,7 @@ def to_runtime(hf_model: PreTrainedModel, device: Union[str, torch.device, None]
     layout = get_layout(hf_model.config.model_type, where)
     # The maps are read from the modules; kept out of source_config so configs written back never hold stale ones.
     raw = {key: value for key, value in hf_model.config.to_dict().items() if key != EXPERT_MAPS}
-    config = _read_config(layout, raw, where)
+    config = read_config(layout, raw, where)
     layers = moe_layers(hf_model)
     maps = {m.layer: m.experts.expert_map for m in layers if getattr(m.experts, "expert_map", None) is not None}
     if maps:
@@ -482,14 +482,14 @@ def to_runtime(hf_model: PreTrainedModel, device: Union[str, torch.device, None]
     found = {key: TensorInfo(where, tuple(t.shape), str(t.dtype)) for key, t in state.items()}
     with torch.device("meta"):
         model = MoEForCausalLM(config)
-    plan = _plan(model, layout, _IN_MEMORY, found, where)
+    plan = load_plan(model, layout, _IN_MEMORY, found, where)
     first = next(iter(hf_model.parameters()))
     model.to(dtype=first.dtype)
     model.to_empty(device=device or first.device)
     model.tie_weights()
     tensors = model_tensors(model)
     for key, entry in plan.items():
-        _copy_into(tensors, entry, state[key])
+        copy_into(tensors, entry, state[key])
     loras = {m.layer: m.experts.lora for m in layers if getattr(m.experts, "lora", None) is not None}
     for mlp in model.moe_layers():
         if mlp.layer in maps:
@@ -511,7 +511,7 @@ def from_runtime(model: MoEForCausalLM, model_type: Optional[str] = None) -> Pre
         raise CheckpointError("from_runtime: the model has no source family; pass model_type= (e.g. 'qwen3_moe')")
     layout = get_layout(name, "from_runtime")
     dtype = model.model.embed_tokens.weight.dtype
-    config_json = _config_json(layout, model.config.replace(physical_experts=None), dtype)
+    config_json = layout_config_json(layout, model.config.replace(physical_experts=None), dtype)
     config_json.pop("architectures")
     hf_config = AutoConfig.for_model(config_json.pop("model_type"), **config_json)
     hf_config._experts_implementation = IMPLEMENTATION
