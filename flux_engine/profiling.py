@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
@@ -54,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from flux_engine import ops
+from flux_engine.fileio import atomic_write
 from flux_engine.models import MoEForCausalLM
 from flux_engine.models.moe import Attention, DenseMLP, Experts, MoEMLP, attention_mask_4d, rope_cos_sin
 from flux_engine.ops.quantize import QuantizedTensor
@@ -138,19 +138,7 @@ class ExpertProfile:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write JSON atomically (temporary file in the same folder, fsync, rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".profile-", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: json.dump(self.to_dict(), f))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "ExpertProfile":

@@ -39,3 +39,4 @@ def force_tier(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+

@@ -11,6 +11,7 @@ which roughly doubles bf16 errors compared with a GPU).
 
 import pytest
 import torch
+from host_sync import assert_no_host_sync
 
 import flux_engine.triton_kernels.grouped_mlp as kernels
 import flux_engine.triton_kernels.grouped_mlp_configs as configs
@@ -457,10 +458,4 @@ def test_no_host_sync_on_cuda(force_tier, monkeypatch, atomic):
         out = grouped_mlp(*args, expert_map=expert_map)
         torch.autograd.grad(out, [inputs[n] for n in PARAMS], torch.ones_like(out))
 
-    step()  # compiles the kernels (and autotunes when FLUX_ENGINE_AUTOTUNE=1) outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    assert_no_host_sync(step)

@@ -8,6 +8,7 @@ reference tier directly. Ranks 1, 8, 16, 64; LoRA slots on 0, 1, E/4 and E exper
 
 import pytest
 import torch
+from host_sync import assert_no_host_sync
 import torch.nn.functional as F
 
 from flux_engine.ops import ExpertLoRA, TunedExperts, dequantize, grouped_mlp, quantize
@@ -264,13 +265,7 @@ def test_no_host_sync_on_cuda(force_tier, variant):
                           tuned=c["tuned"])  # fmt: skip
         torch.autograd.grad(out, wrt, torch.ones_like(out))
 
-    step()  # compiles the kernels outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    assert_no_host_sync(step)
 
 
 def test_fp32_factors_on_bf16_base(tier_device):

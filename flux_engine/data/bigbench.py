@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from flux_engine.cache import Downloader, PyPIFile, cache_root, fetch, pip_download, sha256_file
-from flux_engine.data.records import Record, atomic_write, read_jsonl, stable_seed, write_jsonl
+from flux_engine.data.records import Record, read_jsonl, stable_seed, write_jsonl
+from flux_engine.fileio import atomic_write
 
 # Bumped whenever the JSONL record format changes, so caches written by older code are rebuilt.
 FORMAT_VERSION = 1

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Tuple
+
+from flux_engine.fileio import atomic_write
 
 
 def stable_seed(*parts: object) -> int:
@@ -108,19 +109,6 @@ def read_jsonl(path: os.PathLike) -> List[Record]:
                 raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
             records.append(Record.from_dict(obj, where))
     return records
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls ``write(file)`` on a temporary file beside ``path`` and renames it into place, so a crash never
-    leaves a partial file under the final name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_jsonl(path: os.PathLike, records: Iterable[Record]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -21,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from flux_engine.aggregation import ExpertKey, Update, UtilityTable
+from flux_engine.fileio import atomic_write
 
 MANIFEST = "latest.json"
 
@@ -111,9 +111,9 @@ class ServerState:
         os.makedirs(state_dir, exist_ok=True)
         data = self.to_bytes()
         name = f"state-r{self.round:05d}.safetensors"
-        _atomic_write(os.path.join(state_dir, name), data)
+        atomic_write(os.path.join(state_dir, name), lambda f: f.write(data), binary=True)
         manifest = {"round": self.round, "file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        _atomic_write(os.path.join(state_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+        atomic_write(os.path.join(state_dir, MANIFEST), lambda f: json.dump(manifest, f, indent=1))
         # Older rounds are superseded only once the manifest points past them.
         for old in os.listdir(state_dir):
             if old.startswith("state-r") and old != name:
@@ -145,15 +145,3 @@ class ServerState:
         return cls.from_bytes(data)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
