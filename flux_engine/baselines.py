@@ -59,6 +59,7 @@ from flux_engine.budget import (
 from flux_engine.models.config import MoEConfig
 from flux_engine.models.moe import Experts, MoEMLP
 from flux_engine.ops.quantize import QuantizedTensor
+from flux_engine.profiling import group_for
 
 if TYPE_CHECKING:
     from flux_engine.timemodel import ClientRound
@@ -473,19 +474,9 @@ def fmd(
 # FMQ: int4 experts, LoRA through the quantized weights
 
 
-def group_size_for(K: int, bits: int, group_size: Optional[int] = None) -> int:
-    """``group_size`` (default 128 for int4, ``K`` for int8) when it divides ``K``, else the largest divisor of
-    ``K`` below it (even for int4): the rule ``profiling`` uses."""
-    want = min(group_size if group_size is not None else (128 if bits == 4 else K), K)
-    for g in range(want, 0, -1):
-        if K % g == 0 and (bits != 4 or g % 2 == 0):
-            return g
-    raise ValueError(f"no int{bits} group size divides K={K}")
-
-
 def quantized_bytes(rows: int, K: int, bits: int, group_size: Optional[int] = None) -> int:
     """Bytes of a symmetric packed ``[rows, K]`` weight: codes plus fp32 scales."""
-    g = group_size_for(K, bits, group_size)
+    g = group_for(K, bits, group_size)
     return rows * K * bits // 8 + rows * (K // g) * 4
 
 
@@ -509,7 +500,7 @@ class QuantizedExperts(Experts):
         for name in ("gate_up", "down"):
             w = getattr(source, f"{name}_proj").detach()
             K = w.shape[-1]
-            q = ops.quantize(w.contiguous(), bits, group_size_for(K, bits, group_size))
+            q = ops.quantize(w.contiguous(), bits, group_for(K, bits, group_size))
             self.register_buffer(f"{name}_qdata", q.data)
             self.register_buffer(f"{name}_qscales", q.scales)
             self.register_buffer(f"{name}_qzeros", q.zeros)
