@@ -81,7 +81,8 @@ class FluxStrategy(Strategy):
             self.run.fraction_train,
             self.schedule,
         )
-        log(INFO, "\t└── resuming after round %d", self.state.round)
+        if self.state.round > 0:
+            log(INFO, "\t└── resuming after round %d", self.state.round)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
