@@ -277,28 +277,6 @@ class _OneLayer:
         return [self._mlp]
 
 
-def _is_stack(name: str) -> bool:
-    return ".mlp.experts." in name and name.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj")
-
-
-def _materialise_skeleton(model, device: torch.device) -> None:
-    """Every parameter and buffer on ``device`` (uninitialised) except the routed expert stacks (left on meta)."""
-    from flux_engine.models.moe import Experts
-
-    new: Dict[int, nn.Parameter] = {}
-    for mname, module in model.named_modules():
-        for pname, p in list(module._parameters.items()):
-            if p is None or (isinstance(module, Experts) and pname in ("gate_up_proj", "down_proj")):
-                continue
-            if id(p) not in new:
-                new[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-            module._parameters[pname] = new[id(p)]
-        for bname, b in list(module._buffers.items()):
-            if b is not None:
-                module._buffers[bname] = torch.empty_like(b, device=device)
-    model.tie_weights()
-
-
 @torch.no_grad()
 def build_compact(folder: str, prof, tuning: List[List[int]], budgets: List[int], device: torch.device, seed: int):
     """The client's compact model, streamed from ``folder``: each MoE layer is merged on ``device`` as soon as its
@@ -308,6 +286,8 @@ def build_compact(folder: str, prof, tuning: List[List[int]], budgets: List[int]
     from flux_engine.checkpoint.keymap import model_tensors
     from flux_engine.checkpoint.safetensors_io import CONFIG_FILE, read_json, scan, stream
     from flux_engine.models import MoEForCausalLM
+    from flux_engine.models.moe import materialize
+    from flux_engine.profiling import _is_stack
 
     config_path = os.path.join(folder, CONFIG_FILE)
     raw = read_json(config_path)
@@ -318,7 +298,8 @@ def build_compact(folder: str, prof, tuning: List[List[int]], budgets: List[int]
         model = MoEForCausalLM(config)
     plan = ck.load_plan(model, layout, layout.keys_for(found), found, folder)
     model.to(DTYPE)
-    _materialise_skeleton(model, device)
+    materialize(model, device, skip=_is_stack)
+    model.tie_weights()
     layers = {mlp.layer: (i, mlp) for i, mlp in enumerate(model.moe_layers())}
     for _, mlp in layers.values():
         mlp.experts.reset_expert_map()

@@ -55,7 +55,7 @@ import torch.nn as nn
 from flux_engine import ops
 from flux_engine.fileio import atomic_write
 from flux_engine.models import MoEForCausalLM
-from flux_engine.models.moe import Attention, DenseMLP, Experts, MoEMLP, attention_mask_4d, rope_cos_sin
+from flux_engine.models.moe import Attention, DenseMLP, MoEMLP, attention_mask_4d, materialize, rope_cos_sin
 from flux_engine.ops.quantize import QuantizedTensor
 from flux_engine.ops.quantized_grouped_mlp import quantized_grouped_mlp
 from flux_engine.ops.received_attention import received_attention
@@ -317,22 +317,8 @@ def _skeleton(config, dtype: torch.dtype, device: torch.device, quantize_dense: 
         model = MoEForCausalLM(config)
     model.to(dtype=dtype)
     dense = _dense_weights(model) if quantize_dense else set()
-    new: Dict[int, nn.Parameter] = {}  # a tied tensor is materialised once
-    for mname, module in model.named_modules():
-        if isinstance(module, Experts):
-            continue
-        for pname, p in list(module._parameters.items()):
-            if p is None or f"{mname}.{pname}".lstrip(".") in dense:
-                continue
-            if id(p) not in new:
-                new[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-            module._parameters[pname] = new[id(p)]
-        for bname, b in list(module._buffers.items()):
-            if b is not None:
-                module._buffers[bname] = torch.empty_like(b, device=device)
+    materialize(model, device, skip=lambda name: _is_stack(name) or name in dense)
     for mlp in model.moe_layers():
-        n = mlp.experts.expert_map.numel()
-        mlp.experts._buffers["expert_map"] = torch.empty(n, dtype=torch.int32, device=device)
         mlp.experts.reset_expert_map()
     model.tie_weights()
     return model.eval(), dense

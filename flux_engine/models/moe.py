@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -256,6 +256,23 @@ class Experts(nn.Module):
         return ops.grouped_mlp(
             x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, self.expert_map, lora, tuned
         )
+
+
+def materialize(model: nn.Module, device: torch.device, skip: Callable[[str], bool] = lambda name: False) -> None:
+    """Give every parameter and buffer of a meta-device model uninitialised storage on ``device``, except the
+    parameters whose qualified name ``skip`` accepts (left on meta, to be filled or replaced later, e.g. expert
+    stacks streamed from a checkpoint). A tied parameter is materialised once and stays tied."""
+    new: Dict[int, nn.Parameter] = {}
+    for mname, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None or skip(f"{mname}.{pname}".lstrip(".")):
+                continue
+            if id(p) not in new:
+                new[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            module._parameters[pname] = new[id(p)]
+        for bname, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[bname] = torch.empty_like(b, device=device)
 
 
 @dataclass
