@@ -35,7 +35,6 @@ import random
 import shlex
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
@@ -45,8 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from flux_engine import presets
-from flux_engine.cache import cache_root
 from flux_engine.data import load_tasks, multiple_choice_accuracy, train_test_split
+from flux_engine.fileio import atomic_write
 from flux_engine.models.from_dense import from_dense
 from flux_engine.models.moe import MoEForCausalLM
 from flux_engine.pretrain import DOMAINS, Recipe, load_corpus, measure, prepare, set_trainable, split_report, train
@@ -171,15 +170,10 @@ def slim(m: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return out
 
 
-def recipe_folder(recipe: Recipe) -> Path:
-    # The cache entry of flux_engine.pretrain.prepare (only used to tell whether the model came from the cache).
-    return cache_root() / "pretrain" / f"{recipe.preset}-{recipe.key()}"
-
-
 def run_recipe(recipe: Recipe, corpus, label: str) -> Dict[str, Any]:
     """``prepare`` the recipe (cached or trained now) and collect its measurements on ``corpus``. A cached model
     whose report was measured on another held-out set is measured again (step 0: the preset rebuilt)."""
-    cached = recipe_folder(recipe).is_dir()
+    cached = recipe.cache_folder().is_dir()
     log(f"{label}: {'loading cached' if cached else 'preparing'} {recipe}")
     start = time.time()
     model, report = prepare(recipe, corpus)
@@ -483,15 +477,7 @@ def render(data: Dict[str, Any]) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text))
 
 
 # ---------------------------------------------------------------------------------------------------- main

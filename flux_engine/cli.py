@@ -183,12 +183,11 @@ def demo_model() -> str:
     domain mix), prepared on first use: SmolLM2 and BIG-bench are fetched, the preset built and trained (~5 min on
     2 cores), then cached."""
     from flux_engine import presets
-    from flux_engine.cache import cache_root
     from flux_engine.pretrain import Recipe, prepare
 
     recipe = Recipe(preset=DEMO_PRESET, steps=30, drop_fraction=presets.get(DEMO_PRESET).metadata["drop_fraction"])
     # prepare()'s cache entry; asking for the folder only spares loading the model here (the clients load it).
-    folder = cache_root() / "pretrain" / f"{recipe.preset}-{recipe.key()}"
+    folder = recipe.cache_folder()
     if not folder.is_dir():
         prepare(recipe)
     return str(folder)

@@ -32,6 +32,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -68,6 +69,10 @@ class Recipe:
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def cache_folder(self) -> Path:
+        """Where ``prepare`` caches this recipe's model (a checkpoint folder once prepared)."""
+        return cache_root() / "pretrain" / f"{self.preset}-{self.key()}"
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -274,7 +279,7 @@ def prepare(recipe: Recipe, corpus: Optional[Corpus] = None) -> Tuple[MoEForCaus
     """The model of ``recipe`` (from the cache when prepared before) and its report: the recipe, measurements at
     step 0, after branching and after training, and the training losses (kept in the config metadata, so a cached
     model comes with its report)."""
-    folder = cache_root() / "pretrain" / f"{recipe.preset}-{recipe.key()}"
+    folder = recipe.cache_folder()
     if folder.is_dir():
         model = load_pretrained(folder)
         return model, model.config.metadata["pretrain"]
