@@ -13,8 +13,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -23,52 +21,13 @@ from collections import defaultdict
 from typing import Dict, List, Optional
 
 
-# Environment variables that change what a benchmark measures; recorded in the command line.
-_RELEVANT_ENV = (
-    "OMP_NUM_THREADS",
-    "CUDA_VISIBLE_DEVICES",
-    "FLUX_ENGINE_BACKEND",
-    "TRITON_INTERPRET",
-    "FLUX_ENGINE_ATOMIC_SCATTER",
-    "FLUX_ENGINE_MOE_RECOMPUTE",
-    "FLUX_ENGINE_AUTOTUNE",
-)
-
-
-def _versions() -> Dict[str, str]:
-    import torch
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        versions["triton"] = "not installed"
-    return versions
-
-
-def _device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return sha + (" (with uncommitted changes)" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+# Provenance helpers live in the package (the experiment command records the same); the other bench scripts import
+# them from here under these names.
+from flux_engine.provenance import RELEVANT_ENV as _RELEVANT_ENV  # noqa: E402
+from flux_engine.provenance import command_line  # noqa: E402
+from flux_engine.provenance import commit as _commit  # noqa: E402
+from flux_engine.provenance import device as _device  # noqa: E402
+from flux_engine.provenance import versions as _versions  # noqa: E402
 
 
 def _format_seconds(s: float) -> str:
@@ -152,10 +111,7 @@ def main(argv: List[str]) -> int:
         "device": _device(),
         "commit": _commit(),
         **_versions(),
-        "command": " ".join(
-            [f"{k}={shlex.quote(os.environ[k])}" for k in _RELEVANT_ENV if k in os.environ]
-            + [shlex.quote(a) for a in ["python", "bench/report.py", *sys.argv[1:]]]
-        ),
+        "command": command_line(["python", "bench/report.py", *sys.argv[1:]]),
         "date": data.get("datetime", "unknown"),
     }
     with open(bench_file) as f:

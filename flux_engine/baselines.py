@@ -13,8 +13,8 @@ Methods (``METHODS``), each a function returning a ``Policy``:
   fit; ``Policy.memory`` reports what it would need against the budget (no error when it does not fit).
 - ``fmd`` (offloading): the full model, LoRA on every expert. From the budget, the most frequent experts (by the
   profile, ranked over all layers) stay resident on the GPU; the others live in host memory and are fetched over
-  PCIe when tokens route to them, once per forward pass per layer (``fetch_bytes`` for a given routing,
-  ``FetchCounter`` while training). The math is FedAvg-LoRA's; only the time differs.
+  PCIe when tokens route to them, once per forward pass per layer and again for its backward pass
+  (``fetch_bytes`` for one forward pass, ``FetchCounter`` while training). The math is FedAvg-LoRA's; only the time differs.
 - ``fmq``: every expert int4 (packed, group-wise symmetric, ``ops.quantize``), LoRA on every expert trained through
   the frozen quantized weights (QLoRA style). ``QuantizedExperts`` is a subclass of ``models.moe.Experts`` whose
   ``gate_up_proj`` / ``down_proj`` are ``ops.QuantizedTensor`` views of packed buffers: ``Experts.forward`` hands
@@ -392,9 +392,10 @@ def fetch_bytes(residency: Residency, routing: Any) -> FetchBytes:
 
 class FetchCounter:
     """Counts FMD's fetches while a model runs: forward hooks on the MoE layers add, per forward pass and layer,
-    the non-resident experts its tokens route to (one fetch each). Use as a context manager around
-    ``train_round`` (each micro-batch's forward is one pass; activation checkpointing's recomputation counts as a
-    second pass, i.e. a re-fetch). Counts accumulate on the model's device; ``bytes`` synchronises once."""
+    the non-resident experts its tokens route to (one fetch each, two when the pass will be backpropagated: the
+    backward pass fetches them again). Use as a context manager around ``train_round`` (activation
+    checkpointing's recomputation is a second forward pass, whose fetch the backward then uses). Counts accumulate
+    on the model's device; ``bytes`` synchronises once."""
 
     def __init__(self, model: nn.Module, residency: Residency):
         self.model, self.residency = model, residency
@@ -416,7 +417,10 @@ class FetchCounter:
             def fn(module, args, output):
                 ids = output[1].ids.reshape(-1).long()
                 routed = torch.zeros(E, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
-                self._fetched[l] += (routed & nonres[l]).sum()
+                # The backward pass needs the weights again (dX = dY W), and by then the staging buffer holds
+                # other layers' experts; under activation checkpointing the recompute's fetch serves it.
+                backward = output[0].requires_grad and not getattr(self.model, "gradient_checkpointing", False)
+                self._fetched[l] += (routed & nonres[l]).sum() * (2 if backward else 1)
                 if l == 0:
                     self.passes += 1
 

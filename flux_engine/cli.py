@@ -3,6 +3,7 @@
     flux-engine demo                       # 4 clients x 3 rounds: SmolLM2-MoE on BIG-bench, accuracy curve
     flux-engine run --config run.toml      # a federation from a config file (keys: federated.config.RunConfig)
     flux-engine run --config run.toml --resume
+    flux-engine experiment --config bench/configs/tta_cpu.toml   # Flux vs baselines: time-to-accuracy report
     flux-engine profile --preset tiny      # routing frequencies / importance of one client's data
     flux-engine merge --preset tiny --tune 2 --merged 6    # merge plan and its output error
     flux-engine bench --preset tiny        # one client round, timed by phase
@@ -71,8 +72,10 @@ def table(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------------ federation
 
 
-def load_config_file(path: str) -> Dict[str, Any]:
-    """A run config from TOML (flat keys, or under ``[tool.flwr.app.config]`` as in pyproject.toml) or JSON."""
+def load_config_file(path: str, keep_experiment: bool = False) -> Dict[str, Any]:
+    """A run config from TOML (flat keys, or under ``[tool.flwr.app.config]`` as in pyproject.toml) or JSON. An
+    experiment file's ``[experiment]`` table (``flux_engine.experiment``) is dropped unless ``keep_experiment``, so
+    ``run --config`` on such a file runs its Flux federation."""
     from flux_engine.federated.config import ConfigError
 
     try:
@@ -82,7 +85,10 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config file {path} not found") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'TOML'} ({e})") from None
-    return raw.get("tool", {}).get("flwr", {}).get("app", {}).get("config", raw)
+    raw = dict(raw.get("tool", {}).get("flwr", {}).get("app", {}).get("config", raw))
+    if not keep_experiment:
+        raw.pop("experiment", None)
+    return raw
 
 
 def preflight(run) -> List[Any]:
@@ -94,11 +100,23 @@ def preflight(run) -> List[Any]:
     from flux_engine.federated.config import ConfigError
     from flux_engine.federated.state import ServerState
 
+    from flux_engine import baselines
+    from flux_engine.merging import FrequencyProfile
+
     config = model_config(run)
+    # FMD's and FMES's plans fail on the budget alone (what they keep depends on the profile, whether they fit
+    # does not): any profile tells.
+    L, E = len(config.moe_layer_indices), config.num_experts
+    uniform = FrequencyProfile(torch.full((L, E), 1.0 / E))
     plans = []
     for pid in range(run.num_clients):
+        need, settings = run.budget_for(pid, {}), train_settings(run)
         try:
-            plans.append(budget.plan_budget(config, run.budget_for(pid, {}), train_settings(run)))
+            plans.append(budget.plan_budget(config, need, settings))
+            if run.method == "fmd":
+                baselines.plan_residency(config, uniform, need, settings, run.fmd_staging_experts or None)
+            elif run.method == "fmes":
+                baselines.plan_kept(config, uniform, need, settings, run.fmes_allocation)
         except budget.BudgetError as e:
             raise budget.BudgetError(f"client {pid}: {e}", e.missing_bytes) from None
     client_batches(run, 0, run.num_clients, config.vocab_size)
@@ -178,19 +196,10 @@ DEMO_DOMAINS = ("vitaminc_fact_verification", "goal_step_wikihow", "social_iqa",
 
 
 def demo_model() -> str:
-    """The checkpoint folder of the demo's model: ``DEMO_PRESET`` after the continued pre-training (router warm-up)
-    of ``flux_engine.pretrain`` with bench/runtime.py's recipe (Drop-Upcycle at the preset's fraction, 30 steps on the
-    domain mix), prepared on first use: SmolLM2 and BIG-bench are fetched, the preset built and trained (~5 min on
-    2 cores), then cached."""
-    from flux_engine import presets
-    from flux_engine.pretrain import Recipe, prepare
+    """The checkpoint folder of the demo's model: ``DEMO_PRESET`` warm-started (``pretrain.warm_start``)."""
+    from flux_engine.pretrain import warm_start
 
-    recipe = Recipe(preset=DEMO_PRESET, steps=30, drop_fraction=presets.get(DEMO_PRESET).metadata["drop_fraction"])
-    # prepare()'s cache entry; asking for the folder only spares loading the model here (the clients load it).
-    folder = recipe.cache_folder()
-    if not folder.is_dir():
-        prepare(recipe)
-    return str(folder)
+    return warm_start(DEMO_PRESET)
 
 
 def cmd_demo(args) -> int:
@@ -265,6 +274,16 @@ def cmd_run(args) -> int:
     if args.resume:
         raw = {**raw, "resume": True}
     federate(RunConfig.from_mapping(raw), args.verbose)
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from flux_engine.experiment import run_experiment
+
+    if not args.verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    argv = ["experiment", "--config", args.config] + (["--resume"] if args.resume else [])
+    run_experiment(args.config, resume=args.resume, verbose=args.verbose, argv=argv)
     return 0
 
 
@@ -394,6 +413,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True)
     run.add_argument("--resume", action="store_true", help="continue from the last complete round in state-dir")
     run.set_defaults(func=cmd_run)
+
+    exp = sub.add_parser("experiment", help="time to accuracy: Flux vs the baselines (a config with [experiment])")
+    exp.add_argument("--config", required=True)
+    exp.add_argument("--resume", action="store_true", help="reuse finished methods, continue unfinished ones")
+    exp.set_defaults(func=cmd_experiment)
 
     for name, func, help_ in (
         ("profile", cmd_profile, "profile one client's data"),

@@ -275,6 +275,21 @@ def branch_train_mix(model: MoEForCausalLM, corpus: Corpus, recipe: Recipe, gen:
         mlp.experts.reset_expert_map()
 
 
+def warm_start(preset: str, steps: int = 30) -> str:
+    """The checkpoint folder of ``preset`` after a short continued pre-training (router warm-up; bench/runtime.py's
+    recipe: Drop-Upcycle at the preset's fraction, ``steps`` steps on the domain mix), prepared on first use (SmolLM2
+    and BIG-bench fetched, the preset built and trained: ~5 min for a mini preset on 2 cores) and cached. The model
+    the demo and the time-to-accuracy experiment fine-tune."""
+    from flux_engine import presets
+
+    recipe = Recipe(preset=preset, steps=steps, drop_fraction=presets.get(preset).metadata["drop_fraction"])
+    # prepare()'s cache entry; asking for the folder only spares loading the model here (the clients load it).
+    folder = recipe.cache_folder()
+    if not folder.is_dir():
+        prepare(recipe)
+    return str(folder)
+
+
 def prepare(recipe: Recipe, corpus: Optional[Corpus] = None) -> Tuple[MoEForCausalLM, Dict[str, Any]]:
     """The model of ``recipe`` (from the cache when prepared before) and its report: the recipe, measurements at
     step 0, after branching and after training, and the training losses (kept in the config metadata, so a cached

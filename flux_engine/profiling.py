@@ -46,6 +46,7 @@ import json
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
 
@@ -601,19 +602,23 @@ def _meta(bits, group_size, symmetric, dense_bits) -> Dict[str, Any]:
 
 
 class ProfileHandle:
-    """A profile computing in the background: ``done()``, ``result(timeout=None)`` (re-raises its error)."""
+    """A profile computing in the background: ``done()``, ``result(timeout=None)`` (re-raises its error).
+    ``seconds``: wall-clock of the work once done, plus ``setup_seconds`` spent before it started (the snapshot)."""
 
-    def __init__(self, target):
+    def __init__(self, target, setup_seconds: float = 0.0):
         self._result: Optional[ExpertProfile] = None
         self._error: Optional[BaseException] = None
+        self.seconds = float(setup_seconds)
         self._thread = threading.Thread(target=self._work, args=(target,), daemon=True, name="flux-profile")
         self._thread.start()
 
     def _work(self, target) -> None:
+        t0 = time.perf_counter()
         try:
             self._result = target()
         except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
             self._error = e
+        self.seconds += time.perf_counter() - t0
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -638,6 +643,7 @@ def profile_async(
     now), so the caller may go on training; the result equals ``profile`` on that snapshot. ``batches`` is
     materialised into a list first.
     """
+    t0 = time.perf_counter()
     low = prepare(
         model_or_checkpoint, bits, group_size, symmetric=symmetric, dtype=dtype, device=device,
         dense_bits=dense_bits,
@@ -656,8 +662,8 @@ def profile_async(
             stream.synchronize()
             return out
 
-        return ProfileHandle(target)
-    return ProfileHandle(lambda: _run(low, batches, meta))
+        return ProfileHandle(target, time.perf_counter() - t0)
+    return ProfileHandle(lambda: _run(low, batches, meta), time.perf_counter() - t0)
 
 
 # -------------------------------------------------------------------------------------------------- comparison

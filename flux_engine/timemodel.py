@@ -232,8 +232,8 @@ class TimeModel:
             f"{self.network_bps / 1e9:g} Gbit/s",
             f"  upload = bytes the client trained, fp32 * 8 / {up / 1e9:g} Gbit/s",
             "  PCIe fetches (offloading, FMD) = bytes of non-resident routed experts / "
-            f"{self.pcie_bytes_per_s / 1e9:g} GB/s, once per forward pass per layer, on the critical path (no prefetch "
-            "overlap)",
+            f"{self.pcie_bytes_per_s / 1e9:g} GB/s, once per forward and once per backward pass per layer, on the "
+            "critical path (no prefetch overlap)",
             ("  stale profiling ON: only max(0, profiling - previous round's aggregation) counts; round 1 counts it all"
              if self.stale_profiling else "  stale profiling OFF (ablation): all profiling seconds count"),
             "  not modelled: network latency, server downlink contention (clients' links are independent), "
@@ -250,13 +250,15 @@ class TimeModel:
 @dataclass
 class CurvePoint:
     """One evaluation of a method's global model: after ``round`` (0: the initial model), at cumulative simulated
-    ``time`` seconds; held-out ``accuracy`` per domain; ``bytes_sent`` over the network in that round."""
+    ``time`` seconds; held-out ``accuracy`` per domain; ``bytes_sent`` over the network in that round; held-out
+    ``loss``."""
 
     method: str
     round: int
     time: float
     accuracy: Dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
+    loss: float = math.nan  # held-out LM loss (a secondary metric; NaN when not measured)
 
     @property
     def mean_accuracy(self) -> float:
@@ -384,21 +386,27 @@ def tta_table(series: Series, target: Target, reference: str = "flux") -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # CSV
 
-CSV_FIXED = ("method", "round", "time_s", "bytes_sent", "acc_mean")
+CSV_FIXED = ("method", "round", "time_s", "bytes_sent", "eval_loss", "acc_mean")
 ACC_PREFIX = "acc:"
 
 
 def write_csv(path: Union[str, os.PathLike], points: Iterable[CurvePoint]) -> None:
-    """One row per point: method, round, simulated time (s), bytes sent in that round, mean accuracy, then one
-    ``acc:<domain>`` column per domain seen (empty where a point lacks it)."""
+    """One row per point: method, round, simulated time (s), bytes sent in that round, held-out loss, mean
+    accuracy, then one ``acc:<domain>`` column per domain seen (empty where a point lacks it). Written atomically."""
+    from flux_engine.fileio import atomic_write
+
     points = list(points)
     domains = sorted({d for p in points for d in p.accuracy})
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
+
+    def write(f) -> None:
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(list(CSV_FIXED) + [ACC_PREFIX + d for d in domains])
         for p in points:
-            w.writerow([p.method, p.round, repr(float(p.time)), int(p.bytes_sent), repr(float(p.mean_accuracy))]
+            w.writerow([p.method, p.round, repr(float(p.time)), int(p.bytes_sent), repr(float(p.loss)),
+                        repr(float(p.mean_accuracy))]
                        + [repr(float(p.accuracy[d])) if d in p.accuracy else "" for d in domains])  # fmt: skip
+
+    atomic_write(path, write)
 
 
 def read_csv(path: Union[str, os.PathLike]) -> List[CurvePoint]:
@@ -407,7 +415,9 @@ def read_csv(path: Union[str, os.PathLike]) -> List[CurvePoint]:
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             acc = {k[len(ACC_PREFIX):]: float(v) for k, v in row.items() if k.startswith(ACC_PREFIX) and v != ""}
-            out.append(CurvePoint(row["method"], int(row["round"]), float(row["time_s"]), acc, int(row["bytes_sent"])))
+            loss = float(row.get("eval_loss") or "nan")
+            out.append(CurvePoint(row["method"], int(row["round"]), float(row["time_s"]), acc, int(row["bytes_sent"]),
+                                  loss))  # fmt: skip
     return out
 
 
@@ -418,6 +428,8 @@ def plot_curves(series: Series, path: Union[str, os.PathLike], target: Optional[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from flux_engine.fileio import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     try:
@@ -432,7 +444,7 @@ def plot_curves(series: Series, path: Union[str, os.PathLike], target: Optional[
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
     finally:
         plt.close(fig)
 

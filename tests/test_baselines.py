@@ -90,7 +90,8 @@ def test_fmd_residency_and_fetched_bytes_on_hand_made_routing(model, ids):
     counter = baselines.FetchCounter(work, res)
     with counter:
         result = training.train_round(work, pol.tuning, [ids], training.TrainConfig(steps=2))
-    assert counter.passes == 2 and counter.bytes == 2 * pol.pcie_bytes()
+    # Two training passes, each fetching for its forward and again for its backward pass.
+    assert counter.passes == 2 and counter.bytes == 2 * 2 * pol.pcie_bytes()
     rec = baselines.client_round(pol, result, download_bytes=123, client=3, profile_seconds=0.5)
     assert (rec.client, rec.download_bytes, rec.profile_seconds) == (3, 123, 0.5)
     assert rec.upload_bytes == baselines.upload_bytes(result.trained) and rec.train_seconds == result.seconds

@@ -108,7 +108,7 @@ def test_missing_or_broken_manifest(tmp_path):
 
 def test_config_rejects_typos_and_lists_valid_keys():
     with pytest.raises(
-        ConfigError, match=r"unknown config key 'num-round'; valid keys: preset, checkpoint, .*num-rounds"
+        ConfigError, match=r"unknown config key 'num-round'; valid keys: method, preset, checkpoint, .*num-rounds"
     ):
         RunConfig.from_mapping({"num-round": 3})
     with pytest.raises(ConfigError, match="'lora-rank': expected int"):

@@ -29,7 +29,7 @@ from flux_engine.data.metrics import (
     token_f1,
 )
 from flux_engine.data.records import Record, read_jsonl, write_jsonl
-from flux_engine.data.tokens import Tokenizer, lm_batches
+from flux_engine.data.tokens import Tokenizer, encode_continuation, lm_batches
 
 __all__ = [
     "BIGBENCH",
@@ -43,6 +43,7 @@ __all__ = [
     "exact_match",
     "extract_tasks",
     "fetch_archive",
+    "encode_continuation",
     "lm_batches",
     "load_tasks",
     "multiple_choice_accuracy",

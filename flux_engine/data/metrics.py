@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from flux_engine.data.records import Record
-from flux_engine.data.tokens import Tokenizer, encode, pad_id, pad_right
+from flux_engine.data.tokens import Tokenizer, encode_continuation, pad_id, pad_right
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,11 +41,7 @@ def causal_lm_logits(model: Any) -> LogitsFn:
 def _context_and_choice_ids(
     tokenizer: Tokenizer, record: Record, choice: str, max_length: Optional[int]
 ) -> Tuple[List[int], List[int]]:
-    # BPE vocabularies attach a space to the word after it (" Paris"), so the context's trailing whitespace
-    # is tokenized with the choice, as it would be in running text.
-    context = record.context.rstrip()
-    ctx = encode(tokenizer, context)
-    cont = encode(tokenizer, record.context[len(context) :] + choice)
+    ctx, cont = encode_continuation(tokenizer, record.context, choice)
     if not cont:
         raise ValueError(f"record {record.id}: choice {choice!r} encodes to no tokens")
     if not ctx:

@@ -29,6 +29,14 @@ def encode(tokenizer: Tokenizer, text: str) -> List[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def encode_continuation(tokenizer: Tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+    """``(context ids, continuation ids)`` encoded apart, as a model is scored on a choice: BPE vocabularies attach a
+    space to the word after it (" Paris"), so the context's trailing whitespace is tokenized with the
+    continuation, as it would be in running text."""
+    head = context.rstrip()
+    return encode(tokenizer, head), encode(tokenizer, context[len(head) :] + continuation)
+
+
 def pad_id(tokenizer: Tokenizer) -> int:
     return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
@@ -53,6 +61,7 @@ def lm_batches(
     batch_size: int,
     seed: int = 0,
     packed: bool = True,
+    answer_only: bool = False,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Causal-LM batches of ``context + answer + EOS`` for every record, in a ``seed``-shuffled order.
 
@@ -63,6 +72,10 @@ def lm_batches(
     ``packed=True`` concatenates all documents and cuts the stream into ``seq_len`` rows (only the final row
     is padded); ``packed=False`` gives each record its own row, keeping its last ``seq_len`` tokens, since
     the answer at the end is what the record is about.
+
+    ``answer_only=True``: the loss covers the answer and its EOS only (``labels`` are -100 on the context), the
+    instruction-tuning loss; context and answer are then encoded apart (``encode_continuation``), exactly as
+    ``multiple_choice_accuracy`` scores a choice, so training and scoring see the same tokens.
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
@@ -70,14 +83,26 @@ def lm_batches(
     if eos is None:
         raise ValueError("lm_batches needs tokenizer.eos_token_id to separate documents")
     order = np.random.default_rng(seed).permutation(len(records))
-    docs = [encode(tokenizer, records[i].context + records[i].answer) + [eos] for i in order]
+    docs, targets = [], []  # token ids, and whether each is a loss target
+    for i in order:
+        if answer_only:
+            ctx, ans = encode_continuation(tokenizer, records[i].context, records[i].answer)
+            docs.append(ctx + ans + [eos])
+            targets.append([False] * len(ctx) + [True] * (len(ans) + 1))
+        else:
+            docs.append(encode(tokenizer, records[i].context + records[i].answer) + [eos])
+            targets.append([True] * len(docs[-1]))
     if packed:
         stream = [t for doc in docs for t in doc]
+        flags = [t for doc in targets for t in doc]
         rows = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+        is_target = [flags[i : i + seq_len] for i in range(0, len(flags), seq_len)]
     else:
         rows = [doc[-seq_len:] for doc in docs]
+        is_target = [doc[-seq_len:] for doc in targets]
     pad = pad_id(tokenizer)
     for start in range(0, len(rows), batch_size):
         ids, mask = pad_right(rows[start : start + batch_size], pad, seq_len)
+        target, _ = pad_right([[int(f) for f in r] for r in is_target[start : start + batch_size]], 0, seq_len)
         # Masked by position, not by id: the pad id is often the EOS id, and real EOS tokens must be learned.
-        yield {"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask}
+        yield {"input_ids": ids, "labels": ids.masked_fill((mask == 0) | (target == 0), -100), "attention_mask": mask}

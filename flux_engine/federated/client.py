@@ -1,23 +1,30 @@
-"""The Flux ``ClientApp``: profile -> merge -> train on one client, with the base model kept resident between rounds.
+"""The Flux ``ClientApp``: profile -> merge -> train on one client, with the base model kept resident between rounds;
+the same app runs the baselines of the time-to-accuracy experiment (run key ``method``).
 
 A client keeps, per run (``ClientRuntime``, cached in this process): the base model (never modified), its copy of
 the global trainable tensors and the round it last synced, its data batches, its budget plan, and the profile
-computing in the background for the next round.
+computing in the background for the next round (or a baseline's policy).
 
 Handlers:
 
 - ``query.profile`` (first contact): plan the budget (``budget.plan_budget``; node config ``memory-budget`` or
-  the run config), profile the base model (``profiling.profile``) and reply ``B_tune`` and the round-1 utilities
-  (normalised frequencies, ``roles.frequency_utility``).
-- ``train``: apply the received global tensors to a copy of the base (the global model) and start profiling it in
-  the background (stale profiling: that profile serves the next round); merge the non-tuning experts with the
-  previous round's profile (``merging.merge``, tuning and exploration experts kept whole); estimate the exploration
-  experts' utilities forward-only (``roles.explore_experts``, two-point SPSA; explore-mode "zo"); train the tuning
-  experts (``training.train_round``; LoRA mode: they keep their base weights and resume from their global adapters
-  via ``init``); reply the trained tensors, routed-token counts and utilities (Eq. 3 from training for tuning
-  experts, the SPSA estimate for exploration experts).
-- ``evaluate``: the global model (every expert, nothing merged) on held-out data: LM loss and, with
-  ``eval-records``, multiple-choice accuracy per domain (``flux_engine.evaluation``).
+  the run config), profile the base model (``profiling.profile`` on ``profile-samples`` rows) and reply ``B_tune``
+  and the round-1 utilities (normalised frequencies, ``roles.frequency_utility``).
+- ``train``: apply the received global tensors to a copy of the base (the global model) and profile it for the
+  next round (stale profiling: in the background, or inline and timed apart with ``profile-in-background =
+  false``); merge the non-tuning experts with the previous round's profile (``baselines.flux`` over
+  ``merging.merge``, tuning and exploration experts kept whole); estimate the exploration experts' utilities
+  forward-only (``roles.explore_experts``, two-point SPSA; explore-mode "zo"); train the tuning experts
+  (``training.train_round`` on the next ``local-steps`` batches of the client's data; LoRA mode: they keep their
+  base weights and resume from their global adapters via ``init``); reply the trained tensors, routed-token counts,
+  utilities (Eq. 3 from training for tuning experts, the SPSA estimate for exploration experts) and the measured
+  terms of the time model (profiling, merge, training and exploration seconds).
+- ``train`` for a baseline (``handle_train_baseline``): its ``baselines.Policy`` (FedAvg-LoRA, FMD, FMQ, FMES),
+  built once from the base model (and the first-contact profile for FMD / FMES), trains its experts' adapters from
+  the global ones; FMD reports its PCIe bytes.
+- ``evaluate``: the global model on held-out data: LM loss and, with ``eval-records``, multiple-choice accuracy per
+  domain (``flux_engine.evaluation``). Flux: every expert, nothing merged, adapters folded in; a baseline: its
+  policy's model (int4 experts for FMQ, the kept experts for FMES) with the global adapters attached.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flux_engine import budget, evaluation, merging, presets, profiling, roles
+from flux_engine import baselines, budget, evaluation, presets, profiling, roles
 from flux_engine.aggregation import Update
 from flux_engine.data import Record
 from flux_engine.evaluation import sample_test_records
@@ -117,7 +124,8 @@ def client_batches(
         from flux_engine.data import lm_batches
 
         mine, _ = client_records(run, partition_id, num_partitions)
-        rows = list(lm_batches(mine, tokenizer(run), run.seq_len, run.batch_size, seed=run.seed, packed=False))
+        rows = list(lm_batches(mine, tokenizer(run), run.seq_len, run.batch_size, seed=run.seed, packed=False,
+                               answer_only=run.loss_on == "answer"))  # fmt: skip
     n_eval = max(1, round(run.eval_fraction * len(rows))) if len(rows) > 1 else 0
     return rows[n_eval:], rows[:n_eval]
 
@@ -169,7 +177,13 @@ class ClientRuntime:
     global_tensors: Update = field(default_factory=dict)
     synced: int = 0
     profile: Any = None  # an ExpertProfile, or a ProfileHandle still computing
+    # Measured seconds of computing ``profile`` and whether they overlapped the server's aggregation (stale):
+    # charged to the round that uses it (the time model, flux_engine.timemodel).
+    profile_seconds: float = 0.0
+    profile_stale: bool = False
     num_layers: int = 0
+    policy: Any = None  # a baseline's baselines.Policy, built on first use and kept (the base never changes)
+    policy_seconds: float = 0.0  # seconds building it took, charged to the next training round
 
     def sync(self, content: RecordDict, state: RecordDict) -> None:
         """Apply the server's delta. The global copy is also kept in the node's Flower context ``state``: under
@@ -189,9 +203,17 @@ class ClientRuntime:
         state["flux-global"] = wire.pack_tensors(self.global_tensors)
         state["flux-sync"] = ConfigRecord({"synced": self.synced})
 
-    def take_profile(self) -> Any:
+    def set_profile(self, p: Any, seconds: float = 0.0, stale: bool = False) -> None:
+        self.profile, self.profile_seconds, self.profile_stale = p, seconds, stale
+
+    def take_profile(self) -> Tuple[Any, float, bool]:
+        """``(profile, its seconds, stale)``; the seconds are charged once (0 when taken again)."""
         p = self.profile
-        return p.result() if isinstance(p, profiling.ProfileHandle) else p
+        if isinstance(p, profiling.ProfileHandle):
+            p, self.profile, self.profile_seconds = p.result(), p.result(), p.seconds
+        out = (p, self.profile_seconds, self.profile_stale)
+        self.profile_seconds = 0.0
+        return out
 
 
 _RUNTIMES: Dict[Tuple[int, int], ClientRuntime] = {}
@@ -284,63 +306,66 @@ def explore_utilities(rt: ClientRuntime, model: MoEForCausalLM, explore: torch.T
         return roles.explore_experts(model, rows["input_ids"], pairs, zo, rows["labels"], rows["attention_mask"])
 
 
+# Methods that choose experts by routing frequency and so profile their data (FedAvg-LoRA and FMQ train every
+# expert and need no profile).
+PROFILING_METHODS = ("flux", "fmd", "fmes")
+
+
 def handle_profile(rt: ClientRuntime) -> RecordDict:
-    p = profiling.profile(rt.base, rt.train_batches, bits=_profile_bits(rt.run))
-    rt.profile = p
+    """First contact: the budget plan and round-1 utilities (normalised routing frequencies of the base model; zero
+    for methods that do not profile). The profile's seconds are charged to round 1, which nothing hides it behind."""
+    L, E = rt.num_layers, rt.base.config.num_experts
+    utilities = torch.zeros(L, E, dtype=torch.float64)
+    if rt.run.method in PROFILING_METHODS:
+        utilities = roles.frequency_utility(first_profile(rt).frequency)
     return RecordDict(
         {
             "plan": ConfigRecord({"B_tune": rt.plan.B_tune, "B_non": rt.plan.B_non, "partition-id": rt.partition_id}),
-            "utilities": ArrayRecord({"utilities": roles.frequency_utility(p.frequency)}),
+            "utilities": ArrayRecord({"utilities": utilities}),
         }
     )
 
 
-def handle_train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
-    from flux_engine.training import train_round
+def profile_batches(rt: ClientRuntime) -> List[dict]:
+    """The training batches profiling reads: all of them, or the first ones holding ``profile-samples`` rows
+    (routing statistics settle on a sample; the whole local dataset may be far larger)."""
+    n = rt.run.profile_samples
+    if n <= 0:
+        return rt.train_batches
+    out, rows = [], 0
+    for b in rt.train_batches:
+        if rows >= n:
+            break
+        out.append(b)
+        rows += int(b["input_ids"].shape[0])
+    return out
 
-    t0 = time.perf_counter()
-    rt.sync(content, state)
-    cfg = content["config"]
-    L, E = rt.num_layers, rt.base.config.num_experts
-    tuning = wire.ids_to_mask(cfg["tuning"], L, E)
-    # Exploration experts the server wants a forward-only utility estimate of (explore-mode "zo"; absent: none).
-    explore = wire.ids_to_mask(cfg["explore"] if "explore" in cfg else [], L, E)
-    tuning_keys = {tuple(k) for k in torch.nonzero(tuning).tolist()}
-    global_model = round_copy(rt.base)
-    apply_global(global_model, rt.global_tensors, rt.run)
-    profile = rt.take_profile()
-    if profile is None:
-        profile = profiling.profile(global_model, rt.train_batches, bits=_profile_bits(rt.run))
-    # Stale profiling: this round's global model is profiled while we train and the server aggregates, for use
-    # next round. profile_async snapshots the weights before returning, so the model may change afterwards.
-    rt.profile = (
-        profiling.profile_async(global_model, rt.train_batches, bits=_profile_bits(rt.run))
-        if rt.run.stale_profile
-        else None
-    )
-    working = global_model
-    if rt.run.mode == "lora" and tuning_keys & set(rt.global_tensors):
-        # Tuning experts resume from their global factors (init) on their base weights: do not fold those in.
-        working = round_copy(rt.base)
-        apply_global(working, rt.global_tensors, rt.run, skip=tuning_keys)
-    tuning_lists = [torch.nonzero(row).flatten().tolist() for row in tuning]
-    # Exploration experts keep a physical expert of their own, like tuning experts, so that their estimate is
-    # theirs and not a merged group's.
-    unmerged = [torch.nonzero(row).flatten().tolist() for row in tuning | explore]
-    model = merging.merge(
-        working, profile, unmerged, rt.plan.B_non, weighting=rt.run.merge_weighting, seed=rt.run.seed, inplace=True
-    )
-    explored = explore_utilities(rt, model, explore, int(cfg["round"]))
-    init = {k: v for k, v in rt.global_tensors.items() if k in tuning_keys}
-    result = train_round(model, tuning_lists, rt.train_batches, train_config(rt.run), init)
-    utilities = result.utilities
-    utilities[explore] = explored[explore]  # NaN for experts neither trained nor explored: "not measured"
-    trained = result.trained
+
+def round_batches(rt: ClientRuntime, round_: int) -> List[dict]:
+    """This round's training batches: the client's batches rotated so that successive rounds continue through its
+    data (``local-steps`` batches a round) instead of revisiting the first ones."""
+    n = len(rt.train_batches)
+    start = (max(round_ - 1, 0) * rt.run.local_steps) % n if n else 0
+    return rt.train_batches[start:] + rt.train_batches[:start]
+
+
+def first_profile(rt: ClientRuntime) -> Any:
+    """The base model's profile, computed on first use (its seconds wait in ``rt.profile_seconds`` for round 1)."""
+    if rt.profile is None:
+        t0 = time.perf_counter()
+        p = profiling.profile(rt.base, profile_batches(rt), bits=_profile_bits(rt.run))
+        rt.set_profile(p, time.perf_counter() - t0, stale=False)
+    return rt.profile
+
+
+def _train_reply(rt: ClientRuntime, result: Any, utilities: torch.Tensor, t0: float, times: Dict[str, float]):
+    """The train reply: trained tensors, routed-token counts, utilities and metrics, with the measured terms of
+    the time model (``times``: profile-seconds, profile-stale, merge-seconds, explore-seconds, pcie-bytes)."""
     losses = [float(x) for x in result.losses]
     return RecordDict(
         {
-            "update": wire.pack_tensors(trained),
-            "token_counts": wire.pack_counts({k: int(result.token_counts.get(k, 0)) for k in trained}),
+            "update": wire.pack_tensors(result.trained),
+            "token_counts": wire.pack_counts({k: int(result.token_counts.get(k, 0)) for k in result.trained}),
             "utilities": ArrayRecord({"utilities": utilities}),
             "metrics": MetricRecord(
                 {
@@ -350,21 +375,144 @@ def handle_train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> R
                     "train-seconds": float(result.seconds),
                     "round-seconds": time.perf_counter() - t0,
                     "partition-id": rt.partition_id,
+                    **times,
                 }
             ),
         }
     )
 
 
+def handle_train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
+    from flux_engine.training import train_round
+
+    if rt.run.method != "flux":
+        return handle_train_baseline(rt, content, state)
+    t0 = time.perf_counter()
+    rt.sync(content, state)
+    cfg = content["config"]
+    L, E = rt.num_layers, rt.base.config.num_experts
+    tuning = wire.ids_to_mask(cfg["tuning"], L, E)
+    # Exploration experts the server wants a forward-only utility estimate of (explore-mode "zo"; absent: none).
+    explore = wire.ids_to_mask(cfg["explore"] if "explore" in cfg else [], L, E)
+    tuning_keys = {tuple(k) for k in torch.nonzero(tuning).tolist()}
+    t_merge = time.perf_counter()
+    global_model = round_copy(rt.base)
+    apply_global(global_model, rt.global_tensors, rt.run)
+    merge_seconds = time.perf_counter() - t_merge
+    profile, profile_seconds, profile_stale = rt.take_profile()
+    if profile is None:
+        t_prof = time.perf_counter()
+        profile = profiling.profile(global_model, profile_batches(rt), bits=_profile_bits(rt.run))
+        profile_seconds += time.perf_counter() - t_prof
+    # Stale profiling: this round's global model is profiled for use next round, while we train and the server
+    # aggregates (background) or here, timed apart (simulation). profile_async snapshots the weights before
+    # returning, so the model may change afterwards.
+    if rt.run.stale_profile and rt.run.profile_in_background:
+        rt.set_profile(profiling.profile_async(global_model, profile_batches(rt), bits=_profile_bits(rt.run)), stale=True)
+    elif rt.run.stale_profile:
+        t_prof = time.perf_counter()
+        p = profiling.profile(global_model, profile_batches(rt), bits=_profile_bits(rt.run))
+        rt.set_profile(p, time.perf_counter() - t_prof, stale=True)
+    else:
+        rt.set_profile(None)
+    t_merge = time.perf_counter()
+    working = global_model
+    if rt.run.mode == "lora" and tuning_keys & set(rt.global_tensors):
+        # Tuning experts resume from their global factors (init) on their base weights: do not fold those in.
+        working = round_copy(rt.base)
+        apply_global(working, rt.global_tensors, rt.run, skip=tuning_keys)
+    tuning_lists = [torch.nonzero(row).flatten().tolist() for row in tuning]
+    # Exploration experts keep a physical expert of their own, like tuning experts, so that their estimate is
+    # theirs and not a merged group's.
+    unmerged = [torch.nonzero(row).flatten().tolist() for row in tuning | explore]
+    policy = baselines.flux(working, profile, unmerged, rt.plan, weighting=rt.run.merge_weighting,
+                            layer_budgets=rt.run.merge_budgets, seed=rt.run.seed, inplace=True)  # fmt: skip
+    model = policy.model
+    merge_seconds += time.perf_counter() - t_merge
+    t_explore = time.perf_counter()
+    explored = explore_utilities(rt, model, explore, int(cfg["round"]))
+    explore_seconds = time.perf_counter() - t_explore
+    init = {k: v for k, v in rt.global_tensors.items() if k in tuning_keys}
+    result = train_round(model, tuning_lists, round_batches(rt, int(cfg["round"])), train_config(rt.run), init)
+    utilities = result.utilities
+    utilities[explore] = explored[explore]  # NaN for experts neither trained nor explored: "not measured"
+    times = {"profile-seconds": profile_seconds, "profile-stale": int(profile_stale), "merge-seconds": merge_seconds,
+             "explore-seconds": explore_seconds, "pcie-bytes": 0}  # fmt: skip
+    return _train_reply(rt, result, utilities, t0, times)
+
+
+def baseline_policy(rt: ClientRuntime) -> Any:
+    """A baseline client's ``baselines.Policy``, built on first use from the base model (and the first-contact
+    profile for FMD / FMES) and kept: in LoRA mode the base never changes, the global adapters go on top each
+    round. The seconds building it took wait in ``rt.policy_seconds`` for the next training round."""
+    if rt.policy is not None:
+        return rt.policy
+    run = rt.run
+    profile = first_profile(rt) if run.method in PROFILING_METHODS else None
+    options = {"fmq": {"bits": run.fmq_bits, "inplace": True}, "fmes": {"allocation": run.fmes_allocation,
+               "inplace": True}, "fmd": {"staging_experts": run.fmd_staging_experts or None}}  # fmt: skip
+    t0 = time.perf_counter()
+    model = round_copy(rt.base)
+    rt.policy = baselines.make_policy(run.method, model, budget_bytes=rt.plan.budget_bytes,
+                                      settings=train_settings(run), profile=profile,
+                                      **options.get(run.method, {}))  # fmt: skip
+    rt.policy_seconds = time.perf_counter() - t0
+    return rt.policy
+
+
+def handle_train_baseline(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
+    """A baseline's round: its policy's tuning experts (those of them the server allows: ``config.tuning``) train
+    through LoRA, resuming from the global adapters, on the policy's model (full, int4 or with experts dropped);
+    FMD counts its PCIe fetches meanwhile."""
+    from flux_engine.training import detach_tuning, train_round
+
+    t0 = time.perf_counter()
+    rt.sync(content, state)
+    profile_seconds = rt.profile_seconds  # the first-contact profile, charged to the first round
+    rt.profile_seconds = 0.0
+    policy = baseline_policy(rt)
+    prepare_seconds, rt.policy_seconds = rt.policy_seconds, 0.0
+    allowed = wire.ids_to_mask(content["config"]["tuning"], rt.num_layers, rt.base.config.num_experts)
+    tuning = [[e for e in ids if bool(allowed[l, e])] for l, ids in enumerate(policy.tuning)]
+    keys = {(l, e) for l, ids in enumerate(tuning) for e in ids}
+    init = {k: v for k, v in rt.global_tensors.items() if k in keys}
+    batches = round_batches(rt, int(content["config"]["round"]))
+    try:
+        if policy.fetch is not None:
+            policy.fetch.reset()
+            with policy.fetch:
+                result = train_round(policy.model, tuning, batches, train_config(rt.run), init)
+        else:
+            result = train_round(policy.model, tuning, batches, train_config(rt.run), init)
+    finally:
+        detach_tuning(policy.model)  # the adapters travel in the result; the kept model stays plain
+    times = {"profile-seconds": profile_seconds, "profile-stale": 0, "merge-seconds": prepare_seconds,
+             "explore-seconds": 0.0, "pcie-bytes": policy.pcie_bytes()}  # fmt: skip
+    return _train_reply(rt, result, result.utilities, t0, times)
+
+
 @torch.no_grad()
 def handle_evaluate(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
     """The global model (every expert, nothing merged) on this client's held-out data: LM loss on its held-out
     batches and multiple-choice accuracy on its domains' test records."""
+    from flux_engine.training import attach_tuning, detach_tuning
+
     rt.sync(content, state)
-    model = round_copy(rt.base)
-    apply_global(model, rt.global_tensors, rt.run)
-    loss, tokens = evaluation.heldout_loss(model, rt.eval_batches)
-    accuracy = evaluation.domain_accuracy(model, tokenizer(rt.run), rt.eval_records)
+    if rt.run.method == "flux":
+        model = round_copy(rt.base)
+        apply_global(model, rt.global_tensors, rt.run)
+    else:
+        # A baseline's global model is its own: the adapters on its policy's model (int4 experts for FMQ, dropped
+        # experts for FMES), attached rather than folded (packed weights cannot take them).
+        policy = baseline_policy(rt)
+        model = policy.model
+        attach_tuning(model, policy.tuning, train_config(rt.run), rt.global_tensors)
+    try:
+        loss, tokens = evaluation.heldout_loss(model, rt.eval_batches)
+        accuracy = evaluation.domain_accuracy(model, tokenizer(rt.run), rt.eval_records)
+    finally:
+        if rt.run.method != "flux":
+            detach_tuning(model)
     return RecordDict(
         {
             "metrics": MetricRecord({"eval-loss": loss, "num-tokens": tokens}),

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
+    # What the clients run each round: "flux", or a baseline of the time-to-accuracy experiment ("fedavg-lora",
+    # "fmd", "fmq", "fmes"; flux_engine.baselines), all on the same data, training and evaluation.
+    method: str = "flux"
     # Model: a preset's shapes with random weights (seeded), or a checkpoint folder of that shape.
     preset: str = "tiny"
     checkpoint: str = ""
@@ -57,8 +60,18 @@ class RunConfig:
     explore_mode: str = "zo"
     # Profiling and merging.
     profile_bits: int = 4  # 0: full precision
+    profile_samples: int = 0  # training rows profiled (the first ones); 0: all
     stale_profile: bool = True
-    merge_weighting: str = "freq_attn"
+    # Stale profiling in a background thread (deployment), or inline before training (simulation: its seconds are
+    # measured apart, without stealing cores from training, and the time model hides them).
+    profile_in_background: bool = True
+    merge_weighting: str = "freq_attn"  # Eq. 2 alpha_e: "freq_attn" (f_e * a_e), "freq" (ablation), "uniform"
+    merge_budgets: str = "eq1"  # merged experts per layer: Eq. 1, or "uniform" (ablation)
+    # Baselines (flux_engine.baselines): FMQ's bits, FMES's allocation of kept experts ("global" or "uniform"),
+    # FMD's staging buffer in experts (0: one layer's worth).
+    fmq_bits: int = 4
+    fmes_allocation: str = "global"
+    fmd_staging_experts: int = 0
     # Data: "synthetic" (random tokens with a per-client skew; tests), "jsonl:PATH" (records, flux_engine.data) or
     # "bigbench:TASK,TASK" (BIG-bench tasks); text is tokenized by "bytes" (tiny preset) or "smollm2".
     data: str = "synthetic"
@@ -67,6 +80,9 @@ class RunConfig:
     alpha: float = 0.5
     samples_per_client: int = 32
     eval_fraction: float = 0.2
+    # Training loss on the whole sequence ("all": continued pre-training) or on the answer only ("answer":
+    # instruction tuning, the context masked; the tokens multiple-choice scoring reads).
+    loss_on: str = "all"
     # Server checkpoints.
     state_dir: str = "flux-state"
     resume: bool = False
@@ -76,6 +92,18 @@ class RunConfig:
             raise ConfigError(f"mode must be 'lora' or 'full', got {self.mode!r}")
         if self.min_clients < 1 or self.num_rounds < 0 or not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("need min-clients >= 1, num-rounds >= 0 and 0 < fraction-train <= 1")
+        from flux_engine.baselines import ALLOCATIONS, LAYER_BUDGET_RULES, METHODS
+        from flux_engine.merging import WEIGHTINGS
+
+        choices = {"method": METHODS, "merge_budgets": LAYER_BUDGET_RULES, "fmes_allocation": ALLOCATIONS,
+                   "loss_on": ("all", "answer"), "merge_weighting": WEIGHTINGS}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.method != "flux" and self.mode != "lora":
+            raise ConfigError(f"method {self.method!r} trains LoRA adapters: mode must be 'lora'")
+        if self.fmq_bits not in (4, 8) or self.fmd_staging_experts < 0:
+            raise ConfigError("need fmq-bits 4 or 8 and fmd-staging-experts >= 0")
         if self.explore_mode not in ("zo", "train"):
             raise ConfigError(f"explore-mode must be 'zo' or 'train', got {self.explore_mode!r}")
         if self.eval_records < 0:

@@ -8,11 +8,13 @@ A round r (``start``):
    assign tuning experts per client from the utility table (stale by one round) and each client's ``B_tune``:
    exploitation experts it trains and exploration experts (explore-mode "zo": it reports a forward-only utility
    estimate of them; "train": it trains them too); send each client its roles plus only the global tensors
-   changed since it last synced.
+   changed since it last synced. A baseline (run key ``method``) has no roles: every expert is allowed, the
+   client's policy picks what it trains (``flux_engine.baselines``).
 2. ``aggregate_train``: drop clients that failed or did not reply in time, reject updates that fail validation or
    touch experts the client was not assigned, average the rest per expert; with fewer than ``min-clients``
-   accepted updates the round changes nothing. Each round's report (accepted, dropped with the reason) is logged
-   and kept in ``state.history``.
+   accepted updates the round changes nothing. Each round's report (accepted, dropped with the reason, and per
+   client the time model's inputs: download/upload bytes and the measured seconds it reported, ``clients``) is
+   logged and kept in ``state.history``.
 3. every ``evaluate-every`` rounds, ``configure_evaluate`` / ``aggregate_evaluate``: the global model on the
    clients' held-out data (LM loss; with ``eval-records``, multiple-choice accuracy per domain), pooled over
    clients (``flux_engine.evaluation``); round 0 (before any training) is evaluated too, into ``state.baseline``.
@@ -39,8 +41,11 @@ from flux_engine.federated.config import RunConfig
 from flux_engine.federated.state import ServerState
 from flux_engine.models.config import MoEConfig
 from flux_engine.roles import EpsilonSchedule, assign_roles
+from flux_engine.timemodel import tensor_bytes
 
 PROFILE_QUERY = f"{MessageType.QUERY}.profile"
+# The time model's measured terms each client reports with its update (train reply metrics).
+TIME_METRICS = ("profile-seconds", "profile-stale", "merge-seconds", "train-seconds", "explore-seconds", "pcie-bytes")
 
 
 class FluxStrategy(Strategy):
@@ -67,6 +72,7 @@ class FluxStrategy(Strategy):
             state.rng.manual_seed(run.seed)
         self.state = state
         self._assigned: Dict[str, Set[Tuple[int, int]]] = {}  # this round's tuning experts per client
+        self._download: Dict[str, int] = {}  # this round's training download per client (bytes, time model)
         self._dropped: Dict[str, str] = {}  # clients dropped while configuring this round
         self.evaluation: Dict = {}  # the last evaluation's summary (aggregate_evaluate)
 
@@ -94,32 +100,38 @@ class FluxStrategy(Strategy):
         self._query_new(grid, [n for n in nodes if str(n) not in self.state.budgets])
         nodes = [n for n in nodes if str(n) in self.state.budgets]
         clients = [str(n) for n in nodes]
-        # assign_roles counts rounds from 0 (eps_0 in the first round).
-        roles = assign_roles(
-            self.state.utilities.for_clients(clients),
-            [self.state.budgets[c] for c in clients],
-            round_t=server_round - 1,
-            schedule=self.schedule,
-            seed=self.run.seed,
-        )
-        self._assigned = {}
-        messages = []
         zo = self.run.explore_mode == "zo"
-        for node, client, r in zip(nodes, clients, roles):
+        if self.run.method == "flux":
+            # assign_roles counts rounds from 0 (eps_0 in the first round).
+            roles = assign_roles(
+                self.state.utilities.for_clients(clients),
+                [self.state.budgets[c] for c in clients],
+                round_t=server_round - 1,
+                schedule=self.schedule,
+                seed=self.run.seed,
+            )
             # "zo": the client trains the exploitation experts and only estimates the exploration experts' utility.
-            trained = r.exploit if zo else r.tuning
+            plans = [(r.exploit if zo else r.tuning, r.explore if zo else None) for r in roles]
+        else:
+            # A baseline's client policy picks its experts (all of them, or the kept ones): any may be trained.
+            plans = [(torch.ones(self.L, self.E, dtype=torch.bool), None)] * len(clients)
+        self._assigned, self._download = {}, {}
+        messages = []
+        for node, client, (trained, explore) in zip(nodes, clients, plans):
             self._assigned[client] = {tuple(k) for k in torch.nonzero(trained).tolist()}
+            delta = self._delta(client)
+            self._download[client] = self._train_download_bytes(client)
             content = RecordDict(
                 {
                     "config": ConfigRecord(
                         {
                             "round": server_round,
                             "tuning": wire.mask_to_ids(trained),
-                            "explore": wire.mask_to_ids(r.explore) if zo else [],
+                            "explore": [] if explore is None else wire.mask_to_ids(explore),
                             **self._sync_config(client, server_round - 1),
                         }
                     ),
-                    "global": wire.pack_tensors(self._delta(client)),
+                    "global": wire.pack_tensors(delta),
                 }
             )
             messages.append(
@@ -135,6 +147,7 @@ class FluxStrategy(Strategy):
         dropped = dict(self._dropped)
         updates: List[ClientUpdate] = []
         losses: Dict[str, float] = {}
+        times: Dict[str, Dict[str, float]] = {}
         for msg in replies:
             client = str(msg.metadata.src_node_id)
             if msg.has_error():
@@ -148,6 +161,11 @@ class FluxStrategy(Strategy):
             updates.append(update)
             metrics = msg.content["metrics"] if "metrics" in msg.content else {}
             losses[client] = float(metrics.get("train-loss", math.nan))
+            times[client] = {
+                "download_bytes": self._download.get(client, 0),
+                "upload_bytes": tensor_bytes(update.tensors, dtype_bytes=4),
+                **{k.replace("-", "_"): float(metrics.get(k, 0.0)) for k in TIME_METRICS},
+            }
         for client in set(self._assigned) - {u.client for u in updates} - set(dropped):
             dropped[client] = "no reply before the round timeout"
         applied = len(updates) >= self.run.min_clients
@@ -168,6 +186,7 @@ class FluxStrategy(Strategy):
             "dropped": dropped,
             "experts_changed": len(changed),
             "train_loss": losses,
+            "clients": times,
             "aggregate_seconds": time.perf_counter() - t0,
         }
         self.state.history.append(report)
@@ -360,6 +379,16 @@ class FluxStrategy(Strategy):
         """Global tensors changed after the client's last sync (all of them for a new client)."""
         since = self.state.last_sync.get(client, 0)
         return {k: v for k, v in self.state.global_tensors.items() if self.state.updated_round.get(k, 0) > since}
+
+    def _train_download_bytes(self, client: str) -> int:
+        """Bytes (fp32) of the global tensors changed since the client last trained: what a training round must
+        send it. Not ``_delta``'s bytes, which also shrink when an evaluation round synced the client (evaluation
+        is a measurement, outside the time model)."""
+        # A client that trained in round s started it from round s - 1's state: round s's aggregate is new to it.
+        trained = [h["round"] for h in self.state.history if client in h.get("accepted", ())]
+        since = trained[-1] - 1 if trained else 0
+        changed = [v for k, v in self.state.global_tensors.items() if self.state.updated_round.get(k, 0) > since]
+        return tensor_bytes(changed, dtype_bytes=4)
 
     def _parse_update(self, client: str, content: RecordDict) -> ClientUpdate:
         try:

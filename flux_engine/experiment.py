@@ -1,0 +1,371 @@
+"""The time-to-accuracy experiment (``flux-engine experiment --config FILE``; FLUX_DESIGN.md sections 7 and 8).
+
+One config file holds the run keys shared by every method (``federated.config.RunConfig``: model, data, partition,
+seeds, local training, evaluation) at the top level and an ``[experiment]`` table (``ExperimentConfig``): the
+methods, Flux's ablations, the TTA target rule, the time model's bandwidths and the outputs. For each preset and
+each method, the federation runs in this process (``simulation.run_local``, the same ServerApp / ClientApp as a
+deployment) with its own state folder. The server's history carries every round's measured terms (per client:
+download and upload bytes, profiling, merge, training and exploration seconds, PCIe bytes; the aggregation
+seconds); ``timemodel.TimeModel`` turns them into simulated wall-clock, and the held-out evaluation after each round
+gives the accuracy curve. Outputs: a CSV of the curves, a PNG of accuracy vs simulated time and a markdown report
+(time-to-target table with speedups, per-method round-time breakdown, memory, the time model's assumptions and the
+provenance).
+
+Ablations of Flux, each an extra method when switched on: ``flux-no-stale`` (profiling on the critical path),
+``flux-uniform-budgets`` (equal merged experts per layer instead of Eq. 1), ``flux-freq-merge`` (Eq. 2 with
+``alpha_e = f_e``), ``flux-fixed-eps`` (eps fixed) and ``flux-no-exploration`` (eps = 1: every tuning slot by
+utility).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from flux_engine import baselines, provenance, timemodel
+from flux_engine.federated.config import ConfigError, RunConfig
+from flux_engine.fileio import atomic_write
+
+ABLATIONS = ("flux-no-stale", "flux-uniform-budgets", "flux-freq-merge", "flux-fixed-eps", "flux-no-exploration")
+
+
+@dataclass
+class ExperimentConfig:
+    """The ``[experiment]`` table (keys hyphenated in the file)."""
+
+    methods: List[str] = field(default_factory=lambda: list(baselines.METHODS))
+    reference: str = "flux"  # the method whose speedups are reported
+    target_rule: str = "best_final"  # timemodel.tta_target: "best_final" or "best_any"
+    target_fraction: float = 0.95
+    network_gbps: float = 1.0  # each client's link, both directions
+    pcie_gbytes_per_s: float = 16.0  # host -> GPU (FMD's fetches)
+    # Flux's ablations.
+    no_stale_profiling: bool = False
+    uniform_merge_budgets: bool = False
+    frequency_only_merge: bool = False
+    fixed_eps: float = -1.0  # >= 0: the flux-fixed-eps ablation with eps fixed at this value
+    no_exploration: bool = False
+    # Models: presets to run (default: the run's own), and per preset the run keys that differ.
+    presets: List[str] = field(default_factory=list)
+    preset_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # With an empty run ``checkpoint``: fine-tune the preset warm-started by ``pretrain.warm_start`` (prepared and
+    # cached on first use) instead of seeded random weights, whose accuracy does not move.
+    warm_start: bool = True
+    # Outputs ("" = none); with several presets each file name gets "-<preset>" before its extension.
+    csv: str = ""
+    png: str = ""  # "": the CSV's path with .png
+    markdown: str = ""
+
+    def __post_init__(self) -> None:
+        known = set(baselines.METHODS)
+        for m in self.methods:
+            if m not in known:
+                raise ConfigError(f"[experiment] methods: unknown method {m!r}; valid: {', '.join(baselines.METHODS)}")
+        if not self.methods:
+            raise ConfigError("[experiment] methods: at least one method is needed")
+        if self.target_rule not in ("best_final", "best_any"):
+            raise ConfigError(f"[experiment] target-rule must be 'best_final' or 'best_any', got {self.target_rule!r}")
+        if not 0.0 < self.target_fraction <= 1.0:
+            raise ConfigError(f"[experiment] target-fraction must lie in (0, 1], got {self.target_fraction}")
+        if not (self.network_gbps > 0 and self.pcie_gbytes_per_s > 0):
+            raise ConfigError("[experiment] network-gbps and pcie-gbytes-per-s must be > 0")
+        if self.fixed_eps > 1.0:
+            raise ConfigError(f"[experiment] fixed-eps must be <= 1 (or < 0: off), got {self.fixed_eps}")
+        if self.reference not in self.method_names():
+            raise ConfigError(f"[experiment] reference {self.reference!r} is not among the methods {self.method_names()}")
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in raw.items():
+            name = str(key).replace("-", "_")
+            if name not in fields:
+                valid = ", ".join(f.replace("_", "-") for f in fields)
+                raise ConfigError(f"[experiment]: unknown key {key!r}; valid keys: {valid}")
+            kwargs[name] = value
+        if "preset_overrides" in kwargs:
+            kwargs["preset_overrides"] = {p: dict(v) for p, v in kwargs["preset_overrides"].items()}
+        return cls(**kwargs)
+
+    def method_names(self) -> List[str]:
+        """The methods to run, then the ablations switched on."""
+        switches = (self.no_stale_profiling, self.uniform_merge_budgets, self.frequency_only_merge,
+                    self.fixed_eps >= 0, self.no_exploration)  # fmt: skip
+        return list(self.methods) + [name for name, on in zip(ABLATIONS, switches) if on]
+
+    def time_model(self) -> timemodel.TimeModel:
+        return timemodel.TimeModel(network_bps=self.network_gbps * timemodel.GBIT,
+                                   pcie_bytes_per_s=self.pcie_gbytes_per_s * 1e9)  # fmt: skip
+
+    def outputs(self, preset: str, several: bool) -> Tuple[str, str]:
+        """``(csv, png)`` paths of a preset ("" = not written)."""
+        png = self.png or (os.path.splitext(self.csv)[0] + ".png" if self.csv else "")
+        if not several:
+            return self.csv, png
+        return tuple(f"{os.path.splitext(p)[0]}-{preset}{os.path.splitext(p)[1]}" if p else "" for p in (self.csv, png))
+
+
+def load(path: str) -> Tuple[Dict[str, Any], ExperimentConfig]:
+    """``(run keys, experiment config)`` of an experiment file (TOML or JSON)."""
+    from flux_engine.cli import load_config_file
+
+    raw = load_config_file(path, keep_experiment=True)
+    exp = ExperimentConfig.from_mapping(raw.pop("experiment", {}))
+    RunConfig.from_mapping(raw)  # fail on a bad run key before anything runs
+    return raw, exp
+
+
+def method_run(run: RunConfig, name: str, exp: ExperimentConfig, state_dir: str) -> RunConfig:
+    """The run of one method: the shared keys, the method (Flux for its ablations) and the ablation's switch.
+    Profiling runs inline, timed apart (``profile-in-background = false``): in a one-process simulation a
+    background thread would steal cores from the training being timed, and the time model accounts the overlap."""
+    changes: Dict[str, Any] = {"state_dir": state_dir, "resume": False, "profile_in_background": False}
+    if name in baselines.METHODS:
+        changes["method"] = name
+    else:
+        changes["method"] = "flux"
+        changes.update({
+            "flux-no-stale": {"stale_profile": False},
+            "flux-uniform-budgets": {"merge_budgets": "uniform"},
+            "flux-freq-merge": {"merge_weighting": "freq"},
+            "flux-fixed-eps": {"eps_fixed": exp.fixed_eps},
+            "flux-no-exploration": {"eps_fixed": 1.0},
+        }[name])  # fmt: skip
+    return dataclasses.replace(run, **changes)
+
+
+# ------------------------------------------------------------------------------------------------ from histories
+
+
+def client_rounds(state: Any) -> List[Tuple[List[timemodel.ClientRound], float]]:
+    """Per completed round of a server state: the accepted clients' ``ClientRound`` (the terms ``FluxStrategy``
+    recorded; exploration seconds count as local training) and the aggregation seconds."""
+    out = []
+    for h in state.history:
+        clients = []
+        for c, t in sorted(h.get("clients", {}).items()):
+            clients.append(timemodel.ClientRound(
+                client=c, download_bytes=int(t["download_bytes"]), upload_bytes=int(t["upload_bytes"]),
+                profile_seconds=float(t["profile_seconds"]), merge_seconds=float(t["merge_seconds"]),
+                train_seconds=float(t["train_seconds"]) + float(t["explore_seconds"]),
+                pcie_bytes=int(t["pcie_bytes"]), stale=bool(t["profile_stale"]),
+            ))  # fmt: skip
+        out.append((clients, float(h["aggregate_seconds"])))
+    return out
+
+
+def curve(method: str, state: Any, rounds: Sequence[timemodel.RoundTime]) -> List[timemodel.CurvePoint]:
+    """The accuracy curve: round 0 (the model before training) at time 0, then every evaluated round at the end of
+    its simulated time."""
+    points = []
+    if state.baseline.get("accuracy"):
+        b = state.baseline
+        points.append(timemodel.CurvePoint(method, 0, 0.0, dict(b["accuracy"]), 0, float(b.get("eval_loss", math.nan))))
+    for h, rt in zip(state.history, rounds):
+        if h.get("accuracy"):
+            points.append(timemodel.CurvePoint(method, h["round"], rt.end, dict(h["accuracy"]), rt.bytes_sent,
+                                               float(h.get("eval_loss", math.nan))))  # fmt: skip
+    return points
+
+
+def breakdown(rounds: Sequence[timemodel.RoundTime]) -> Dict[str, float]:
+    """Mean seconds per round of each term on the critical path (the slowest client), the aggregation, the hidden
+    profiling, and the round total."""
+    n = max(len(rounds), 1)
+    out: Dict[str, float] = {}
+    for rt in rounds:
+        s = rt.slowest
+        terms = dict(s.terms()) if s is not None else {}
+        terms["profiling hidden"] = s.profile_hidden if s is not None else 0.0
+        terms["aggregation"] = rt.aggregation
+        terms["round"] = rt.duration
+        for k, v in terms.items():
+            out[k] = out.get(k, 0.0) + v / n
+    return out
+
+
+def memory_line(run: RunConfig, method: str) -> str:
+    """What the method holds against a client's budget (``budget`` / ``baselines`` memory models)."""
+    from flux_engine import budget
+    from flux_engine.federated.client import model_config, train_settings
+
+    config, settings = model_config(run), train_settings(run)
+    need = run.budget_for(0, {})
+    if method == "fedavg-lora":
+        m = baselines.fedavg_lora_memory(config, settings, need)
+    elif method == "fmq":
+        m = baselines.fmq_memory(config, settings, need, run.fmq_bits)
+    elif method in ("fmd", "fmes"):
+        what = "resident experts" if method == "fmd" else "kept experts"
+        return f"within {budget._human(need)} by construction ({what} chosen to fit)"
+    else:
+        plan = budget.plan_budget(config, need, settings)
+        return f"{budget._human(plan.used_bytes)} of {budget._human(need)} (B_tune {plan.B_tune}, B_non {plan.B_non})"
+    verdict = "fits" if m.fits else "does NOT fit (assumed to, as the baseline's definition says)"
+    return f"{budget._human(m.total)} of {budget._human(need)}: {verdict}"
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class PresetResult:
+    preset: str
+    run: RunConfig
+    series: Dict[str, List[timemodel.CurvePoint]]
+    rounds: Dict[str, List[timemodel.RoundTime]]
+    target: Optional[timemodel.Target]
+    seconds: Dict[str, Optional[float]]  # wall-clock of each method's run here (None: read back, --resume)
+    memory: Dict[str, str]
+
+
+def run_method(run: RunConfig, resume: bool, verbose: bool = False) -> Tuple[Any, bool]:
+    """One method's federation -> ``(final server state, whether it ran here)``; with ``resume``, a state folder
+    that already holds the last round is read back and one that stopped earlier continues."""
+    from flux_engine.federated.state import ServerState
+
+    if os.path.exists(os.path.join(run.state_dir, "latest.json")):
+        if not resume:
+            raise ConfigError(f"{run.state_dir} already holds a server checkpoint: pass --resume, or remove it")
+        state = ServerState.load(run.state_dir)
+        if state.round >= run.num_rounds:
+            return state, False
+        run = dataclasses.replace(run, resume=True)
+    from flux_engine.cli import federate
+
+    return federate(run, verbose), True
+
+
+def run_preset(run: RunConfig, exp: ExperimentConfig, resume: bool = False, verbose: bool = False,
+               log=print) -> PresetResult:  # fmt: skip
+    tm = exp.time_model()
+    series, rounds, seconds, memory = {}, {}, {}, {}
+    for name in exp.method_names():
+        mrun = method_run(run, name, exp, os.path.join(run.state_dir, run.preset, name))
+        log(f"== {run.preset}: {name} ({mrun.num_rounds} rounds, {mrun.num_clients} clients) ==")
+        t0 = time.perf_counter()
+        state, ran = run_method(mrun, resume, verbose)
+        seconds[name] = time.perf_counter() - t0 if ran else None
+        failures = [f"round {h.get('round', 0)}: {what} {c}: {why}" for h in [state.baseline, *state.history]
+                    for what, key in (("client", "dropped"), ("evaluation on client", "eval_failed"))
+                    for c, why in h.get(key, {}).items()]  # fmt: skip
+        if failures:
+            # A curve with clients missing compares nothing: stop, and say why.
+            raise RuntimeError(f"{name}: " + "; ".join(failures[:4]) + (" ..." if len(failures) > 4 else ""))
+        rounds[name] = tm.simulate(client_rounds(state))
+        series[name] = curve(name, state, rounds[name])
+        memory[name] = memory_line(mrun, mrun.method)
+    target = None
+    if any(p.accuracy for pts in series.values() for p in pts):
+        target = timemodel.tta_target(series, exp.target_fraction, exp.target_rule)
+    return PresetResult(run.preset, run, series, rounds, target, seconds, memory)
+
+
+def run_experiment(path: str, resume: bool = False, verbose: bool = False, argv: Sequence[str] = (),
+                   log=print) -> List[PresetResult]:  # fmt: skip
+    """Run the experiment of ``path`` and write its outputs; returns one result per preset."""
+    raw, exp = load(path)
+    presets = exp.presets or [raw.get("preset", RunConfig.preset)]
+    results = []
+    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    log(exp.time_model().describe())
+    for preset in presets:
+        keys = {**raw, "preset": preset, **exp.preset_overrides.get(preset, {})}
+        run = RunConfig.from_mapping(keys)
+        if not run.checkpoint and exp.warm_start:
+            from flux_engine.pretrain import warm_start
+
+            run = dataclasses.replace(run, checkpoint=warm_start(preset))
+        res = run_preset(run, exp, resume, verbose, log)
+        results.append(res)
+        csv_path, png_path = exp.outputs(preset, len(presets) > 1)
+        points = [p for pts in res.series.values() for p in pts]
+        if csv_path:
+            timemodel.write_csv(csv_path, points)
+            log(f"wrote {csv_path}")
+        if png_path and res.target is not None:
+            timemodel.plot_curves(res.series, png_path, res.target, title=f"time to accuracy: {preset}")
+            log(f"wrote {png_path}")
+        log(report_section(res, exp, csv_path, png_path))
+    if exp.markdown:
+        text = report(results, exp, path, argv, started)
+        atomic_write(exp.markdown, lambda f: f.write(text))
+        log(f"wrote {exp.markdown}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _link(path: str, base: str) -> str:
+    return os.path.relpath(path, os.path.dirname(os.path.abspath(base)) or ".") if path else ""
+
+
+def report_section(res: PresetResult, exp: ExperimentConfig, csv_path: str = "", png_path: str = "",
+                   markdown_path: str = "") -> str:  # fmt: skip
+    """The markdown of one preset: TTA table, round-time breakdown, memory, outputs."""
+    lines = [f"## {res.preset}", ""]
+    if res.target is None:
+        lines += ["No method has an accuracy (eval-records = 0?): no time-to-accuracy.", ""]
+    else:
+        lines += [timemodel.tta_table(res.series, res.target, exp.reference), ""]
+    terms = ["download", "profiling (not hidden)", "profiling hidden", "merge", "local train", "PCIe fetches",
+             "upload", "aggregation", "round"]  # fmt: skip
+    lines += ["Mean simulated seconds per round on the critical path (the slowest client each round; profiling "
+              "hidden = the part stale profiling overlaps with the previous aggregation, not counted), final "
+              "held-out LM loss, and this machine's wall-clock for the method's whole run (evaluations included):",
+              "", "| method | " + " | ".join(terms) + " | final eval loss | wall-clock here |",
+              "| --- |" + " ---: |" * (len(terms) + 2)]  # fmt: skip
+    for name, rounds in res.rounds.items():
+        b = breakdown(rounds)
+        pts = res.series[name]
+        loss = pts[-1].loss if pts else math.nan
+        cells = [f"{b.get(t, 0.0):.3f}" for t in terms]
+        wall = "read back" if res.seconds[name] is None else f"{res.seconds[name] / 60:.1f} min"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {loss:.4f} | {wall} |")
+    lines += ["", "Memory per client (budget.py / baselines.py memory models):", ""]
+    lines += [f"- {name}: {text}" for name, text in res.memory.items()]
+    if csv_path or png_path:
+        lines += ["", "Curves: " + ", ".join(f"[`{os.path.basename(p)}`]({_link(p, markdown_path or p)})"
+                                              for p in (csv_path, png_path) if p)]  # fmt: skip
+    return "\n".join(lines)
+
+
+def report(results: Sequence[PresetResult], exp: ExperimentConfig, config_path: str, argv: Sequence[str],
+           started: str) -> str:  # fmt: skip
+    import torch
+
+    first = results[0].run if results else RunConfig()
+    budgets = first.budgets or first.memory_budget
+    head = [
+        f"# Time to accuracy: {', '.join(exp.method_names())}",
+        "",
+        f"- command: `{provenance.command_line(['flux-engine', *argv])}`",
+        f"- config: `{config_path}`",
+        f"- started: {started}; finished: {datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- device: {provenance.device()}; commit: {provenance.commit()}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in provenance.versions().items()),
+        "- model: " + ", ".join(f"{r.preset} ({r.run.checkpoint or 'seeded random weights'})" for r in results),
+        f"- federation: {first.num_clients} clients, {first.num_rounds} rounds, partition {first.partition}, data "
+        f"`{first.data}`, {first.samples_per_client} training records per client, loss on {first.loss_on}, "
+        f"{first.local_steps} local steps of batch {first.batch_size} x {first.seq_len}, lr {first.lr}, LoRA r "
+        f"{first.lora_rank}; memory budget per client {budgets}; torch threads {torch.get_num_threads()}",
+        f"- accuracy: multiple-choice accuracy (log-likelihood ranking) on {first.eval_records} held-out test records "
+        "per domain, scored by the clients holding the domain; the mean is unweighted over domains",
+        "",
+        "```",
+        exp.time_model().describe(),
+        "```",
+        "",
+    ]
+    body = []
+    for r in results:
+        csv_path, png_path = exp.outputs(r.preset, len(results) > 1)
+        body += [report_section(r, exp, csv_path, png_path, exp.markdown), ""]
+    return "\n".join(head + body)

@@ -1,0 +1,203 @@
+"""``flux-engine experiment``: Flux, the four baselines and the ablations through the same Flower apps on the tiny
+model (two clients, two multiple-choice domains), the time model fed from the server's history, and the CSV / PNG /
+markdown outputs. The measured experiment (SmolLM2, an hour) is bench/results/tta.md."""
+
+import csv
+
+import pytest
+import torch
+
+from flux_engine import timemodel
+from flux_engine.data import Record, encode_continuation, lm_batches, write_jsonl
+from flux_engine.federated.client import ByteTokenizer
+from flux_engine.federated.config import ConfigError, RunConfig
+
+pytest.importorskip("flux_engine.training")
+
+BASE = """
+preset = "tiny"
+num-clients = 2
+min-clients = 2
+num-rounds = 2
+budgets = "2400KiB,2560KiB"
+workspace = "0"
+lora-rank = 4
+batch-size = 4
+seq-len = 32
+samples-per-client = 8
+local-steps = 2
+lr = 1e-2
+data = "jsonl:{data}"
+partition = "domain"
+eval-records = 4
+loss-on = "answer"
+fmd-staging-experts = 2
+state-dir = "{state}"
+"""
+
+
+def _records(n: int = 40):
+    out = []
+    for d, (yes, no) in {"alpha": (" yes", " no"), "beta": (" up", " down")}.items():
+        for i in range(n):
+            target = i % 2
+            choices = [yes, no] if target == 0 else [no, yes]
+            out.append(Record(f"{d}/{i:04d}", d, None, d, f"Q{i}: say{yes}?\nA:", tuple(choices), target))
+    return out
+
+
+@pytest.fixture
+def config(tmp_path):
+    data = tmp_path / "mc.jsonl"
+    write_jsonl(data, _records())
+
+    def make(experiment: str) -> str:
+        path = tmp_path / "exp.toml"
+        text = BASE.format(data=data, state=tmp_path / "state") + "\n[experiment]\n" + experiment
+        path.write_text(text)
+        return str(path)
+
+    return make
+
+
+def test_answer_only_labels_cover_the_answer_and_eos():
+    tok = ByteTokenizer()
+    recs = _records(4)
+    batch = next(lm_batches(recs, tok, seq_len=32, batch_size=4, seed=0, packed=False, answer_only=True))
+    full = next(lm_batches(recs, tok, seq_len=32, batch_size=4, seed=0, packed=False))
+    for row in range(4):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        n = int(batch["attention_mask"][row].sum())
+        targets = [int(t) for t in labels[:n] if t != -100]
+        # The record this row holds: the one whose context + answer tokens it is.
+        rec = next(r for r in recs if encode_continuation(tok, r.context, r.answer)[0] == ids[: n - len(targets)].tolist())
+        ctx, ans = encode_continuation(tok, rec.context, rec.answer)
+        assert targets == ans + [tok.eos_token_id] and ids[:n].tolist() == ctx + ans + [tok.eos_token_id]
+        assert int((full["labels"][row] != -100).sum()) == n  # the default loss covers every token
+
+
+def test_experiment_runs_every_method_and_writes_the_report(config, tmp_path):
+    pytest.importorskip("matplotlib")
+    from flux_engine.cli import main
+    from flux_engine.federated.state import ServerState
+
+    path = config(f"""
+methods = ["flux", "fedavg-lora", "fmd", "fmq", "fmes"]
+no-stale-profiling = true
+no-exploration = true
+warm-start = false
+network-gbps = 0.001
+csv = "{tmp_path / 'tta.csv'}"
+markdown = "{tmp_path / 'tta.md'}"
+""")
+    assert main(["experiment", "--config", path]) == 0
+    names = ["flux", "fedavg-lora", "fmd", "fmq", "fmes", "flux-no-stale", "flux-no-exploration"]
+    points = timemodel.read_csv(tmp_path / "tta.csv")
+    assert sorted({p.method for p in points}) == sorted(names)
+    for name in names:
+        mine = sorted((p for p in points if p.method == name), key=lambda p: p.round)
+        assert [p.round for p in mine] == [0, 1, 2] and mine[0].time == 0.0 < mine[1].time < mine[2].time
+        assert set(mine[2].accuracy) == {"alpha", "beta"} and mine[2].loss > 0
+    assert (tmp_path / "tta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (tmp_path / "tta.md").read_text()
+    assert "target = 95% of the best final mean held-out accuracy" in text and "time model" in text
+    for name in names:
+        assert f"| {name} |" in text
+
+    state = {n: ServerState.load(str(tmp_path / "state" / "tiny" / n)) for n in names}
+    clients = {n: [h["clients"] for h in state[n].history] for n in names}
+    for n in names:
+        for rnd in clients[n]:
+            assert sorted(rnd) == ["1", "2"]
+            for t in rnd.values():
+                assert t["train_seconds"] > 0 and t["upload_bytes"] > 0
+    # Downloads: nothing trained before round 1; round 2 sends what round 1 changed (fp32 LoRA factors).
+    for n in names:
+        assert all(t["download_bytes"] == 0 for t in clients[n][0].values())
+        changed = [v for v in state[n].global_tensors.values()]
+        assert all(0 < t["download_bytes"] <= timemodel.tensor_bytes(changed, 4) for t in clients[n][1].values())
+    # Profiling: Flux charges the first-contact profile to round 1 (nothing to hide behind) and the stale one,
+    # computed during round 1, to round 2; without stale profiling it is on the critical path every round;
+    # FedAvg-LoRA and FMQ never profile, FMD and FMES once (round 1).
+    for t in clients["flux"][0].values():
+        assert t["profile_seconds"] > 0 and not t["profile_stale"]
+    for t in clients["flux"][1].values():
+        assert t["profile_seconds"] > 0 and t["profile_stale"]
+    assert all(t["profile_seconds"] > 0 and not t["profile_stale"] for r in clients["flux-no-stale"] for t in r.values())
+    for n in ("fedavg-lora", "fmq"):
+        assert all(t["profile_seconds"] == 0 for r in clients[n] for t in r.values())
+    for n in ("fmd", "fmes"):
+        assert all(t["profile_seconds"] > 0 for t in clients[n][0].values())
+        assert all(t["profile_seconds"] == 0 for t in clients[n][1].values())
+    # Only FMD moves experts over PCIe (the tiny model does not fit these budgets whole).
+    assert all(t["pcie_bytes"] > 0 for r in clients["fmd"] for t in r.values())
+    assert all(t["pcie_bytes"] == 0 for n in names if n != "fmd" for r in clients[n] for t in r.values())
+    # FedAvg-LoRA trains (and uploads) every expert its data reaches; Flux only its tuning experts.
+    flux_up = max(t["upload_bytes"] for r in clients["flux"] for t in r.values())
+    assert flux_up < min(t["upload_bytes"] for r in clients["fedavg-lora"] for t in r.values())
+
+    # The simulated round is the slowest client's sum of terms plus the aggregation (the time model), and the CSV's
+    # times are those rounds' ends.
+    from flux_engine.experiment import client_rounds
+
+    tm = timemodel.TimeModel(network_bps=0.001 * timemodel.GBIT)
+    rounds = tm.simulate(client_rounds(state["flux"]))
+    mine = sorted((p for p in points if p.method == "flux"), key=lambda p: p.round)
+    assert [p.time for p in mine[1:]] == pytest.approx([r.end for r in rounds])
+    slow = max(rounds[1].clients, key=lambda c: c.total)
+    assert rounds[1].duration == pytest.approx(slow.total + rounds[1].aggregation)
+    assert slow.download == pytest.approx(8 * clients["flux"][1][str(slow.client)]["download_bytes"] / 1e6)
+
+    # Reruns need --resume, which reads finished methods back instead of training again.
+    assert main(["experiment", "--config", path]) == 2
+    before = (tmp_path / "tta.csv").read_text()
+    assert main(["experiment", "--config", path, "--resume"]) == 0
+    assert (tmp_path / "tta.csv").read_text() == before
+
+
+def test_baseline_global_models(config, tmp_path):
+    """FMQ evaluates its adapters on the int4 experts and FMES on its kept experts: their round-0 held-out loss
+    differs from the full-precision model's, which FedAvg-LoRA and FMD share with Flux."""
+    from flux_engine.experiment import load, method_run
+    from flux_engine.federated.simulation import run_local
+
+    raw, exp = load(config("warm-start = false\nmethods = [\"flux\", \"fedavg-lora\", \"fmd\", \"fmq\", \"fmes\"]\n"))
+    run = RunConfig.from_mapping({**raw, "num-rounds": 1})
+    loss = {}
+    for m in exp.method_names():
+        state = run_local(method_run(run, m, exp, str(tmp_path / "s0" / m)))
+        loss[m] = state.baseline["eval_loss"]
+    assert loss["fedavg-lora"] == pytest.approx(loss["flux"]) and loss["fmd"] == pytest.approx(loss["flux"])
+    assert loss["fmq"] != pytest.approx(loss["flux"]) and loss["fmes"] != pytest.approx(loss["flux"])
+
+
+def test_config_errors(config, tmp_path):
+    from flux_engine.cli import load_config_file, main
+    from flux_engine.experiment import ExperimentConfig, load
+
+    path = config('methods = ["flux"]\n')
+    # run --config reads the run keys of an experiment file and ignores its [experiment] table.
+    assert "experiment" not in load_config_file(path) and RunConfig.from_mapping(load_config_file(path))
+    assert load(path)[1].methods == ["flux"]
+    with pytest.raises(ConfigError, match="unknown key 'method'; valid keys: methods"):
+        ExperimentConfig.from_mapping({"method": ["flux"]})
+    with pytest.raises(ConfigError, match="unknown method 'fedavg'"):
+        ExperimentConfig.from_mapping({"methods": ["flux", "fedavg"]})
+    with pytest.raises(ConfigError, match="reference 'fmd' is not among"):
+        ExperimentConfig.from_mapping({"methods": ["flux"], "reference": "fmd"})
+    with pytest.raises(ConfigError, match="method 'fmq' trains LoRA adapters"):
+        RunConfig(method="fmq", mode="full")
+    with pytest.raises(ConfigError, match="merge-budgets must be one of"):
+        RunConfig(merge_budgets="eq2")
+    bad = config('methods = ["flux"]\nnetwork-gbps = 0\n')
+    assert main(["experiment", "--config", bad]) == 2
+
+
+def test_time_model_inputs_round_trip_through_csv(tmp_path):
+    pts = [timemodel.CurvePoint("flux", 0, 0.0, {"a": 0.5}, 0, 2.5),
+           timemodel.CurvePoint("flux", 1, 3.25, {"a": 0.75}, 1024, 2.0)]  # fmt: skip
+    timemodel.write_csv(tmp_path / "c.csv", pts)
+    assert timemodel.read_csv(tmp_path / "c.csv") == pts
+    with open(tmp_path / "c.csv") as f:
+        assert next(csv.reader(f))[:6] == ["method", "round", "time_s", "bytes_sent", "eval_loss", "acc_mean"]
+    assert torch.isfinite(torch.tensor([p.loss for p in pts])).all()
