@@ -14,7 +14,8 @@ Methods (``METHODS``), each a function returning a ``Policy``:
 - ``fmd`` (offloading): the full model, LoRA on every expert. From the budget, the most frequent experts (by the
   profile, ranked over all layers) stay resident on the GPU; the others live in host memory and are fetched over
   PCIe when tokens route to them, once per forward pass per layer and again for its backward pass
-  (``fetch_bytes`` for one forward pass, ``FetchCounter`` while training). The math is FedAvg-LoRA's; only the time differs.
+  (``fetch_bytes`` for one forward pass, ``FetchCounter`` while training). The math is FedAvg-LoRA's; only the
+  time differs.
 - ``fmq``: every expert int4 (packed, group-wise symmetric, ``ops.quantize``), LoRA on every expert trained through
   the frozen quantized weights (QLoRA style). ``QuantizedExperts`` is a subclass of ``models.moe.Experts`` whose
   ``gate_up_proj`` / ``down_proj`` are ``ops.QuantizedTensor`` views of packed buffers: ``Experts.forward`` hands

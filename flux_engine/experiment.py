@@ -77,7 +77,8 @@ class ExperimentConfig:
         if self.fixed_eps > 1.0:
             raise ConfigError(f"[experiment] fixed-eps must be <= 1 (or < 0: off), got {self.fixed_eps}")
         if self.reference not in self.method_names():
-            raise ConfigError(f"[experiment] reference {self.reference!r} is not among the methods {self.method_names()}")
+            names = self.method_names()
+            raise ConfigError(f"[experiment] reference {self.reference!r} is not among the methods {names}")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
@@ -88,7 +89,12 @@ class ExperimentConfig:
             if name not in fields:
                 valid = ", ".join(f.replace("_", "-") for f in fields)
                 raise ConfigError(f"[experiment]: unknown key {key!r}; valid keys: {valid}")
-            kwargs[name] = value
+            f = fields[name]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+            if not ok or (isinstance(default, (int, float)) and isinstance(value, bool) != isinstance(default, bool)):
+                raise ConfigError(f"[experiment] {key}: expected {type(default).__name__}, got {value!r}")
+            kwargs[name] = float(value) if isinstance(default, float) else value
         if "preset_overrides" in kwargs:
             kwargs["preset_overrides"] = {p: dict(v) for p, v in kwargs["preset_overrides"].items()}
         return cls(**kwargs)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from flux_engine import timemodel
-from flux_engine.data import Record, encode_continuation, lm_batches, write_jsonl
+from flux_engine.data import encode_continuation, lm_batches, write_jsonl
 from flux_engine.federated.client import ByteTokenizer
 from flux_engine.federated.config import ConfigError, RunConfig
+from test_demo import _records  # two multiple-choice domains a byte-level model can learn
 
 pytest.importorskip("flux_engine.training")
 
@@ -34,16 +35,6 @@ loss-on = "answer"
 fmd-staging-experts = 2
 state-dir = "{state}"
 """
-
-
-def _records(n: int = 40):
-    out = []
-    for d, (yes, no) in {"alpha": (" yes", " no"), "beta": (" up", " down")}.items():
-        for i in range(n):
-            target = i % 2
-            choices = [yes, no] if target == 0 else [no, yes]
-            out.append(Record(f"{d}/{i:04d}", d, None, d, f"Q{i}: say{yes}?\nA:", tuple(choices), target))
-    return out
 
 
 @pytest.fixture
@@ -70,7 +61,8 @@ def test_answer_only_labels_cover_the_answer_and_eos():
         n = int(batch["attention_mask"][row].sum())
         targets = [int(t) for t in labels[:n] if t != -100]
         # The record this row holds: the one whose context + answer tokens it is.
-        rec = next(r for r in recs if encode_continuation(tok, r.context, r.answer)[0] == ids[: n - len(targets)].tolist())
+        head = ids[: n - len(targets)].tolist()
+        rec = next(r for r in recs if encode_continuation(tok, r.context, r.answer)[0] == head)
         ctx, ans = encode_continuation(tok, rec.context, rec.answer)
         assert targets == ans + [tok.eos_token_id] and ids[:n].tolist() == ctx + ans + [tok.eos_token_id]
         assert int((full["labels"][row] != -100).sum()) == n  # the default loss covers every token
@@ -123,7 +115,8 @@ markdown = "{tmp_path / 'tta.md'}"
         assert t["profile_seconds"] > 0 and not t["profile_stale"]
     for t in clients["flux"][1].values():
         assert t["profile_seconds"] > 0 and t["profile_stale"]
-    assert all(t["profile_seconds"] > 0 and not t["profile_stale"] for r in clients["flux-no-stale"] for t in r.values())
+    no_stale = [t for r in clients["flux-no-stale"] for t in r.values()]
+    assert all(t["profile_seconds"] > 0 and not t["profile_stale"] for t in no_stale)
     for n in ("fedavg-lora", "fmq"):
         assert all(t["profile_seconds"] == 0 for r in clients[n] for t in r.values())
     for n in ("fmd", "fmes"):
@@ -181,6 +174,11 @@ def test_config_errors(config, tmp_path):
     assert load(path)[1].methods == ["flux"]
     with pytest.raises(ConfigError, match="unknown key 'method'; valid keys: methods"):
         ExperimentConfig.from_mapping({"method": ["flux"]})
+    with pytest.raises(ConfigError, match="methods: expected list, got 'flux'"):
+        ExperimentConfig.from_mapping({"methods": "flux"})
+    with pytest.raises(ConfigError, match="no-exploration: expected bool"):
+        ExperimentConfig.from_mapping({"no-exploration": 1})
+    assert ExperimentConfig.from_mapping({"network-gbps": 10}).network_gbps == 10.0
     with pytest.raises(ConfigError, match="unknown method 'fedavg'"):
         ExperimentConfig.from_mapping({"methods": ["flux", "fedavg"]})
     with pytest.raises(ConfigError, match="reference 'fmd' is not among"):

@@ -408,7 +408,8 @@ def handle_train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> R
     # aggregates (background) or here, timed apart (simulation). profile_async snapshots the weights before
     # returning, so the model may change afterwards.
     if rt.run.stale_profile and rt.run.profile_in_background:
-        rt.set_profile(profiling.profile_async(global_model, profile_batches(rt), bits=_profile_bits(rt.run)), stale=True)
+        handle = profiling.profile_async(global_model, profile_batches(rt), bits=_profile_bits(rt.run))
+        rt.set_profile(handle, stale=True)
     elif rt.run.stale_profile:
         t_prof = time.perf_counter()
         p = profiling.profile(global_model, profile_batches(rt), bits=_profile_bits(rt.run))
