@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -226,14 +225,15 @@ class PresetResult:
     run: RunConfig
     series: Dict[str, List[timemodel.CurvePoint]]
     rounds: Dict[str, List[timemodel.RoundTime]]
-    target: Optional[timemodel.Target]
-    seconds: Dict[str, Optional[float]]  # wall-clock of each method's run here (None: read back, --resume)
+    target: Optional[timemodel.Target]  # accuracy (the headline)
+    loss_target: Optional[timemodel.Target]  # held-out loss (secondary: it moves where a small test sample does not)
+    seconds: Dict[str, float]  # wall-clock of each method's rounds and evaluations where it ran (server history)
     memory: Dict[str, str]
 
 
-def run_method(run: RunConfig, resume: bool, verbose: bool = False) -> Tuple[Any, bool]:
-    """One method's federation -> ``(final server state, whether it ran here)``; with ``resume``, a state folder
-    that already holds the last round is read back and one that stopped earlier continues."""
+def run_method(run: RunConfig, resume: bool, verbose: bool = False) -> Any:
+    """One method's federation -> its final server state; with ``resume``, a state folder that already holds the
+    last round is read back and one that stopped earlier continues."""
     from flux_engine.federated.state import ServerState
 
     if os.path.exists(os.path.join(run.state_dir, "latest.json")):
@@ -241,11 +241,11 @@ def run_method(run: RunConfig, resume: bool, verbose: bool = False) -> Tuple[Any
             raise ConfigError(f"{run.state_dir} already holds a server checkpoint: pass --resume, or remove it")
         state = ServerState.load(run.state_dir)
         if state.round >= run.num_rounds:
-            return state, False
+            return state
         run = dataclasses.replace(run, resume=True)
     from flux_engine.cli import federate
 
-    return federate(run, verbose), True
+    return federate(run, verbose)
 
 
 def run_preset(run: RunConfig, exp: ExperimentConfig, resume: bool = False, verbose: bool = False,
@@ -255,9 +255,8 @@ def run_preset(run: RunConfig, exp: ExperimentConfig, resume: bool = False, verb
     for name in exp.method_names():
         mrun = method_run(run, name, exp, os.path.join(run.state_dir, run.preset, name))
         log(f"== {run.preset}: {name} ({mrun.num_rounds} rounds, {mrun.num_clients} clients) ==")
-        t0 = time.perf_counter()
-        state, ran = run_method(mrun, resume, verbose)
-        seconds[name] = time.perf_counter() - t0 if ran else None
+        state = run_method(mrun, resume, verbose)
+        seconds[name] = state.baseline.get("eval_seconds", 0.0) + sum(h.get("seconds", 0.0) for h in state.history)
         failures = [f"round {h.get('round', 0)}: {what} {c}: {why}" for h in [state.baseline, *state.history]
                     for what, key in (("client", "dropped"), ("evaluation on client", "eval_failed"))
                     for c, why in h.get(key, {}).items()]  # fmt: skip
@@ -267,10 +266,11 @@ def run_preset(run: RunConfig, exp: ExperimentConfig, resume: bool = False, verb
         rounds[name] = tm.simulate(client_rounds(state))
         series[name] = curve(name, state, rounds[name])
         memory[name] = memory_line(mrun, mrun.method)
-    target = None
-    if any(p.accuracy for pts in series.values() for p in pts):
-        target = timemodel.tta_target(series, exp.target_fraction, exp.target_rule)
-    return PresetResult(run.preset, run, series, rounds, target, seconds, memory)
+    targets = {}
+    for metric in timemodel.METRICS:
+        if any(not math.isnan(p.value(metric)) for pts in series.values() for p in pts):
+            targets[metric] = timemodel.tta_target(series, exp.target_fraction, exp.target_rule, metric)
+    return PresetResult(run.preset, run, series, rounds, targets.get("accuracy"), targets.get("loss"), seconds, memory)
 
 
 def run_experiment(path: str, resume: bool = False, verbose: bool = False, argv: Sequence[str] = (),
@@ -296,7 +296,7 @@ def run_experiment(path: str, resume: bool = False, verbose: bool = False, argv:
             timemodel.write_csv(csv_path, points)
             log(f"wrote {csv_path}")
         if png_path and res.target is not None:
-            timemodel.plot_curves(res.series, png_path, res.target, title=f"time to accuracy: {preset}")
+            timemodel.plot_curves(res.series, png_path, res.target, f"time to accuracy: {preset}", res.loss_target)
             log(f"wrote {png_path}")
         log(report_section(res, exp, csv_path, png_path))
     if exp.markdown:
@@ -313,6 +313,18 @@ def _link(path: str, base: str) -> str:
     return os.path.relpath(path, os.path.dirname(os.path.abspath(base)) or ".") if path else ""
 
 
+def _start_note(res: PresetResult, target: timemodel.Target) -> List[str]:
+    """A warning when the models before training already meet ``target``: the metric did not move beyond where it
+    started, so its times to target are 0 and say nothing."""
+    start = [p for pts in res.series.values() for p in pts if p.round == 0]
+    met = [p.method for p in start if timemodel.time_to_accuracy([p], target.value, target.metric) is not None]
+    if not met:
+        return []
+    return [f"**Note:** the model before training (round 0) already meets this target for {', '.join(met)}: the "
+            f"{target.metric} did not rise clearly above where it started, so these times to target are 0 and "
+            "compare nothing.", ""]  # fmt: skip
+
+
 def report_section(res: PresetResult, exp: ExperimentConfig, csv_path: str = "", png_path: str = "",
                    markdown_path: str = "") -> str:  # fmt: skip
     """The markdown of one preset: TTA table, round-time breakdown, memory, outputs."""
@@ -320,12 +332,16 @@ def report_section(res: PresetResult, exp: ExperimentConfig, csv_path: str = "",
     if res.target is None:
         lines += ["No method has an accuracy (eval-records = 0?): no time-to-accuracy.", ""]
     else:
-        lines += [timemodel.tta_table(res.series, res.target, exp.reference), ""]
+        lines += [timemodel.tta_table(res.series, res.target, exp.reference), ""] + _start_note(res, res.target)
+    if res.loss_target is not None:
+        lines += ["Secondary metric, time to a held-out LM loss target (the clients' held-out rows, token-weighted; "
+                  "the same rule on the loss):", "", timemodel.tta_table(res.series, res.loss_target, exp.reference),
+                  ""] + _start_note(res, res.loss_target)  # fmt: skip
     terms = ["download", "profiling (not hidden)", "profiling hidden", "merge", "local train", "PCIe fetches",
              "upload", "aggregation", "round"]  # fmt: skip
     lines += ["Mean simulated seconds per round on the critical path (the slowest client each round; profiling "
               "hidden = the part stale profiling overlaps with the previous aggregation, not counted), final "
-              "held-out LM loss, and this machine's wall-clock for the method's whole run (evaluations included):",
+              "held-out LM loss, and the wall-clock of the method's rounds and evaluations where it ran (server history):",
               "", "| method | " + " | ".join(terms) + " | final eval loss | wall-clock here |",
               "| --- |" + " ---: |" * (len(terms) + 2)]  # fmt: skip
     for name, rounds in res.rounds.items():
@@ -333,8 +349,7 @@ def report_section(res: PresetResult, exp: ExperimentConfig, csv_path: str = "",
         pts = res.series[name]
         loss = pts[-1].loss if pts else math.nan
         cells = [f"{b.get(t, 0.0):.3f}" for t in terms]
-        wall = "read back" if res.seconds[name] is None else f"{res.seconds[name] / 60:.1f} min"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {loss:.4f} | {wall} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {loss:.4f} | {res.seconds[name] / 60:.1f} min |")
     lines += ["", "Memory per client (budget.py / baselines.py memory models):", ""]
     lines += [f"- {name}: {text}" for name, text in res.memory.items()]
     if csv_path or png_path:

@@ -265,6 +265,18 @@ class CurvePoint:
         """Unweighted mean over domains (NaN without any)."""
         return sum(self.accuracy.values()) / len(self.accuracy) if self.accuracy else float("nan")
 
+    def value(self, metric: str) -> float:
+        """The point's ``metric``: ``"accuracy"`` (mean over domains) or ``"loss"`` (held-out LM loss)."""
+        return self.mean_accuracy if metric == "accuracy" else self.loss
+
+
+METRICS = ("accuracy", "loss")  # higher is better / lower is better
+
+
+def _better(a: float, b: float, metric: str) -> bool:
+    """``a`` at least as good as ``b``."""
+    return a >= b if metric == "accuracy" else a <= b
+
 
 Series = Mapping[str, Sequence[CurvePoint]]
 
@@ -282,19 +294,23 @@ def curve(method: str, rounds: Sequence[RoundTime], accuracies: Sequence[Mapping
 
 @dataclass
 class Target:
-    """The accuracy target and the sentence that states how it was chosen."""
+    """The target of a metric (``METRICS``) and the sentence that states how it was chosen."""
 
     value: float
     rule: str
     statement: str
+    metric: str = "accuracy"
 
 
-def tta_target(series: Series, fraction: float = 0.95, rule: str = "best_final") -> Target:
+def tta_target(series: Series, fraction: float = 0.95, rule: str = "best_final", metric: str = "accuracy") -> Target:
     """The TTA target: ``fraction`` x the best FINAL mean accuracy any method reached (``rule="best_final"``,
-    default), or x the best accuracy seen at any round (``rule="best_any"``)."""
+    default), or x the best accuracy seen at any round (``rule="best_any"``). ``metric="loss"``: the held-out loss
+    instead, best = lowest, target = best / ``fraction`` (reached at or below it)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    best, who = -math.inf, None
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    best, who = None, None
     for method, points in series.items():
         if not points:
             continue
@@ -305,22 +321,30 @@ def tta_target(series: Series, fraction: float = 0.95, rule: str = "best_final")
         else:
             raise ValueError(f"rule must be 'best_final' or 'best_any', got {rule!r}")
         for p in cands:
-            acc = p.mean_accuracy
-            if not math.isnan(acc) and acc > best:
-                best, who = acc, (method, p.round)
+            v = p.value(metric)
+            if not math.isnan(v) and (best is None or (v != best and _better(v, best, metric))):
+                best, who = v, (method, p.round)
     if who is None:
-        raise ValueError("no method has an accuracy")
-    value = fraction * best
+        raise ValueError(f"no method has a {metric}")
     what = "final" if rule == "best_final" else "any-round"
-    statement = (f"target = {fraction:.0%} of the best {what} mean held-out accuracy any method reached "
-                 f"({who[0]}, round {who[1]}: {best:.4f}) = {value:.4f}")  # fmt: skip
-    return Target(value, rule, statement)
+    if metric == "accuracy":
+        value = fraction * best
+        statement = (f"target = {fraction:.0%} of the best {what} mean held-out accuracy any method reached "
+                     f"({who[0]}, round {who[1]}: {best:.4f}) = {value:.4f}")  # fmt: skip
+    else:
+        value = best / fraction
+        statement = (f"target = held-out loss <= the best (lowest) {what} held-out loss any method reached "
+                     f"({who[0]}, round {who[1]}: {best:.4f}) / {fraction:.2f} = {value:.4f}")  # fmt: skip
+    return Target(value, rule, statement, metric)
 
 
-def time_to_accuracy(points: Sequence[CurvePoint], target: float) -> Optional[Tuple[float, int]]:
-    """``(time, round)`` of the first point whose mean accuracy reaches ``target`` (>=), None if none does."""
+def time_to_accuracy(points: Sequence[CurvePoint], target: float,
+                     metric: str = "accuracy") -> Optional[Tuple[float, int]]:  # fmt: skip
+    """``(time, round)`` of the first point whose mean accuracy reaches ``target`` (>=; ``metric="loss"``: whose
+    held-out loss is <= ``target``), None if none does."""
     for p in sorted(points, key=lambda p: (p.time, p.round)):
-        if p.mean_accuracy >= target:
+        v = p.value(metric)
+        if not math.isnan(v) and _better(v, target, metric):
             return p.time, p.round
     return None
 
@@ -333,28 +357,30 @@ class Speedup:
     baseline: str
     value: Optional[float]
     lower_bound: Optional[float] = None
+    reason: str = "reference did not reach the target"  # why ``value`` is None
 
     def text(self) -> str:
         if self.value is None:
-            return "n/a (reference did not reach the target)"
+            return f"n/a ({self.reason})"
         if math.isinf(self.value):
             return "not reached" if self.lower_bound is None else f"> {self.lower_bound:.2f}x (not reached)"
         return f"{self.value:.2f}x"
 
 
-def speedups(series: Series, target: float, reference: str = "flux") -> Dict[str, Speedup]:
+def speedups(series: Series, target: float, reference: str = "flux", metric: str = "accuracy") -> Dict[str, Speedup]:
     """Speedup of ``reference`` over every other method of ``series``."""
     if reference not in series:
         raise ValueError(f"reference method {reference!r} not in {sorted(series)}")
-    ref = time_to_accuracy(series[reference], target)
+    ref = time_to_accuracy(series[reference], target, metric)
     out = {}
     for method, points in series.items():
         if method == reference:
             continue
         if ref is None or ref[0] <= 0:
-            out[method] = Speedup(method, None)
+            why = "reference did not reach the target" if ref is None else "reference met the target before training"
+            out[method] = Speedup(method, None, reason=why)
             continue
-        t = time_to_accuracy(points, target)
+        t = time_to_accuracy(points, target, metric)
         if t is None:
             last = max((p.time for p in points), default=None)
             out[method] = Speedup(method, math.inf, None if last is None else last / ref[0])
@@ -364,17 +390,22 @@ def speedups(series: Series, target: float, reference: str = "flux") -> Dict[str
 
 
 def tta_table(series: Series, target: Target, reference: str = "flux") -> str:
-    """Markdown: per method its final and best mean accuracy, TTA (seconds, round), total bytes sent, and the
-    speedup of ``reference`` over it; the target's statement above the table."""
-    ups = speedups(series, target.value, reference) if reference in series else {}
+    """Markdown: per method its final and best mean accuracy (or held-out loss: ``target.metric``), time to the
+    target (seconds, round), total bytes sent, and the speedup of ``reference`` over it; the target's statement
+    above the table."""
+    m = target.metric
+    ups = speedups(series, target.value, reference, m) if reference in series else {}
+    short = "acc" if m == "accuracy" else "loss"
     lines = [target.statement, "",
-             f"| method | final acc | best acc | TTA (s) | rounds to target | total sent | speedup of {reference} |",
+             f"| method | final {short} | best {short} | time to target (s) | rounds to target | total sent "
+             f"| speedup of {reference} |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    pick = max if m == "accuracy" else min
     for method, points in series.items():
         pts = sorted(points, key=lambda p: (p.round, p.time))
-        final = pts[-1].mean_accuracy if pts else float("nan")
-        best = max((p.mean_accuracy for p in pts), default=float("nan"))
-        t = time_to_accuracy(pts, target.value)
+        final = pts[-1].value(m) if pts else float("nan")
+        best = pick((p.value(m) for p in pts), default=float("nan"))
+        t = time_to_accuracy(pts, target.value, m)
         tta = "not reached" if t is None else f"{t[0]:.1f}"
         rounds = "-" if t is None else str(t[1])
         sent = _human_bytes(sum(p.bytes_sent for p in pts))
@@ -422,8 +453,9 @@ def read_csv(path: Union[str, os.PathLike]) -> List[CurvePoint]:
 
 
 def plot_curves(series: Series, path: Union[str, os.PathLike], target: Optional[Target] = None,
-                title: str = "time to accuracy") -> None:  # fmt: skip
-    """PNG of mean held-out accuracy vs simulated time, one line per method, the target as a dashed line."""
+                title: str = "time to accuracy", loss_target: Optional[Target] = None) -> None:  # fmt: skip
+    """PNG of mean held-out accuracy vs simulated time, one line per method, the target as a dashed line; beside
+    it the held-out loss vs simulated time when the points have one (``loss_target`` dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -431,18 +463,20 @@ def plot_curves(series: Series, path: Union[str, os.PathLike], target: Optional[
 
     from flux_engine.fileio import atomic_write
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    metrics = ["accuracy"] + (["loss"] if any(not math.isnan(p.loss) for pts in series.values() for p in pts) else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.0), dpi=120, squeeze=False)
     try:
-        for method, points in series.items():
-            pts = sorted(points, key=lambda p: (p.time, p.round))
-            ax.plot([p.time for p in pts], [p.mean_accuracy for p in pts], marker="o", markersize=3, label=method)
-        if target is not None:
-            ax.axhline(target.value, linestyle="--", color="grey", linewidth=1, label=f"target {target.value:.3f}")
-        ax.set_xlabel("simulated wall-clock (s)")
-        ax.set_ylabel("mean held-out accuracy")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for ax, metric, tgt in zip(axes[0], metrics, (target, loss_target)):
+            for method, points in series.items():
+                pts = sorted(points, key=lambda p: (p.time, p.round))
+                ax.plot([p.time for p in pts], [p.value(metric) for p in pts], marker="o", markersize=3, label=method)
+            if tgt is not None:
+                ax.axhline(tgt.value, linestyle="--", color="grey", linewidth=1, label=f"target {tgt.value:.3f}")
+            ax.set_xlabel("simulated wall-clock (s)")
+            ax.set_ylabel("mean held-out accuracy" if metric == "accuracy" else "held-out LM loss")
+            ax.set_title(title if metric == "accuracy" else "held-out loss")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
     finally:

@@ -93,6 +93,7 @@ markdown = "{tmp_path / 'tta.md'}"
     assert (tmp_path / "tta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (tmp_path / "tta.md").read_text()
     assert "target = 95% of the best final mean held-out accuracy" in text and "time model" in text
+    assert "time to a held-out LM loss target" in text and "target = held-out loss <=" in text
     for name in names:
         assert f"| {name} |" in text
 

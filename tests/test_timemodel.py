@@ -154,3 +154,22 @@ def test_plot_curves_writes_a_png(tmp_path):
     path = tmp_path / "tta.png"
     plot_curves(series, path, tta_target(series))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_target_is_reached_from_above():
+    series = _series()
+    for name, losses in {"flux": [3.0, 2.0, 1.2, 1.0], "fedavg-lora": [3.0, 2.5, 2.0, 1.04], "fmes": [3.0] * 4}.items():
+        for p, loss in zip(series[name], losses):
+            p.loss = loss
+    target = tta_target(series, 0.95, metric="loss")
+    # Lower is better: best final loss 1.0 (flux) / 0.95.
+    assert target.metric == "loss" and target.value == pytest.approx(1.0 / 0.95)
+    assert "held-out loss <=" in target.statement and "flux, round 3: 1.0000" in target.statement
+    assert time_to_accuracy(series["flux"], target.value, "loss") == (30, 3)
+    assert time_to_accuracy(series["fedavg-lora"], target.value, "loss") == (75, 3)
+    assert time_to_accuracy(series["fmes"], target.value, "loss") is None
+    assert speedups(series, target.value, metric="loss")["fedavg-lora"].value == pytest.approx(2.5)
+    table = tta_table(series, target)
+    assert "| final loss | best loss |" in table and "| flux | 1.0000 | 1.0000 |" in table
+    with pytest.raises(ValueError, match="metric must be one of"):
+        tta_target(series, metric="perplexity")
