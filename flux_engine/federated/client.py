@@ -210,7 +210,9 @@ class ClientRuntime:
         """``(profile, its seconds, stale)``; the seconds are charged once (0 when taken again)."""
         p = self.profile
         if isinstance(p, profiling.ProfileHandle):
-            p, self.profile, self.profile_seconds = p.result(), p.result(), p.seconds
+            handle = p
+            p = self.profile = handle.result()
+            self.profile_seconds = handle.seconds  # known once the work is done
         out = (p, self.profile_seconds, self.profile_stale)
         self.profile_seconds = 0.0
         return out
