@@ -168,15 +168,11 @@ def client_rounds(state: Any) -> List[Tuple[List[timemodel.ClientRound], float]]
 def curve(method: str, state: Any, rounds: Sequence[timemodel.RoundTime]) -> List[timemodel.CurvePoint]:
     """The accuracy curve: round 0 (the model before training) at time 0, then every evaluated round at the end of
     its simulated time."""
-    points = []
-    if state.baseline.get("accuracy"):
-        b = state.baseline
-        points.append(timemodel.CurvePoint(method, 0, 0.0, dict(b["accuracy"]), 0, float(b.get("eval_loss", math.nan))))
-    for h, rt in zip(state.history, rounds):
-        if h.get("accuracy"):
-            points.append(timemodel.CurvePoint(method, h["round"], rt.end, dict(h["accuracy"]), rt.bytes_sent,
-                                               float(h.get("eval_loss", math.nan))))  # fmt: skip
-    return points
+    b = state.baseline
+    return timemodel.curve(
+        method, rounds, [h.get("accuracy") or None for h in state.history], b.get("accuracy") or None,
+        [float(h.get("eval_loss", math.nan)) for h in state.history], float(b.get("eval_loss", math.nan)),
+    )  # fmt: skip
 
 
 def breakdown(rounds: Sequence[timemodel.RoundTime]) -> Dict[str, float]:
@@ -341,7 +337,8 @@ def report_section(res: PresetResult, exp: ExperimentConfig, csv_path: str = "",
              "upload", "aggregation", "round"]  # fmt: skip
     lines += ["Mean simulated seconds per round on the critical path (the slowest client each round; profiling "
               "hidden = the part stale profiling overlaps with the previous aggregation, not counted), final "
-              "held-out LM loss, and the wall-clock of the method's rounds and evaluations where it ran (server history):",
+              "held-out LM loss, and the wall-clock of the method's rounds and evaluations where it ran (server "
+              "history):",
               "", "| method | " + " | ".join(terms) + " | final eval loss | wall-clock here |",
               "| --- |" + " ---: |" * (len(terms) + 2)]  # fmt: skip
     for name, rounds in res.rounds.items():

@@ -281,14 +281,18 @@ def _better(a: float, b: float, metric: str) -> bool:
 Series = Mapping[str, Sequence[CurvePoint]]
 
 
-def curve(method: str, rounds: Sequence[RoundTime], accuracies: Sequence[Mapping[str, float]],
-          initial: Optional[Mapping[str, float]] = None) -> List[CurvePoint]:  # fmt: skip
-    """A method's curve from its simulated rounds and the accuracy after each (``initial``: round 0 at time 0)."""
-    if len(rounds) != len(accuracies):
-        raise ValueError(f"{len(rounds)} rounds but {len(accuracies)} accuracies")
-    out = [] if initial is None else [CurvePoint(method, 0, 0.0, dict(initial), 0)]
-    for rt, acc in zip(rounds, accuracies):
-        out.append(CurvePoint(method, rt.round, rt.end, dict(acc), rt.bytes_sent))
+def curve(method: str, rounds: Sequence[RoundTime], accuracies: Sequence[Optional[Mapping[str, float]]],
+          initial: Optional[Mapping[str, float]] = None, losses: Optional[Sequence[float]] = None,
+          initial_loss: float = math.nan) -> List[CurvePoint]:  # fmt: skip
+    """A method's curve from its simulated rounds and the accuracy after each (None: the round was not evaluated,
+    no point), ``losses`` the held-out loss after each; ``initial`` (with ``initial_loss``): round 0 at time 0."""
+    losses = [math.nan] * len(rounds) if losses is None else losses
+    if not len(rounds) == len(accuracies) == len(losses):
+        raise ValueError(f"{len(rounds)} rounds but {len(accuracies)} accuracies and {len(losses)} losses")
+    out = [] if initial is None else [CurvePoint(method, 0, 0.0, dict(initial), 0, initial_loss)]
+    for rt, acc, loss in zip(rounds, accuracies, losses):
+        if acc is not None:
+            out.append(CurvePoint(method, rt.round, rt.end, dict(acc), rt.bytes_sent, loss))
     return out
 
 

@@ -375,9 +375,10 @@ class FluxStrategy(Strategy):
         """``since``: the round the delta starts after; ``synced``: the round the client holds once it is applied."""
         return {"since": self.state.last_sync.get(client, 0), "synced": synced}
 
-    def _delta(self, client: str):
-        """Global tensors changed after the client's last sync (all of them for a new client)."""
-        since = self.state.last_sync.get(client, 0)
+    def _delta(self, client: str, since: Optional[int] = None):
+        """Global tensors changed after round ``since`` (default: the client's last sync; all of them for a new
+        client)."""
+        since = self.state.last_sync.get(client, 0) if since is None else since
         return {k: v for k, v in self.state.global_tensors.items() if self.state.updated_round.get(k, 0) > since}
 
     def _train_download_bytes(self, client: str) -> int:
@@ -386,9 +387,7 @@ class FluxStrategy(Strategy):
         is a measurement, outside the time model)."""
         # A client that trained in round s started it from round s - 1's state: round s's aggregate is new to it.
         trained = [h["round"] for h in self.state.history if client in h.get("accepted", ())]
-        since = trained[-1] - 1 if trained else 0
-        changed = [v for k, v in self.state.global_tensors.items() if self.state.updated_round.get(k, 0) > since]
-        return tensor_bytes(changed, dtype_bytes=4)
+        return tensor_bytes(self._delta(client, since=trained[-1] - 1 if trained else 0), dtype_bytes=4)
 
     def _parse_update(self, client: str, content: RecordDict) -> ClientUpdate:
         try:
