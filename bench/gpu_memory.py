@@ -287,7 +287,7 @@ def build_compact(folder: str, prof, tuning: List[List[int]], budgets: List[int]
     from flux_engine.checkpoint.safetensors_io import CONFIG_FILE, read_json, scan, stream
     from flux_engine.models import MoEForCausalLM
     from flux_engine.models.moe import materialize
-    from flux_engine.profiling import _is_stack
+    from flux_engine.profiling import is_expert_stack
 
     config_path = os.path.join(folder, CONFIG_FILE)
     raw = read_json(config_path)
@@ -298,7 +298,7 @@ def build_compact(folder: str, prof, tuning: List[List[int]], budgets: List[int]
         model = MoEForCausalLM(config)
     plan = ck.load_plan(model, layout, layout.keys_for(found), found, folder)
     model.to(DTYPE)
-    materialize(model, device, skip=_is_stack)
+    materialize(model, device, skip=is_expert_stack)
     model.tie_weights()
     layers = {mlp.layer: (i, mlp) for i, mlp in enumerate(model.moe_layers())}
     for _, mlp in layers.values():
@@ -306,7 +306,7 @@ def build_compact(folder: str, prof, tuning: List[List[int]], budgets: List[int]
     tensors = model_tensors(model)
     remaining: Dict[str, int] = {}
     for entry in plan.values():
-        if _is_stack(entry.param):
+        if is_expert_stack(entry.param):
             remaining[entry.param] = remaining.get(entry.param, 0) + 1
     pending: Dict[str, torch.Tensor] = {}
     freq, attn = prof.frequency, prof.importance
@@ -316,7 +316,7 @@ def build_compact(folder: str, prof, tuning: List[List[int]], budgets: List[int]
         name = entry.param
         if name.endswith("expert_map"):
             continue
-        if not _is_stack(name):
+        if not is_expert_stack(name):
             tensors[name][entry.index].copy_(source)
             continue
         buf = pending.get(name)

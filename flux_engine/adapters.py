@@ -206,6 +206,16 @@ def load_peft_adapter(path: PathLike, config: MoEConfig) -> PeftAdapter:
     return PeftAdapter(adapters, r, alpha, scale)
 
 
+def fold_lora(W: torch.Tensor, tensors: Dict[str, torch.Tensor], target: str, scale: float) -> torch.Tensor:
+    """``W + scale * B A`` in ``W``'s dtype (the sum in fp32) for projection ``target`` ("gate_up" or "down") of one
+    expert's adapter ``tensors``; ``W`` itself when the adapter does not cover ``target``. ``W``: ``[out, in]``."""
+    if f"{target}_A" not in tensors:
+        return W
+    A = tensors[f"{target}_A"].to(W.device, torch.float32)
+    B = tensors[f"{target}_B"].to(W.device, torch.float32)
+    return (W.float() + scale * (B @ A)).to(W.dtype)
+
+
 @torch.no_grad()
 def merge_adapters(model: nn.Module, adapters: ExpertState, scale: float, skip: Iterable[ExpertKey] = ()) -> None:
     """Fold LoRA adapters into the experts' weights: ``W_e += scale * B A`` on each adapted expert's physical
@@ -222,8 +232,7 @@ def merge_adapters(model: nn.Module, adapters: ExpertState, scale: float, skip: 
         ex = layers[l].experts
         for W, target in zip(ex.physical_weights(int(ex.expert_map[e])), ("gate_up", "down")):
             if f"{target}_A" in t:
-                A, B = t[f"{target}_A"].to(W.device, torch.float32), t[f"{target}_B"].to(W.device, torch.float32)
-                W.copy_((W.float() + scale * (B @ A)).to(W.dtype))
+                W.copy_(fold_lora(W, t, target, scale))
 
 
 def merge_lora(model: nn.Module) -> None:

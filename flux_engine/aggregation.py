@@ -109,36 +109,56 @@ def aggregate(global_state: Update, updates: Sequence[ClientUpdate]) -> Tuple[Up
 
 @dataclass
 class UtilityTable:
-    """Per-client ``[L, E]`` expert utilities (Eq. 3) as last reported, for Eq. 4's ``u_ie``.
+    """Per-client ``[L, E]`` expert utilities for Eq. 4's ``u_ie``, on one scale (``roles.common_scale``).
 
-    Stale by one round: the table used to assign round r holds what clients reported up to round r-1. A report's
-    NaN entries (experts the client did not measure) keep the client's previous value. A client that has never
-    reported an expert gets the mean of the other clients' values for it, and 0 when nobody has one.
+    ``tables``: Eq. 3 utilities as last measured (training gradients); a report's NaN entries (experts the client
+    did not measure) keep the client's previous value. ``priors``: each client's routing-frequency prior (its
+    first-contact profile). Stale by one round: the table used to assign round r holds what clients reported up to
+    round r-1. For a client, an expert it never measured takes the mean of the other clients' measurements, and
+    one nobody measured its prior put on the measured scale (``common_scale``; the mean prior of the others when it
+    sent none; 0 when there is none).
     """
 
     num_layers: int
     num_experts: int
     tables: Dict[str, torch.Tensor] = field(default_factory=dict)
+    priors: Dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def update(self, client: str, utilities: torch.Tensor) -> None:
+    def _checked(self, client: str, utilities: torch.Tensor) -> torch.Tensor:
         u = torch.as_tensor(utilities, dtype=torch.float64)
         if tuple(u.shape) != (self.num_layers, self.num_experts):
             raise UpdateError(
                 f"client {client}: utilities have shape {tuple(u.shape)}, "
                 f"expected {(self.num_layers, self.num_experts)}"
             )
+        return u
+
+    def update(self, client: str, utilities: torch.Tensor) -> None:
+        """Eq. 3 utilities measured by ``client`` (NaN: not measured)."""
+        u = self._checked(client, utilities)
         old = self.tables.get(client, torch.full_like(u, math.nan))
         self.tables[client] = torch.where(torch.isnan(u), old, u)
 
-    def mean(self) -> torch.Tensor:
-        """``[L, E]``: NaN-aware mean over clients (0 where nobody reported)."""
+    def set_prior(self, client: str, frequencies: torch.Tensor) -> None:
+        """``client``'s routing-frequency prior (``roles.frequency_utility`` of its first profile)."""
+        self.priors[client] = torch.nan_to_num(self._checked(client, frequencies), nan=0.0)
+
+    def _measured_mean(self) -> torch.Tensor:
+        """``[L, E]``: NaN-aware mean of the measurements over clients (NaN where nobody measured)."""
         if not self.tables:
-            return torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
-        return torch.nan_to_num(torch.stack(list(self.tables.values())).nanmean(0), nan=0.0)
+            return torch.full((self.num_layers, self.num_experts), math.nan, dtype=torch.float64)
+        return torch.stack(list(self.tables.values())).nanmean(0)
 
     def for_client(self, client: str) -> torch.Tensor:
+        from flux_engine.roles import common_scale
+
+        mean = self._measured_mean()
         u = self.tables.get(client)
-        return self.mean() if u is None else torch.where(torch.isnan(u), self.mean(), u)
+        measured = mean if u is None else torch.where(torch.isnan(u), mean, u)
+        prior = self.priors.get(client)
+        if prior is None and self.priors:
+            prior = torch.stack(list(self.priors.values())).mean(0)
+        return common_scale(measured, prior)
 
     def for_clients(self, clients: Iterable[str]) -> List[torch.Tensor]:
         return [self.for_client(c) for c in clients]

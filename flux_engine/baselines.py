@@ -1,14 +1,11 @@
-"""The per-method policies of the time-to-accuracy experiment (FLUX_DESIGN.md sections 7 and 8): what a client
-trains in a round under Flux and under each baseline, with the memory each needs and the extra bytes the time model
-charges. Pure functions over the runtime model (``MoEForCausalLM``) and a profile (``profiling.ExpertProfile`` or
+"""The baselines of the time-to-accuracy experiment (FLUX_DESIGN.md sections 7 and 8): what a client trains in a
+round under each baseline, with the memory each needs and the extra bytes the time model charges (Flux's own round
+is ``flux_engine.flux_round``). Pure functions over the runtime model (``MoEForCausalLM``) and a profile (``profiling.ExpertProfile`` or
 ``merging.FrequencyProfile``); no federated code. Every method shares the data, the local training
 (``training.train_round``), the evaluation and the time model (``flux_engine.timemodel``).
 
-Methods (``METHODS``), each a function returning a ``Policy``:
+Baselines (``BASELINES``), each a function returning a ``Policy``:
 
-- ``flux``: the compact model of ``merging.merge`` (tuning experts assigned by the server, the others clustered and
-  merged within ``B_non``); ablations: uniform per-layer merge budgets instead of Eq. 1, frequency-only merge
-  weights.
 - ``fedavg-lora``: every expert of every layer is a tuning expert (LoRA), nothing merged. The model is assumed to
   fit; ``Policy.memory`` reports what it would need against the budget (no error when it does not fit).
 - ``fmd`` (offloading): the full model, LoRA on every expert. From the budget, the most frequent experts (by the
@@ -46,15 +43,15 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn as nn
 
-from flux_engine import ops
+from flux_engine import merging, ops
 from flux_engine.budget import (
     BudgetError,
-    BudgetPlan,
     TrainSettings,
     _human,
     dtype_bytes,
     expert_parameters,
     memory_breakdown,
+    quantized_expert_bytes,
     tuning_expert_terms,
 )
 from flux_engine.models.config import MoEConfig
@@ -65,9 +62,8 @@ from flux_engine.profiling import group_for
 if TYPE_CHECKING:
     from flux_engine.timemodel import ClientRound
 
-METHODS = ("flux", "fedavg-lora", "fmd", "fmq", "fmes")
+BASELINES = ("fedavg-lora", "fmd", "fmq", "fmes")
 ALLOCATIONS = ("global", "uniform")
-LAYER_BUDGET_RULES = ("eq1", "uniform")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,9 +173,7 @@ def all_experts(config: MoEConfig) -> List[List[int]]:
 
 
 def _freq(profile: Any, L: int, E: int) -> torch.Tensor:
-    from flux_engine.merging import profile_freq
-
-    f = profile_freq(profile)
+    f = merging.profile_freq(profile)
     if tuple(f.shape) != (L, E):
         raise ValueError(f"profile frequencies must be [L={L}, E={E}], got {tuple(f.shape)}")
     return f
@@ -206,60 +200,6 @@ def _lora_state_bytes(config: MoEConfig, settings: TrainSettings) -> int:
 def _require_lora(settings: TrainSettings, method: str) -> None:
     if not settings.lora:
         raise ValueError(f"{method} trains LoRA adapters: TrainSettings.lora_rank must be > 0")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Flux (for a uniform interface) and its merge ablations
-
-
-def uniform_layer_budgets(total: int, non_tuning_counts: Sequence[int]) -> List[int]:
-    """The "uniform merge budgets" ablation of Eq. 1: ``total`` merged experts shared equally over the layers
-    (remainder to the shallowest layers), each clamped to ``[1, n_l]`` (0 when a layer has no non-tuning expert),
-    the surplus of clamped layers re-shared among the others."""
-    n = [int(c) for c in non_tuning_counts]
-    out = [1 if c > 0 else 0 for c in n]
-    rest = int(total) - sum(out)
-    while rest > 0:
-        open_ = [l for l in range(len(n)) if out[l] < n[l]]
-        if not open_:
-            break
-        share, extra = divmod(rest, len(open_))
-        for i, l in enumerate(open_):
-            add = min(share + (1 if i < extra else 0), n[l] - out[l])
-            out[l] += add
-            rest -= add
-    return out
-
-
-def flux(
-    model: nn.Module,
-    profile: Any,
-    tuning: Sequence[Sequence[int]],
-    plan: BudgetPlan,
-    weighting: str = "freq_attn",
-    layer_budgets: str = "eq1",
-    seed: int = 0,
-    inplace: bool = False,
-) -> Policy:
-    """Flux's compact model (``merging.merge``): ``tuning`` (from the server's assignment) keep their experts, the
-    others merge into ``plan.B_non`` experts, spread over the layers by Eq. 1 (``layer_budgets="eq1"``) or equally
-    (``"uniform"``, ablation); ``weighting="freq"`` is the frequency-only merge ablation."""
-    from flux_engine import merging
-
-    if layer_budgets not in LAYER_BUDGET_RULES:
-        raise ValueError(f"layer_budgets must be one of {LAYER_BUDGET_RULES}, got {layer_budgets!r}")
-    E = model.config.num_experts
-    tuning = [sorted(int(e) for e in ids) for ids in tuning]
-    budgets: Union[int, List[int]] = plan.B_non
-    if layer_budgets == "uniform":
-        budgets = uniform_layer_budgets(plan.B_non, [E - len(t) for t in tuning])
-    t0 = time.perf_counter()
-    merged = merging.merge(model, profile, tuning, budgets, weighting=weighting, seed=seed, inplace=inplace)
-    seconds = time.perf_counter() - t0
-    memory = MemoryEstimate(plan.budget_bytes, dict(plan.breakdown))
-    info = {"physical_experts": list(merged.merge_plan.physical_experts), "weighting": weighting,
-            "layer_budgets": layer_budgets}  # fmt: skip
-    return Policy("flux", merged, tuning, memory, seconds, info)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,18 +419,6 @@ def fmd(
 # FMQ: int4 experts, LoRA through the quantized weights
 
 
-def quantized_bytes(rows: int, K: int, bits: int, group_size: Optional[int] = None) -> int:
-    """Bytes of a symmetric packed ``[rows, K]`` weight: codes plus fp32 scales."""
-    g = group_for(K, bits, group_size)
-    return rows * K * bits // 8 + rows * (K // g) * 4
-
-
-def quantized_expert_bytes(config: MoEConfig, bits: int = 4, group_size: Optional[int] = None) -> int:
-    """Bytes of one packed expert: ``gate_up [2I, H]`` and ``down [H, I]``."""
-    H, I = config.hidden_size, config.moe_intermediate_size
-    return quantized_bytes(2 * I, H, bits, group_size) + quantized_bytes(H, I, bits, group_size)
-
-
 class QuantizedExperts(Experts):
     """An ``Experts`` whose stacks are packed (``ops.QuantizedTensor``, frozen): ``gate_up_proj`` / ``down_proj``
     are properties building QuantizedTensors over buffers (``{gate_up,down}_qdata``, ``_qscales``, ``_qzeros``),
@@ -664,7 +592,7 @@ def plan_kept(
             keep[l, e] = True
         kept = [torch.nonzero(row).flatten().tolist() for row in keep]
     else:
-        counts = uniform_layer_budgets(B, [E] * L)
+        counts = merging.uniform_layer_budgets(B, [E] * L)
         counts = [max(c, k) for c in counts]
         kept = [sorted(order[l][: counts[l]]) for l in range(L)]
     n = sum(len(x) for x in kept)
@@ -759,22 +687,15 @@ def make_policy(
     budget_bytes: int,
     settings: Optional[TrainSettings] = None,
     profile: Any = None,
-    tuning: Optional[Sequence[Sequence[int]]] = None,
-    plan: Optional[BudgetPlan] = None,
     **options: Any,
 ) -> Policy:
-    """One entry point for a client: ``method`` in ``METHODS``. ``flux`` needs ``profile``, ``tuning`` and ``plan``
-    (options: ``weighting``, ``layer_budgets``, ``seed``, ``inplace``); ``fmd`` and ``fmes`` need ``profile``
+    """One entry point for a baseline client: ``method`` in ``BASELINES``. ``fmd`` and ``fmes`` need ``profile``
     (options: ``staging_experts`` / ``allocation``, ``inplace``); ``fmq`` options ``bits``, ``group_size``,
-    ``inplace``."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method in ("flux", "fmd", "fmes") and profile is None:
+    ``inplace``. (Flux's round is ``flux_engine.flux_round``.)"""
+    if method not in BASELINES:
+        raise ValueError(f"method must be one of {BASELINES}, got {method!r}")
+    if method in ("fmd", "fmes") and profile is None:
         raise ValueError(f"{method} needs a profile")
-    if method == "flux":
-        if tuning is None or plan is None:
-            raise ValueError("flux needs tuning (the server's assignment) and plan (budget.plan_budget)")
-        return flux(model, profile, tuning, plan, **options)
     if method == "fedavg-lora":
         return fedavg_lora(model, budget_bytes, settings)
     if method == "fmd":

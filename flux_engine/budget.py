@@ -18,11 +18,20 @@ The memory model (bytes, all terms printed by ``BudgetPlan.describe()``):
 - **workspace**: a fixed allowance (allocator fragmentation, kernels' scratch, CUDA context) plus a fraction of the
   budget.
 
-Split policy (``tune_fraction``, default 0.5): after the fixed terms (non-expert weights, activations, workspace)
-and one merged expert per MoE layer are reserved, ``tune_fraction`` of what remains goes to tuning experts and the
-rest to merged experts. When the merged experts would exceed the experts left (``L * E - B_tune``, i.e. nothing
-needs merging) the surplus goes to more tuning experts. A budget that cannot hold the fixed terms plus one merged
-expert per layer plus ``min_tune`` tuning experts raises ``BudgetError`` naming the missing bytes.
+- **profiling copy** (``profile_bits`` set): the low-bit copy of the model that quantized profiling reads, kept
+  between rounds (only the experts whose global weights changed are re-quantised): expert stacks at
+  ``profile_bits``, attention / dense MLPs / embedding / LM head at ``profile_dense_bits`` (``profiling``'s format:
+  codes plus fp32 scales per group), norms and routers in the weight dtype. ``profile_bits = 0``: a full-precision
+  copy.
+
+Split policy: every tuning slot trains (exploitation and exploration experts alike), and in LoRA mode a tuning
+expert costs about what a merged one costs (its base weights plus small fp32 factors and their optimizer state),
+so the plan trains as many experts as fit: after the fixed terms (non-expert weights, profiling copy, activations,
+workspace) and one merged expert per MoE layer are reserved, ``B_tune = floor(spare / c_tune)`` (at most ``L * E``),
+and whatever is left holds ``B_non = floor(left / c_merged)`` merged experts (at most the ``L * E - B_tune`` experts
+not tuned; 0 when every expert is tuned). ``BudgetPlan.describe()`` prints this arithmetic with the numbers. A
+budget that cannot hold the fixed terms plus one merged expert per layer plus ``min_tune`` tuning experts raises
+``BudgetError`` naming the missing bytes.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -70,6 +79,10 @@ class TrainSettings:
     activation_checkpointing: bool = False
     workspace_bytes: int = 256 * MiB
     workspace_fraction: float = 0.05
+    # The profiling copy kept between rounds: None (no copy counted), 0 (full precision), 4 or 8; dense weights
+    # at profile_dense_bits (None: full precision).
+    profile_bits: Optional[int] = None
+    profile_dense_bits: Optional[int] = 8
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -77,6 +90,11 @@ class TrainSettings:
         dtype_bytes(self.dtype)
         if self.batch_size < 1 or self.seq_len < 1:
             raise ValueError("batch_size and seq_len must be >= 1")
+        if self.profile_bits not in (None, 0, 4, 8) or self.profile_dense_bits not in (None, 4, 8):
+            raise ValueError(
+                f"profile_bits must be None, 0, 4 or 8 and profile_dense_bits None, 4 or 8, got "
+                f"{self.profile_bits!r} and {self.profile_dense_bits!r}"
+            )
 
     @property
     def lora(self) -> bool:
@@ -103,6 +121,48 @@ def non_expert_parameters(config: MoEConfig) -> int:
 def expert_parameters(config: MoEConfig) -> int:
     """Weights of one routed expert: ``3 * H * I``."""
     return 3 * config.hidden_size * config.moe_intermediate_size
+
+
+def quantized_bytes(rows: int, K: int, bits: int, group_size: Optional[int] = None) -> int:
+    """Bytes of a symmetric packed ``[rows, K]`` weight: codes plus fp32 scales (``profiling``'s groups)."""
+    from flux_engine.profiling import group_for
+
+    g = group_for(K, bits, group_size)
+    return rows * K * bits // 8 + rows * (K // g) * 4
+
+
+def quantized_expert_bytes(config: MoEConfig, bits: int = 4, group_size: Optional[int] = None) -> int:
+    """Bytes of one packed expert: ``gate_up [2I, H]`` and ``down [H, I]``."""
+    H, I = config.hidden_size, config.moe_intermediate_size
+    return quantized_bytes(2 * I, H, bits, group_size) + quantized_bytes(H, I, bits, group_size)
+
+
+def profiling_copy_bytes(config: MoEConfig, settings: TrainSettings) -> int:
+    """Bytes of the profiling copy (module docstring; 0 when ``settings.profile_bits`` is None), counted from a
+    meta-device model with ``profiling``'s choice of low-bit weights."""
+    if settings.profile_bits is None:
+        return 0
+    from flux_engine.models.moe import MoEForCausalLM
+    from flux_engine.profiling import dense_weight_names, is_expert_stack
+
+    b = dtype_bytes(settings.dtype)
+    bits = settings.profile_bits or None
+    dense_bits = settings.profile_dense_bits if bits is not None else None
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    dense = dense_weight_names(model) if dense_bits is not None else set()
+    total, seen = 0, set()
+    for name, p in model.state_dict(keep_vars=True).items():
+        if id(p) in seen:  # a tied LM head is the embedding
+            continue
+        seen.add(id(p))
+        if is_expert_stack(name) and bits is not None:
+            total += quantized_bytes(p.numel() // p.shape[-1], p.shape[-1], bits)
+        elif name in dense:
+            total += quantized_bytes(p.numel() // p.shape[-1], p.shape[-1], dense_bits)
+        else:
+            total += p.numel() * b
+    return total
 
 
 def merged_expert_bytes(config: MoEConfig, settings: TrainSettings) -> int:
@@ -157,6 +217,7 @@ class BudgetPlan:
     tuning_expert_bytes: int
     merged_expert_bytes: int
     tuning_terms: Dict[str, int] = field(default_factory=dict)
+    arithmetic: List[str] = field(default_factory=list)  # how B_tune and B_non were chosen, with the numbers
 
     @property
     def used_bytes(self) -> int:
@@ -171,6 +232,7 @@ class BudgetPlan:
         per = ", ".join(f"{k} {_human(v)}" for k, v in self.tuning_terms.items())
         lines.append(f"  per tuning expert: {_human(self.tuning_expert_bytes)} ({per})")
         lines.append(f"  per merged expert: {_human(self.merged_expert_bytes)}")
+        lines += [f"  {line}" for line in self.arithmetic]
         lines.append(f"  -> B_tune = {self.B_tune}, B_non = {self.B_non}")
         return "\n".join(lines)
 
@@ -182,6 +244,9 @@ def memory_breakdown(config: MoEConfig, settings: TrainSettings, B_tune: int, B_
     terms = tuning_expert_terms(config, settings)
     out = OrderedDict()
     out["non-expert weights"] = non_expert_parameters(config) * dtype_bytes(settings.dtype)
+    if settings.profile_bits is not None:
+        fmt = f"int{settings.profile_bits} experts" if settings.profile_bits else "full precision"
+        out[f"profiling copy ({fmt})"] = profiling_copy_bytes(config, settings)
     out[f"merged experts ({B_non})"] = B_non * merged_expert_bytes(config, settings)
     mode = f"LoRA r={settings.lora_rank}" if settings.lora else "full"
     out[f"tuning experts ({B_tune}, weights)"] = B_tune * terms["weights"]
@@ -196,13 +261,10 @@ def plan_budget(
     config: MoEConfig,
     budget_bytes: int,
     settings: Optional[TrainSettings] = None,
-    tune_fraction: float = 0.5,
     min_tune: int = 1,
 ) -> BudgetPlan:
     """``B_tune`` and ``B_non`` for a client with ``budget_bytes`` of memory (split policy: module docstring)."""
     settings = settings or TrainSettings()
-    if not 0.0 <= tune_fraction <= 1.0:
-        raise ValueError(f"tune_fraction must lie in [0, 1], got {tune_fraction}")
     L = len(config.moe_layer_indices)
     E = config.num_experts
     total_experts = L * E
@@ -223,18 +285,21 @@ def plan_budget(
             missing,
         )
     R = budget_bytes - fixed_bytes
-    spare = R - floor_merged * c_m  # what is left after one merged expert per layer
-    B_tune = int(tune_fraction * spare // c_t) if c_t else total_experts
-    B_tune = min(max(B_tune, min_tune), total_experts, int(spare // c_t) if c_t else total_experts)
-    B_non = int((R - B_tune * c_t) // c_m) if c_m else total_experts
-    if B_non >= total_experts - B_tune:
-        # Nothing needs merging: every non-tuning expert fits as itself. Spend the surplus on tuning experts.
-        if c_t > c_m:
-            extra = int((R - total_experts * c_m) // (c_t - c_m))
-        else:
-            extra = total_experts
-        B_tune = max(B_tune, min(extra, total_experts))
-        B_non = total_experts - B_tune
+    if R >= total_experts * c_t:
+        B_tune, B_non = total_experts, 0
+        arithmetic = [f"room for experts {_human(R)} >= {total_experts} experts x {_human(c_t)}: every expert tunes"]
+    else:
+        spare = R - L * c_m
+        B_tune = min(max(int(spare // c_t), min_tune), total_experts - 1)
+        left = R - B_tune * c_t
+        B_non = min(int(left // c_m), total_experts - B_tune)
+        arithmetic = [
+            f"room for experts = budget - fixed terms = {_human(budget_bytes)} - {_human(fixed_bytes)} = {_human(R)}",
+            f"B_tune = floor((room - {L} merged x {_human(c_m)}) / {_human(c_t)} per tuning expert) = "
+            f"floor({_human(spare)} / {_human(c_t)}) = {B_tune}",
+            f"B_non = min(floor((room - B_tune x {_human(c_t)}) / {_human(c_m)}), {total_experts} - B_tune) = "
+            f"min(floor({_human(left)} / {_human(c_m)}), {total_experts - B_tune}) = {B_non}",
+        ]
     breakdown = memory_breakdown(config, settings, B_tune, B_non, budget_bytes)
     assert sum(breakdown.values()) <= budget_bytes, (breakdown, budget_bytes)
     return BudgetPlan(
@@ -245,4 +310,5 @@ def plan_budget(
         tuning_expert_bytes=c_t,
         merged_expert_bytes=c_m,
         tuning_terms=dict(tuning_expert_terms(config, settings)),
+        arithmetic=arithmetic,
     )

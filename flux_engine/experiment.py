@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from flux_engine import baselines, provenance, timemodel
-from flux_engine.federated.config import ConfigError, RunConfig
+from flux_engine.federated.config import METHODS, ConfigError, RunConfig
 from flux_engine.fileio import atomic_write
 
 ABLATIONS = ("flux-no-stale", "flux-uniform-budgets", "flux-freq-merge", "flux-fixed-eps", "flux-no-exploration")
@@ -37,7 +37,7 @@ ABLATIONS = ("flux-no-stale", "flux-uniform-budgets", "flux-freq-merge", "flux-f
 class ExperimentConfig:
     """The ``[experiment]`` table (keys hyphenated in the file)."""
 
-    methods: List[str] = field(default_factory=lambda: list(baselines.METHODS))
+    methods: List[str] = field(default_factory=lambda: list(METHODS))
     reference: str = "flux"  # the method whose speedups are reported
     target_rule: str = "best_final"  # timemodel.tta_target: "best_final" or "best_any"
     target_fraction: float = 0.95
@@ -61,10 +61,10 @@ class ExperimentConfig:
     markdown: str = ""
 
     def __post_init__(self) -> None:
-        known = set(baselines.METHODS)
+        known = set(METHODS)
         for m in self.methods:
             if m not in known:
-                raise ConfigError(f"[experiment] methods: unknown method {m!r}; valid: {', '.join(baselines.METHODS)}")
+                raise ConfigError(f"[experiment] methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
         if not self.methods:
             raise ConfigError("[experiment] methods: at least one method is needed")
         if self.target_rule not in ("best_final", "best_any"):
@@ -131,7 +131,7 @@ def method_run(run: RunConfig, name: str, exp: ExperimentConfig, state_dir: str)
     Profiling runs inline, timed apart (``profile-in-background = false``): in a one-process simulation a
     background thread would steal cores from the training being timed, and the time model accounts the overlap."""
     changes: Dict[str, Any] = {"state_dir": state_dir, "resume": False, "profile_in_background": False}
-    if name in baselines.METHODS:
+    if name in METHODS:
         changes["method"] = name
     else:
         changes["method"] = "flux"

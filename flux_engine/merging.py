@@ -142,6 +142,26 @@ def layer_budgets(freqs: Any, total: int, non_tuning_counts: Sequence[int], eps:
     return out
 
 
+def uniform_layer_budgets(total: int, non_tuning_counts: Sequence[int]) -> List[int]:
+    """The "uniform merge budgets" ablation of Eq. 1: ``total`` merged experts shared equally over the layers
+    (remainder to the shallowest layers), each clamped to ``[1, n_l]`` (0 when a layer has no non-tuning expert),
+    the surplus of clamped layers re-shared among the others."""
+    n = [int(c) for c in non_tuning_counts]
+    out = [1 if c > 0 else 0 for c in n]
+    rest = int(total) - sum(out)
+    while rest > 0:
+        open_ = [l for l in range(len(n)) if out[l] < n[l]]
+        if not open_:
+            break
+        share, extra = divmod(rest, len(open_))
+        for i, l in enumerate(open_):
+            add = min(share + (1 if i < extra else 0), n[l] - out[l])
+            out[l] += add
+            rest -= add
+    return out
+
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Clustering: PCA + cosine k-means, batched over layers
 

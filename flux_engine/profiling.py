@@ -14,7 +14,7 @@ What is low-bit. The routed expert stacks are stored at ``bits`` (group size / s
 large weight at ``dense_bits`` (default 8, per-channel): attention q/k/v/o, dense MLPs (e.g. DeepSeek's first
 layers) and shared experts, the embedding (quantized along H, so a lookup dequantizes only the gathered rows) and
 the LM head (a tied LM head shares the embedding's quantized table). Kept in full precision: norms, biases and the
-routers (small, and they make the very decisions profiling counts; see ``_dense_weights``). ``dense_bits=None``
+routers (small, and they make the very decisions profiling counts; see ``dense_weight_names``). ``dense_bits=None``
 quantizes the routed experts only (the behaviour before issue #5). Why int8 for the dense weights by default:
 measured on the SmolLM2 -mini presets (bench/results/profiling.md), int4 attention v/o and dense MLPs move the
 routing itself (frequency error 15-17%, top-k Jaccard 0.6-0.7 against full precision), int8 ones do not (about
@@ -35,8 +35,13 @@ accumulation (``ops.route_and_count``: one fused kernel on GPU, no host sync), t
 device per batch and read back once at the end. Layers after the last MoE layer, the final norm and the LM head
 cannot change a profile and are not run.
 
+Kept between rounds. ``prepare`` returns the copy (``LowBitModel``); ``profile`` / ``profile_async`` accept it
+in place of a model, and ``LowBitModel.set_expert`` re-quantises one expert whose weights changed (a Flux client
+folds the new global adapters of the experts that changed and re-quantises those alone, ``flux_engine.flux_round``).
+
 Padding (``attention_mask`` 0) is neither counted nor part of received attention (padded queries are dropped
-and the mean over queries divides by the row's real tokens). Limitation: received attention assumes plain causal
+and the mean over queries divides by the row's real tokens), and a batch's trailing columns of padding are cut
+before the forward (``_trim_padding``). Limitation: received attention assumes plain causal
 attention (a sliding window is ignored there).
 """
 
@@ -244,16 +249,37 @@ class _QEmbedding(nn.Module):
         return ops.dequantize(rows).view(*ids.shape, q.shape[-1])
 
 
-class _LowBitModel:
+class LowBitModel:
     """A profiling copy of the model: the skeleton (norms, routers, biases and, with ``dense_bits=None``, the
     dense weights as real tensors; quantized linears / embedding as ``_QLinear`` / ``_QEmbedding``) + per-layer
     routed experts."""
 
     def __init__(
         self, skeleton: MoEForCausalLM, experts: Dict[int, _LayerExperts], expert_maps: Dict[int, torch.Tensor],
-        device: torch.device,
+        device: torch.device, meta: Optional[Dict[str, Any]] = None,
     ):  # fmt: skip
         self.skeleton, self.experts, self.expert_maps, self.device = skeleton, experts, expert_maps, device
+        self.meta = meta or {}  # the format (``_meta``): what the profile records, and how set_expert quantizes
+
+    def set_expert(self, moe_layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Replace one routed expert's weights (``gate_up [2I, H]``, ``down [H, I]``, full precision) by their
+        low-bit form: the copy follows a model whose experts changed (e.g. global adapters folded in) without being
+        rebuilt. Groups run along rows, so the result equals quantizing the whole stack again."""
+        layer = self.skeleton.moe_layers()[moe_layer].layer
+        le = self.experts[layer]
+        bits, g, sym = self.meta.get("bits"), self.meta.get("group_size"), self.meta.get("symmetric", True)
+        for stack, w in ((le.gate_up, gate_up), (le.down, down)):
+            if tuple(w.shape) != tuple(stack.shape[1:]):
+                raise ValueError(f"expert ({moe_layer}, {expert}): weight {tuple(w.shape)}, copy holds "
+                                 f"{tuple(stack.shape[1:])}")  # fmt: skip
+            q = _compress(w.to(self.device), bits, g, sym)
+            with torch.no_grad():
+                if isinstance(stack, QuantizedTensor):
+                    for mine, new in ((stack.data, q.data), (stack.scales, q.scales), (stack.zeros, q.zeros)):
+                        if mine is not None:
+                            mine[expert].copy_(new)
+                else:
+                    stack[expert].copy_(q)
 
     @property
     def config(self):
@@ -285,7 +311,7 @@ class _LowBitModel:
         return total
 
 
-def _is_stack(name: str) -> bool:
+def is_expert_stack(name: str) -> bool:
     return ".mlp.experts." in name and name.rsplit(".", 1)[-1] in _STACKS
 
 
@@ -293,7 +319,7 @@ def _layer_of(name: str) -> int:
     return int(name.split(".")[2])
 
 
-def _dense_weights(model: MoEForCausalLM) -> Set[str]:
+def dense_weight_names(model: MoEForCausalLM) -> Set[str]:
     """Names of the weights ``dense_bits`` stores low-bit: attention q/k/v/o, dense MLPs and shared experts
     (``DenseMLP``), the embedding and the LM head (listed once, as the embedding, when tied).
 
@@ -317,8 +343,8 @@ def _skeleton(config, dtype: torch.dtype, device: torch.device, quantize_dense: 
     with torch.device("meta"):
         model = MoEForCausalLM(config)
     model.to(dtype=dtype)
-    dense = _dense_weights(model) if quantize_dense else set()
-    materialize(model, device, skip=lambda name: _is_stack(name) or name in dense)
+    dense = dense_weight_names(model) if quantize_dense else set()
+    materialize(model, device, skip=lambda name: is_expert_stack(name) or name in dense)
     for mlp in model.moe_layers():
         mlp.experts.reset_expert_map()
     model.tie_weights()
@@ -340,7 +366,7 @@ def _install(skeleton: MoEForCausalLM, name: str, q: QuantizedTensor) -> None:
 def _build(
     tensors: Iterable, plan: Dict[str, Any], skeleton: MoEForCausalLM, dense: Set[str], bits, group_size,
     symmetric, device, dense_bits,
-) -> _LowBitModel:  # fmt: skip
+) -> LowBitModel:  # fmt: skip
     """Fill ``skeleton`` from ``(key, tensor)`` pairs (``plan[key]``: ``Entry`` with param and index). Expert
     stacks (at ``bits``) and the ``dense`` weights (at ``dense_bits``) are stored as soon as complete: a whole tensor is
     quantized straight from its source, a split one (per-expert keys) goes through one full-precision buffer."""
@@ -350,7 +376,7 @@ def _build(
     dense = dense if bits is not None else set()
     remaining: Dict[str, int] = {}
     for entry in plan.values():
-        if _is_stack(entry.param) or entry.param in dense:
+        if is_expert_stack(entry.param) or entry.param in dense:
             remaining[entry.param] = remaining.get(entry.param, 0) + 1
     pending: Dict[str, torch.Tensor] = {}
     stored: Dict[str, Any] = {}
@@ -375,7 +401,7 @@ def _build(
             if remaining[name] == 0:
                 if w is None:
                     w = pending.pop(name)
-                if _is_stack(name):
+                if is_expert_stack(name):
                     stored[name] = _compress(w, bits, group_size, symmetric)
                 else:  # the expert group size only where the dense weights share the experts' format
                     stored[name] = _compress(w, dense_bits, group_size if dense_bits == bits else None, symmetric)
@@ -384,7 +410,7 @@ def _build(
         raise ValueError(f"incomplete tensors: {sorted(pending)}")
     done: Dict[int, Dict[str, Any]] = {}
     for name, t in stored.items():
-        if _is_stack(name):
+        if is_expert_stack(name):
             done.setdefault(_layer_of(name), {})[name.rsplit(".", 1)[-1]] = t
         else:
             _install(skeleton, name, t)
@@ -392,10 +418,10 @@ def _build(
         skeleton.lm_head = _QLinear(stored["model.embed_tokens.weight"], None)  # tied: quantized once, shared
     experts = {layer: _LayerExperts(d["gate_up_proj"], d["down_proj"]) for layer, d in done.items()}
     maps = {mlp.layer: mlp.experts.expert_map for mlp in skeleton.moe_layers()}
-    return _LowBitModel(skeleton, experts, maps, device)
+    return LowBitModel(skeleton, experts, maps, device, _meta(bits, group_size, symmetric, dense_bits))
 
 
-def _from_model(model: MoEForCausalLM, bits, group_size, symmetric, device, dense_bits) -> _LowBitModel:
+def _from_model(model: MoEForCausalLM, bits, group_size, symmetric, device, dense_bits) -> LowBitModel:
     from flux_engine.checkpoint.keymap import Entry, model_tensors
 
     param = next(model.parameters())
@@ -406,7 +432,7 @@ def _from_model(model: MoEForCausalLM, bits, group_size, symmetric, device, dens
     return _build(pairs, plan, skeleton, dense, bits, group_size, symmetric, device, dense_bits)
 
 
-def _from_checkpoint(path, dtype, bits, group_size, symmetric, device, dense_bits) -> _LowBitModel:
+def _from_checkpoint(path, dtype, bits, group_size, symmetric, device, dense_bits) -> LowBitModel:
     from flux_engine import checkpoint as ck
     from flux_engine.checkpoint.safetensors_io import CONFIG_FILE, read_json, scan, stream
 
@@ -429,7 +455,7 @@ def _from_checkpoint(path, dtype, bits, group_size, symmetric, device, dense_bit
 def prepare(
     model_or_checkpoint, bits: Optional[int] = 4, group_size: Optional[int] = None, *, symmetric: bool = True,
     dtype: Optional[torch.dtype] = None, device=None, dense_bits: Optional[int] = DEFAULT_DENSE_BITS,
-) -> _LowBitModel:  # fmt: skip
+) -> LowBitModel:  # fmt: skip
     """The profiling copy (see the module docstring); ``profile`` calls this, ``profile_async`` before its thread."""
     if bits not in (None, 4, 8):
         raise ValueError(f"bits must be 4, 8 or None (full precision), got {bits!r}")
@@ -470,7 +496,7 @@ class ProfileAccumulator:
 
 
 @torch.no_grad()
-def _moe_step(low: _LowBitModel, mlp: MoEMLP, li: int, h: torch.Tensor, ra: torch.Tensor, mask: torch.Tensor, acc):
+def _moe_step(low: LowBitModel, mlp: MoEMLP, li: int, h: torch.Tensor, ra: torch.Tensor, mask: torch.Tensor, acc):
     B, T, H = h.shape
     c = low.config
     flat = h.reshape(-1, H)
@@ -512,8 +538,22 @@ def _moe_step(low: _LowBitModel, mlp: MoEMLP, li: int, h: torch.Tensor, ra: torc
     return y.view(B, T, H)
 
 
+def _trim_padding(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """The batch without its trailing columns of padding (right-padded rows: nothing after the longest row is a
+    token). Counts never include padding (masked); this saves computing it. Only a mask on the host is read, so
+    no device synchronisation."""
+    am = batch.get("attention_mask")
+    if am is None or am.device.type != "cpu" or am.dim() != 2:
+        return batch
+    cols = torch.nonzero(am.any(0)).flatten()
+    T = int(cols[-1]) + 1 if cols.numel() else 1
+    if T == am.shape[1]:
+        return batch
+    return {k: (v[:, :T] if torch.is_tensor(v) and v.dim() == 2 and v.shape == am.shape else v) for k, v in batch.items()}
+
+
 @torch.no_grad()
-def _run(low: _LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, Any]) -> ExpertProfile:
+def _run(low: LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, Any]) -> ExpertProfile:
     model = low.skeleton
     config = model.config
     layers = [mlp.layer for mlp in model.moe_layers()]
@@ -523,6 +563,7 @@ def _run(low: _LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, A
     acc = ProfileAccumulator(layers, config.num_experts, device)
     seen = 0
     for batch in batches:
+        batch = _trim_padding(batch)
         input_ids = batch["input_ids"].to(device)
         B, T = input_ids.shape
         am = batch.get("attention_mask")
@@ -587,11 +628,13 @@ def profile(
         dense_bits: format of attention, dense / shared-expert MLPs, the embedding and the LM head: 8
             (per-channel, default), 4 (group-wise) or None (kept in full precision). Ignored when ``bits`` is None.
     """
+    if isinstance(model_or_checkpoint, LowBitModel):
+        return _run(model_or_checkpoint, batches, model_or_checkpoint.meta)
     low = prepare(
         model_or_checkpoint, bits, group_size, symmetric=symmetric, dtype=dtype, device=device,
         dense_bits=dense_bits,
     )  # fmt: skip
-    return _run(low, batches, _meta(bits, group_size, symmetric, dense_bits))
+    return _run(low, batches, low.meta)
 
 
 def _meta(bits, group_size, symmetric, dense_bits) -> Dict[str, Any]:
@@ -644,12 +687,15 @@ def profile_async(
     materialised into a list first.
     """
     t0 = time.perf_counter()
-    low = prepare(
-        model_or_checkpoint, bits, group_size, symmetric=symmetric, dtype=dtype, device=device,
-        dense_bits=dense_bits,
-    )  # fmt: skip
+    if isinstance(model_or_checkpoint, LowBitModel):
+        low = model_or_checkpoint  # a prepared copy: the caller leaves it alone until the result is taken
+    else:
+        low = prepare(
+            model_or_checkpoint, bits, group_size, symmetric=symmetric, dtype=dtype, device=device,
+            dense_bits=dense_bits,
+        )  # fmt: skip
     batches = list(batches)
-    meta = _meta(bits, group_size, symmetric, dense_bits)
+    meta = low.meta
     dev = low.device
     if dev.type == "cuda":
         # The copy was made on the caller's stream; the side stream waits for it, then runs independently.

@@ -1,6 +1,18 @@
 """Dynamic expert roles (FLUX_DESIGN.md section 5): expert utility (Eq. 3), the exploit/explore assignment of tuning
 experts under per-client budgets (Eq. 4), and two-point zeroth-order (SPSA) gradient estimates for exploration
-experts.
+experts (an option: by default exploration experts train, and their utility comes from the same backward pass).
+
+One utility scale. Every utility the server ranks is Eq. 3 read from training gradients
+(``training.train_round``: exploitation and exploration experts alike, since every tuning slot trains). The only
+other source is the routing-frequency prior of experts no client has trained yet (round 1: the first-contact
+profile's normalised frequencies, ``frequency_utility``). ``common_scale`` puts a prior on the gradient scale, per
+client and layer: ``u_e = f_e * c_l``, with ``c_l = (sum of the measured utilities of layer l) / (sum of the
+frequencies of those experts)`` (Eq. 3 grows with ``|D_e|``, which the frequency predicts); a layer with no
+measured expert uses the ratio over all layers; with no measured expert at all (round 1) the frequencies are the
+utilities (one source, one scale). A measured utility always wins over a prior, and a client that has not
+measured an expert takes the mean of the other clients' measurements before its own prior
+(``aggregation.UtilityTable``). The SPSA estimates of ``explore-mode = "zo"`` (``explore_experts``) are
+``|D_e|`` times an estimated gradient norm: Eq. 3's units up to the estimate's noise.
 
 Utilities are ``[L, E]`` tensors over original experts of the MoE layers (``model.moe_layers()`` order). An expert's
 trainable parameters, for the gradient norms, are its physical weight slices ``gate_up_proj[p]`` and
@@ -9,6 +21,7 @@ trainable parameters, for the gradient norms, are its physical weight slices ``g
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
@@ -26,6 +39,24 @@ def frequency_utility(freq: Any) -> torch.Tensor:
     """Round-1 utility: each layer's routing frequencies normalised to sum to 1."""
     f = torch.as_tensor(freq, dtype=torch.float64).clamp_min(0)
     return f / f.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def common_scale(measured: torch.Tensor, prior: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[L, E]`` utilities on one scale (module docstring): ``measured`` Eq. 3 utilities (NaN: not measured)
+    where present, else the frequency ``prior`` times its layer's calibration ``c_l`` (0 where there is no prior)."""
+    u = torch.as_tensor(measured, dtype=torch.float64)
+    if prior is None:
+        return torch.nan_to_num(u, nan=0.0)
+    f = torch.as_tensor(prior, dtype=torch.float64).clamp_min(0)
+    have = ~torch.isnan(u)
+    if not bool(have.any()):
+        return f.clone()
+    u0 = torch.where(have, u, torch.zeros(()))
+    f_have = torch.where(have, f, torch.zeros(()))
+    total = u0.sum() / f_have.sum().clamp_min(1e-300)
+    per_layer = u0.sum(1) / f_have.sum(1).clamp_min(1e-300)
+    c = torch.where(have.any(1) & (f_have.sum(1) > 0), per_layer, total)
+    return torch.where(have, u, f * c[:, None])
 
 
 def _per_sample_losses(model: nn.Module, input_ids: torch.Tensor, labels: Optional[torch.Tensor], attention_mask=None):
@@ -128,18 +159,25 @@ def utility_microbatch(
 
 @dataclass
 class EpsilonSchedule:
-    """Exploitation share ``eps_t = min(eps_max, eps_0 + d_eps * t)`` (``t`` = round, from 0); ``fixed`` (ablation)
-    pins it."""
+    """Exploitation share ``eps_t = eps_0 + (eps_max - eps_0) * min(1, t / ramp_rounds)`` (``t`` = round, from 0):
+    a linear rise that reaches ``eps_max`` ``ramp_rounds`` rounds after the first (``for_run`` derives it from a
+    fraction of the run); ``fixed`` (ablation) pins it."""
 
     eps_0: float = 0.5
-    d_eps: float = 0.05
     eps_max: float = 0.9
+    ramp_rounds: int = 4
     fixed: Optional[float] = None
+
+    @classmethod
+    def for_run(cls, eps_0: float, eps_max: float, ramp: float, num_rounds: int,
+                fixed: Optional[float] = None) -> "EpsilonSchedule":  # fmt: skip
+        """eps reaches ``eps_max`` at round ``ceil(ramp * num_rounds)`` (rounds counted from 1; at least round 2)."""
+        return cls(eps_0, eps_max, max(1, math.ceil(ramp * num_rounds) - 1), fixed)
 
     def __call__(self, t: int) -> float:
         if self.fixed is not None:
             return float(self.fixed)
-        return float(min(self.eps_max, self.eps_0 + self.d_eps * t))
+        return float(self.eps_0 + (self.eps_max - self.eps_0) * min(1.0, t / max(self.ramp_rounds, 1)))
 
 
 @dataclass
@@ -266,32 +304,48 @@ def explore_experts(
     labels=None,
     attention_mask=None,
 ) -> torch.Tensor:
-    """Forward-only refresh of exploration experts' utilities: for each ``(layer, expert)`` in ``explore`` an SPSA
-    estimate over its physical weights (two forward passes per direction), utility ``|D_e| * sqrt(mean d^2)`` with
-    ``|D_e|`` the samples routed to it (a batch-level stand-in for the per-sample norms of Eq. 3). With
-    ``config.update`` the estimate is also applied as an SGD step. Returns ``[L, E]`` utilities (NaN elsewhere)."""
+    """Forward-only refresh of exploration experts' utilities (``explore-mode = "zo"``, an option: by default
+    exploration experts train). For each ``(layer, expert)`` in ``explore`` an SPSA estimate over its physical
+    weights, two forward passes per direction over only the sequences routed to it (``input_ids [B, T]``: the rows
+    of ``D_e``; the others' loss does not depend on the expert), utility ``|D_e| * sqrt(mean d^2)`` (a batch-level
+    stand-in for the per-sample norms of Eq. 3; 0 when no sequence reaches it). The loss differences are computed in
+    fp32 whatever the model's dtype (a perturbation of ``c`` = 1e-3 is below bf16's resolution): a model in another
+    dtype is evaluated through an fp32 copy. With ``config.update`` the estimate is also applied as an SGD step.
+    Returns ``[L, E]`` utilities (NaN elsewhere)."""
     config = config or ZerothOrderConfig()
-    layers = model.moe_layers()
     E = model.config.num_experts
     g = torch.Generator().manual_seed(config.seed)
-
-    def loss_fn():
-        out = model(input_ids, labels=input_ids if labels is None else labels, attention_mask=attention_mask)
-        return out.loss
-
     with torch.no_grad():
         out = model(input_ids, attention_mask=attention_mask, return_routers=True)
         hit = routed_samples(out.routers, input_ids.shape[0], E, attention_mask)
+    fp32 = all(p.dtype == torch.float32 for p in model.parameters())
+    work = model if fp32 else copy.deepcopy(model).float()
+    layers = work.moe_layers()
     util = torch.full((len(layers), E), float("nan"), dtype=torch.float64)
+    labels = input_ids if labels is None else labels
     for l, e in explore:
+        rows = torch.nonzero(hit[l, :, e]).flatten().to(input_ids.device)
+        if rows.numel() == 0:
+            util[l, e] = 0.0
+            continue
+        ids, lab = input_ids[rows], labels[rows]
+        am = None if attention_mask is None else attention_mask[rows]
+
+        def loss_fn():
+            return work(ids, labels=lab, attention_mask=am).loss.float()
+
         ex = layers[l].experts
         p = int(ex.expert_map[e])
         views = _ExpertSlice(ex, p).views
         grads, derivs = spsa_gradient(loss_fn, views, c=config.c, num_samples=config.num_samples, generator=g)
-        n = float(hit[l, :, e].sum())
-        util[l, e] = n * math.sqrt(sum(d * d for d in derivs) / len(derivs))
+        # loss_fn is a mean over the routed rows' tokens: the directional derivatives are per routed sample's
+        # share, as in the full-batch form's |D_e| normalisation.
+        util[l, e] = float(rows.numel()) * math.sqrt(sum(d * d for d in derivs) / len(derivs))
         if config.update:
             with torch.no_grad():
                 for v, gr in zip(views, grads):
                     v.add_(gr, alpha=-config.lr)
+                if work is not model:
+                    for v, w in zip(views, _ExpertSlice(model.moe_layers()[l].experts, p).views):
+                        w.copy_(v.to(w.dtype))
     return util

@@ -170,24 +170,10 @@ def test_fmes_keeps_top_frequency_experts_and_dropped_get_no_tokens(model, ids):
         baselines.drop_experts(m, plan.kept, inplace=True)  # already dropped
 
 
-def test_flux_policy_and_merge_ablations(model):
-    assert baselines.uniform_layer_budgets(7, [6, 7]) == [4, 3]
-    assert baselines.uniform_layer_budgets(3, [1, 7]) == [1, 2]
-    assert baselines.uniform_layer_budgets(1, [0, 5]) == [0, 1]
+def test_make_policy_dispatch(model):
     c = model.config
-    plan = plan_budget(c, _fixed(c) + 4 * _per_tuning(c) + 6 * expert_parameters(c) * 4, SETTINGS)
-    tuning = [[0, 1], [2]]
-    eq1 = baselines.flux(model, PROFILE, tuning, plan, seed=0)
-    uni = baselines.make_policy("flux", model, budget_bytes=plan.budget_bytes, settings=SETTINGS, profile=PROFILE,
-                                tuning=tuning, plan=plan, layer_budgets="uniform", weighting="freq")  # fmt: skip
-    nt = [6, 7]
-    uniform = baselines.uniform_layer_budgets(plan.B_non, nt)
-    assert uni.info["physical_experts"] == [t + b for t, b in zip([2, 1], uniform)]
-    assert eq1.info["physical_experts"] == [t + b for t, b in zip([2, 1], merging.layer_budgets(FREQ, plan.B_non, nt))]
-    assert uniform != merging.layer_budgets(FREQ, plan.B_non, nt)  # the ablation changes something
-    assert uni.info["weighting"] == "freq" and eq1.tuning == tuning and eq1.memory.total == plan.used_bytes
     with pytest.raises(ValueError):
-        baselines.make_policy("flux", model, budget_bytes=1, profile=PROFILE)
+        baselines.make_policy("flux", model, budget_bytes=1, profile=PROFILE)  # Flux is flux_round's
     with pytest.raises(ValueError):
         baselines.make_policy("fedprox", model, budget_bytes=1)
     assert baselines.make_policy("fmes", model, budget_bytes=_fixed(c) + 16 * _per_tuning(c), settings=SETTINGS,
@@ -218,7 +204,7 @@ def test_tta_configs_parse_and_force_merging(name):
 
     raw = tomllib.loads((pathlib.Path(__file__).parent.parent / "bench" / "configs" / f"{name}.toml").read_text())
     exp = raw.pop("experiment")
-    assert set(exp["methods"]) <= set(baselines.METHODS) and exp["reference"] in exp["methods"]
+    assert set(exp["methods"]) <= {"flux", *baselines.BASELINES} and exp["reference"] in exp["methods"]
     runs = [RunConfig.from_mapping(raw)]
     for preset, over in exp.get("preset-overrides", {}).items():
         runs.append(RunConfig.from_mapping({**raw, "preset": preset,

@@ -10,6 +10,7 @@ from flux_engine.budget import (
     merged_expert_bytes,
     non_expert_parameters,
     plan_budget,
+    profiling_copy_bytes,
     tuning_expert_terms,
 )
 from flux_engine.models import MoEForCausalLM
@@ -71,9 +72,13 @@ def test_budget_monotone_and_settings_matter():
     sgd = plan_budget(cfg, int(1.5 * MiB), _settings(lora_rank=0, optimizer="sgd"))
     assert full.B_tune < lora.B_tune and sgd.B_tune > full.B_tune
     assert activation_bytes(cfg, _settings(activation_checkpointing=True)) < activation_bytes(cfg, _settings())
-    # tune_fraction 0: only the minimum number of tuning experts, the rest merged.
-    p0 = plan_budget(cfg, int(1.5 * MiB), _settings(), tune_fraction=0.0)
-    assert p0.B_tune == 1 and p0.B_non > lora.B_non
+    # The plan trains as many experts as fit: one more tuning expert would not leave one merged expert a layer.
+    L = len(cfg.moe_layer_indices)
+    room = lora.budget_bytes - sum(memory_breakdown(cfg, _settings(), 0, 0, lora.budget_bytes).values())
+    assert (lora.B_tune + 1) * lora.tuning_expert_bytes + L * lora.merged_expert_bytes > room
+    assert lora.B_tune * lora.tuning_expert_bytes + lora.B_non * lora.merged_expert_bytes <= room
+    assert (lora.B_non + 1) * lora.merged_expert_bytes + lora.B_tune * lora.tuning_expert_bytes > room
+    assert f"floor(" in lora.describe() and f"= {lora.B_tune}" in lora.describe()
     # Plenty of memory: nothing is merged, everything else is tuned.
     big = plan_budget(cfg, 8 * MiB, _settings())
     assert big.B_tune + big.B_non == len(cfg.moe_layer_indices) * cfg.num_experts
@@ -108,3 +113,19 @@ def test_budget_roles_merge_pipeline_fits():
     assert sum(compact.config.physical_experts) == plan.B_tune + plan.B_non
     expert_bytes = sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in compact.moe_layers()) * 4
     assert expert_bytes == plan.B_tune * plan.tuning_terms["weights"] + plan.B_non * plan.merged_expert_bytes
+
+
+def test_profiling_copy_counted_in_the_plan():
+    from flux_engine import profiling
+
+    cfg = presets.get("tiny")
+    torch_model = MoEForCausalLM(cfg)
+    for bits, dense_bits in ((4, 8), (8, None), (4, 4)):
+        low = profiling.prepare(torch_model, bits=bits, dense_bits=dense_bits)
+        counted = profiling_copy_bytes(cfg, _settings(profile_bits=bits, profile_dense_bits=dense_bits))
+        assert counted == low.nbytes(), (bits, dense_bits)
+    assert profiling_copy_bytes(cfg, _settings(profile_bits=0)) == profiling.prepare(torch_model, bits=None).nbytes()
+    without = plan_budget(cfg, int(1.6 * MiB), _settings())
+    with_copy = plan_budget(cfg, int(1.6 * MiB), _settings(profile_bits=4))
+    assert any(k.startswith("profiling copy") for k in with_copy.breakdown)
+    assert with_copy.B_tune + with_copy.B_non <= without.B_tune + without.B_non

@@ -47,7 +47,7 @@ def mc_run(tmp_path):
     data = tmp_path / "mc.jsonl"
     write_jsonl(data, _records())
     cfg = {
-        "preset": "tiny", "num-clients": 2, "min-clients": 2, "num-rounds": 2, "budgets": "2368KiB,2560KiB",
+        "preset": "tiny", "num-clients": 2, "min-clients": 2, "num-rounds": 2, "budgets": "2440KiB,2560KiB",
         "workspace": "0", "lora-rank": 4, "batch-size": 4, "seq-len": 32, "samples-per-client": 8, "local-steps": 2,
         "lr": 1e-2, "data": f"jsonl:{data}", "partition": "domain", "eval-records": 4,
         "state-dir": str(tmp_path / "state"),

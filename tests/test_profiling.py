@@ -179,9 +179,9 @@ def test_dense_weights_quantized_and_routers_kept(tied_shared):
     from flux_engine.checkpoint.keymap import model_tensors
 
     want = 0
-    dense = prof._dense_weights(src)
+    dense = prof.dense_weight_names(src)
     for name, t in model_tensors(src).items():
-        if name in dense or prof._is_stack(name):
+        if name in dense or prof.is_expert_stack(name):
             want += prof._quantize(t.detach(), 4, 32, True).nbytes()
         else:
             want += t.numel() * t.element_size()

@@ -57,9 +57,12 @@ def test_microbatch_utility_is_close_and_positive():
 
 
 def test_epsilon_schedule():
-    s = EpsilonSchedule(eps_0=0.2, d_eps=0.1, eps_max=0.5)
+    s = EpsilonSchedule(eps_0=0.2, eps_max=0.5, ramp_rounds=3)
     assert [s(t) for t in range(5)] == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.5])
     assert EpsilonSchedule(fixed=0.3)(10) == 0.3
+    # A 5-round run with a ramp of half the run reaches eps-max at round 3 (t = 2).
+    s = EpsilonSchedule.for_run(0.5, 0.9, 0.5, num_rounds=5)
+    assert [s(t) for t in range(5)] == pytest.approx([0.5, 0.7, 0.9, 0.9, 0.9])
 
 
 def test_assignment_respects_budgets_and_is_reproducible():
@@ -67,7 +70,7 @@ def test_assignment_respects_budgets_and_is_reproducible():
     L, E = 3, 8
     utils = [torch.rand(L, E, generator=g, dtype=torch.float64) for _ in range(4)]
     budgets = [1, 5, 10, 100]
-    sched = EpsilonSchedule(eps_0=0.4, d_eps=0.1, eps_max=0.8)
+    sched = EpsilonSchedule(eps_0=0.4, eps_max=0.8, ramp_rounds=4)
     for t in range(4):
         roles = assign_roles(utils, budgets, round_t=t, schedule=sched, seed=7)
         again = assign_roles(utils, budgets, round_t=t, schedule=sched, seed=7)

@@ -1,24 +1,21 @@
-"""The Flux ``ClientApp``: profile -> merge -> train on one client, with the base model kept resident between rounds;
-the same app runs the baselines of the time-to-accuracy experiment (run key ``method``).
+"""The ``ClientApp``: Flux's round (``flux_engine.flux_round``) or a baseline's on one client, with the base model
+kept resident between rounds. No math here: the handlers read messages, call the mechanisms and reply.
 
 A client keeps, per run (``ClientRuntime``, cached in this process): the base model (never modified), its copy of
-the global trainable tensors and the round it last synced, its data batches, its budget plan, and the profile
-computing in the background for the next round (or a baseline's policy).
+the global trainable tensors and the round it last synced, its data batches, its budget plan, and either its
+``FluxClient`` (the low-bit profiling copy, the next round's profile, the last compact model) or a baseline's
+policy.
 
 Handlers:
 
 - ``query.profile`` (first contact): plan the budget (``budget.plan_budget``; node config ``memory-budget`` or
-  the run config), profile the base model (``profiling.profile`` on ``profile-samples`` rows) and reply ``B_tune``
-  and the round-1 utilities (normalised frequencies, ``roles.frequency_utility``).
-- ``train``: apply the received global tensors to a copy of the base (the global model) and profile it for the
-  next round (stale profiling: in the background, or inline and timed apart with ``profile-in-background =
-  false``); merge the non-tuning experts with the previous round's profile (``baselines.flux`` over
-  ``merging.merge``, tuning and exploration experts kept whole); estimate the exploration experts' utilities
-  forward-only (``roles.explore_experts``, two-point SPSA; explore-mode "zo"); train the tuning experts
-  (``training.train_round`` on the next ``local-steps`` batches of the client's data; LoRA mode: they keep their
-  base weights and resume from their global adapters via ``init``); reply the trained tensors, routed-token counts,
-  utilities (Eq. 3 from training for tuning experts, the SPSA estimate for exploration experts) and the measured
-  terms of the time model (profiling, merge, training and exploration seconds).
+  the run config, the profiling copy counted) and profile the base model (``profile-samples`` rows); reply
+  ``B_tune`` and the routing-frequency prior (``roles.frequency_utility``).
+- ``train``: apply the server's delta, run the Flux round (``FluxClient.train``: profile of the previous round's
+  global model, merge, train the tuning experts), reply the trained tensors, routed-token counts, Eq. 3 utilities
+  and the measured terms of the time model; then, with the reply built, the stale profile of this round's global
+  model for the next round (``FluxClient.profile_next``: the client's idle window; a background thread, or inline
+  and timed apart with ``profile-in-background = false``).
 - ``train`` for a baseline (``handle_train_baseline``): its ``baselines.Policy`` (FedAvg-LoRA, FMD, FMQ, FMES),
   built once from the base model (and the first-contact profile for FMD / FMES), trains its experts' adapters from
   the global ones; FMD reports its PCIe bytes.
@@ -29,7 +26,6 @@ Handlers:
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import time
@@ -41,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from flux_engine import baselines, budget, evaluation, presets, profiling, roles
+from flux_engine.flux_round import FluxClient, FluxSettings, apply_global, round_copy
 from flux_engine.aggregation import Update
 from flux_engine.data import Record
 from flux_engine.evaluation import sample_test_records
@@ -156,12 +153,14 @@ def _tokenizer(name: str):
 
 
 def train_settings(run: RunConfig) -> budget.TrainSettings:
+    """The memory model's settings; Flux keeps its profiling copy between rounds, so its plan counts it."""
     return budget.TrainSettings(
         dtype=run.dtype,
         lora_rank=run.lora_rank if run.mode == "lora" else 0,
         batch_size=run.batch_size,
         seq_len=run.seq_len,
         workspace_bytes=parse_size_or_error(run.workspace, "workspace"),
+        profile_bits=run.profile_bits if run.method == "flux" else None,
     )
 
 
@@ -176,14 +175,14 @@ class ClientRuntime:
     eval_records: Dict[str, List[Record]]
     global_tensors: Update = field(default_factory=dict)
     synced: int = 0
-    profile: Any = None  # an ExpertProfile, or a ProfileHandle still computing
-    # Measured seconds of computing ``profile`` and whether they overlapped the server's aggregation (stale):
-    # charged to the round that uses it (the time model, flux_engine.timemodel).
-    profile_seconds: float = 0.0
-    profile_stale: bool = False
     num_layers: int = 0
-    policy: Any = None  # a baseline's baselines.Policy, built on first use and kept (the base never changes)
-    policy_seconds: float = 0.0  # seconds building it took, charged to the next training round
+    flux: Optional[FluxClient] = None  # Flux's rounds, built on first use
+    # A baseline's first-contact profile (FMD / FMES) with its seconds, charged to round 1, and its
+    # baselines.Policy, built on first use and kept (the base never changes), with the seconds building it took.
+    profile: Any = None
+    profile_seconds: float = 0.0
+    policy: Any = None
+    policy_seconds: float = 0.0
 
     def sync(self, content: RecordDict, state: RecordDict) -> None:
         """Apply the server's delta. The global copy is also kept in the node's Flower context ``state``: under
@@ -198,24 +197,24 @@ class ClientRuntime:
             raise RuntimeError(
                 f"server sent changes since round {since}, this client holds round {self.synced}: resync"
             )
-        self.global_tensors.update(wire.unpack_tensors(content["global"], "server"))
+        # A new dict each sync: the Flux client compares global states by the objects it was given.
+        self.global_tensors = {**self.global_tensors, **wire.unpack_tensors(content["global"], "server")}
         self.synced = int(content["config"]["synced"])
         state["flux-global"] = wire.pack_tensors(self.global_tensors)
         state["flux-sync"] = ConfigRecord({"synced": self.synced})
 
-    def set_profile(self, p: Any, seconds: float = 0.0, stale: bool = False) -> None:
-        self.profile, self.profile_seconds, self.profile_stale = p, seconds, stale
-
-    def take_profile(self) -> Tuple[Any, float, bool]:
-        """``(profile, its seconds, stale)``; the seconds are charged once (0 when taken again)."""
-        p = self.profile
-        if isinstance(p, profiling.ProfileHandle):
-            handle = p
-            p = self.profile = handle.result()
-            self.profile_seconds = handle.seconds  # known once the work is done
-        out = (p, self.profile_seconds, self.profile_stale)
-        self.profile_seconds = 0.0
-        return out
+    def flux_client(self) -> FluxClient:
+        if self.flux is None:
+            run = self.run
+            settings = FluxSettings(
+                mode=run.mode, lora_scale=run.lora_alpha / run.lora_rank, profile_bits=_profile_bits(run),
+                stale_profile=run.stale_profile, profile_in_background=run.profile_in_background,
+                merge_weighting=run.merge_weighting, merge_budgets=run.merge_budgets, explore_mode=run.explore_mode,
+                seed=run.seed, state_dir=os.path.join(run.client_state_dir or os.path.join(run.state_dir, "clients"),
+                                                      f"client-{self.partition_id}"),
+            )  # fmt: skip
+            self.flux = FluxClient(self.base, self.plan, settings, train_config(run), profile_batches(self))
+        return self.flux
 
 
 _RUNTIMES: Dict[Tuple[int, int], ClientRuntime] = {}
@@ -253,33 +252,8 @@ def release(run_id: int) -> None:
 # ------------------------------------------------------------------------------------------------ model state
 
 
-def round_copy(base: MoEForCausalLM) -> MoEForCausalLM:
-    """A copy of the base model for one round's work. Only the routed experts' tensors (``mlp.experts.*``: stacks
-    and expert maps) are copied, since merging, training and folding adapters in change only those; attention,
-    embeddings, routers and dense MLPs are shared with the base, which must stay frozen. Halves the copy of a
-    SmolLM2 preset (every round copies the base up to three times)."""
-    shared = {
-        id(t): t
-        for name, t in [*base.named_parameters(), *base.named_buffers()]
-        if ".mlp.experts." not in name
-    }
-    # deepcopy takes memo entries as objects already copied: the shared tensors are reused as they are.
-    return copy.deepcopy(base, memo=shared)
-
-
 def _profile_bits(run: RunConfig) -> Optional[int]:
     return run.profile_bits or None
-
-
-def apply_global(model: MoEForCausalLM, tensors: Update, run: RunConfig, skip=()) -> None:
-    """Put the global state into an unmerged model: full mode sets the experts' weights, LoRA mode folds the
-    adapters in (``skip``: this round's tuning experts, which resume from their factors through ``init``)."""
-    from flux_engine import adapters, training
-
-    if run.mode == "full":
-        training.load_expert_weights(model, tensors)
-    else:
-        adapters.merge_adapters(model, tensors, run.lora_alpha / run.lora_rank, skip=skip)
 
 
 def train_config(run: RunConfig):
@@ -294,31 +268,20 @@ def train_config(run: RunConfig):
 # ------------------------------------------------------------------------------------------------ handlers
 
 
-def explore_utilities(rt: ClientRuntime, model: MoEForCausalLM, explore: torch.Tensor, round_: int) -> torch.Tensor:
-    """``[L, E]`` utilities of the exploration experts (``explore``, bool ``[L, E]``) from two-point SPSA estimates
-    on this client's first training batch (``roles.explore_experts``: two forward passes per expert, weights
-    restored), NaN elsewhere. One batch keeps exploration cheap beside training (which sees every batch)."""
-    if not bool(explore.any()):
-        return torch.full(explore.shape, float("nan"), dtype=torch.float64)
-    rows = rt.train_batches[0]
-    pairs = [tuple(k) for k in torch.nonzero(explore).tolist()]
-    # A fresh perturbation direction every round (and the same on a rerun of the round: resumable runs).
-    zo = roles.ZerothOrderConfig(seed=rt.run.seed * 1_000_003 + round_)
-    with torch.no_grad():
-        return roles.explore_experts(model, rows["input_ids"], pairs, zo, rows["labels"], rows["attention_mask"])
-
-
 # Methods that choose experts by routing frequency and so profile their data (FedAvg-LoRA and FMQ train every
 # expert and need no profile).
 PROFILING_METHODS = ("flux", "fmd", "fmes")
 
 
 def handle_profile(rt: ClientRuntime) -> RecordDict:
-    """First contact: the budget plan and round-1 utilities (normalised routing frequencies of the base model; zero
-    for methods that do not profile). The profile's seconds are charged to round 1, which nothing hides it behind."""
+    """First contact: the budget plan and the routing-frequency prior (normalised routing frequencies of the base
+    model; zero for methods that do not profile). The profile's seconds are charged to round 1, which nothing hides
+    it behind."""
     L, E = rt.num_layers, rt.base.config.num_experts
     utilities = torch.zeros(L, E, dtype=torch.float64)
-    if rt.run.method in PROFILING_METHODS:
+    if rt.run.method == "flux":
+        utilities = roles.frequency_utility(rt.flux_client().first_profile().frequency)
+    elif rt.run.method in PROFILING_METHODS:
         utilities = roles.frequency_utility(first_profile(rt).frequency)
     return RecordDict(
         {
@@ -352,11 +315,12 @@ def round_batches(rt: ClientRuntime, round_: int) -> List[dict]:
 
 
 def first_profile(rt: ClientRuntime) -> Any:
-    """The base model's profile, computed on first use (its seconds wait in ``rt.profile_seconds`` for round 1)."""
+    """A baseline's profile of the base model, computed on first use (its seconds wait in ``rt.profile_seconds``
+    for round 1)."""
     if rt.profile is None:
         t0 = time.perf_counter()
-        p = profiling.profile(rt.base, profile_batches(rt), bits=_profile_bits(rt.run))
-        rt.set_profile(p, time.perf_counter() - t0, stale=False)
+        rt.profile = profiling.profile(rt.base, profile_batches(rt), bits=_profile_bits(rt.run))
+        rt.profile_seconds = time.perf_counter() - t0
     return rt.profile
 
 
@@ -385,8 +349,6 @@ def _train_reply(rt: ClientRuntime, result: Any, utilities: torch.Tensor, t0: fl
 
 
 def handle_train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
-    from flux_engine.training import train_round
-
     if rt.run.method != "flux":
         return handle_train_baseline(rt, content, state)
     t0 = time.perf_counter()
@@ -394,54 +356,14 @@ def handle_train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> R
     cfg = content["config"]
     L, E = rt.num_layers, rt.base.config.num_experts
     tuning = wire.ids_to_mask(cfg["tuning"], L, E)
-    # Exploration experts the server wants a forward-only utility estimate of (explore-mode "zo"; absent: none).
+    # Exploration experts the server wants a forward-only utility estimate of (explore-mode "zo"; else none).
     explore = wire.ids_to_mask(cfg["explore"] if "explore" in cfg else [], L, E)
-    tuning_keys = {tuple(k) for k in torch.nonzero(tuning).tolist()}
-    t_merge = time.perf_counter()
-    global_model = round_copy(rt.base)
-    apply_global(global_model, rt.global_tensors, rt.run)
-    merge_seconds = time.perf_counter() - t_merge
-    profile, profile_seconds, profile_stale = rt.take_profile()
-    if profile is None:
-        t_prof = time.perf_counter()
-        profile = profiling.profile(global_model, profile_batches(rt), bits=_profile_bits(rt.run))
-        profile_seconds += time.perf_counter() - t_prof
-    # Stale profiling: this round's global model is profiled for use next round, while we train and the server
-    # aggregates (background) or here, timed apart (simulation). profile_async snapshots the weights before
-    # returning, so the model may change afterwards.
-    if rt.run.stale_profile and rt.run.profile_in_background:
-        handle = profiling.profile_async(global_model, profile_batches(rt), bits=_profile_bits(rt.run))
-        rt.set_profile(handle, stale=True)
-    elif rt.run.stale_profile:
-        t_prof = time.perf_counter()
-        p = profiling.profile(global_model, profile_batches(rt), bits=_profile_bits(rt.run))
-        rt.set_profile(p, time.perf_counter() - t_prof, stale=True)
-    else:
-        rt.set_profile(None)
-    t_merge = time.perf_counter()
-    working = global_model
-    if rt.run.mode == "lora" and tuning_keys & set(rt.global_tensors):
-        # Tuning experts resume from their global factors (init) on their base weights: do not fold those in.
-        working = round_copy(rt.base)
-        apply_global(working, rt.global_tensors, rt.run, skip=tuning_keys)
-    tuning_lists = [torch.nonzero(row).flatten().tolist() for row in tuning]
-    # Exploration experts keep a physical expert of their own, like tuning experts, so that their estimate is
-    # theirs and not a merged group's.
-    unmerged = [torch.nonzero(row).flatten().tolist() for row in tuning | explore]
-    policy = baselines.flux(working, profile, unmerged, rt.plan, weighting=rt.run.merge_weighting,
-                            layer_budgets=rt.run.merge_budgets, seed=rt.run.seed, inplace=True)  # fmt: skip
-    model = policy.model
-    merge_seconds += time.perf_counter() - t_merge
-    t_explore = time.perf_counter()
-    explored = explore_utilities(rt, model, explore, int(cfg["round"]))
-    explore_seconds = time.perf_counter() - t_explore
-    init = {k: v for k, v in rt.global_tensors.items() if k in tuning_keys}
-    result = train_round(model, tuning_lists, round_batches(rt, int(cfg["round"])), train_config(rt.run), init)
-    utilities = result.utilities
-    utilities[explore] = explored[explore]  # NaN for experts neither trained nor explored: "not measured"
-    times = {"profile-seconds": profile_seconds, "profile-stale": int(profile_stale), "merge-seconds": merge_seconds,
-             "explore-seconds": explore_seconds, "pcie-bytes": 0}  # fmt: skip
-    return _train_reply(rt, result, utilities, t0, times)
+    round_ = int(cfg["round"])
+    flux = rt.flux_client()
+    out = flux.train(rt.global_tensors, tuning, explore, round_batches(rt, round_), round_)
+    reply = _train_reply(rt, out.result, out.utilities, t0, {**out.times, "pcie-bytes": 0})
+    flux.profile_next(rt.global_tensors, round_)  # the idle window: the reply is ready
+    return reply
 
 
 def baseline_policy(rt: ClientRuntime) -> Any:
@@ -503,7 +425,7 @@ def handle_evaluate(rt: ClientRuntime, content: RecordDict, state: RecordDict) -
     rt.sync(content, state)
     if rt.run.method == "flux":
         model = round_copy(rt.base)
-        apply_global(model, rt.global_tensors, rt.run)
+        apply_global(model, rt.global_tensors, rt.run.mode, rt.run.lora_alpha / rt.run.lora_rank)
     else:
         # A baseline's global model is its own: the adapters on its policy's model (int4 experts for FMQ, dropped
         # experts for FMES), attached rather than folded (packed weights cannot take them).

@@ -10,11 +10,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
+from flux_engine.baselines import BASELINES
 from flux_engine.checkpoint.safetensors_io import parse_size
 
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used (unknown key, wrong type, bad value)."""
+
+
+# Run key ``method``: Flux (flux_engine.flux_round) or a baseline.
+METHODS = ("flux",) + BASELINES
 
 
 @dataclass
@@ -50,21 +55,29 @@ class RunConfig:
     batch_size: int = 4
     seq_len: int = 128
     dtype: str = "float32"
-    # Roles (Eq. 4): eps_t = min(eps-max, eps-0 + d-eps * t), or eps-fixed >= 0 for the ablation.
+    # Roles (Eq. 4): eps_t rises linearly from eps-0 (round 1) to eps-max, reached at round
+    # ceil(eps-ramp * num-rounds); eps-fixed >= 0 pins it (ablation).
     eps_0: float = 0.5
-    d_eps: float = 0.05
     eps_max: float = 0.9
+    eps_ramp: float = 0.5
     eps_fixed: float = -1.0
-    # Exploration experts: "zo" (Flux): not trained, their utility refreshed by a forward-only two-point SPSA
-    # estimate; "train": trained by backprop with the exploitation experts (the design's open "also updated" switch).
-    explore_mode: str = "zo"
+    # Exploration experts: "train" (default): tuned with the exploitation experts in the same backward pass, their
+    # Eq. 3 utility read from it; "zo": not trained, their utility a forward-only two-point SPSA estimate (fp32,
+    # on the sequences routed to each).
+    explore_mode: str = "train"
     # Profiling and merging.
     profile_bits: int = 4  # 0: full precision
     profile_samples: int = 0  # training rows profiled (the first ones); 0: all
+    # Stale profiling: the profile a round uses is of the previous round's global model, computed in the client's
+    # idle window after its upload (off: profiled at the start of the round that uses it, on the critical path).
     stale_profile: bool = True
-    # Stale profiling in a background thread (deployment), or inline before training (simulation: its seconds are
-    # measured apart, without stealing cores from training, and the time model hides them).
+    # The stale profile in a background thread (deployment), or inline after the reply is built (simulation: its
+    # seconds are measured apart, without stealing cores from training, and the time model hides them behind the
+    # client's idle window).
     profile_in_background: bool = True
+    # Where each client keeps the global tensors its next profile reads, so a restarted client recomputes the
+    # same profile ("": <state-dir>/clients).
+    client_state_dir: str = ""
     merge_weighting: str = "freq_attn"  # Eq. 2 alpha_e: "freq_attn" (f_e * a_e), "freq" (ablation), "uniform"
     merge_budgets: str = "eq1"  # merged experts per layer: Eq. 1, or "uniform" (ablation)
     # Baselines (flux_engine.baselines): FMQ's bits, FMES's allocation of kept experts ("global" or "uniform"),
@@ -92,7 +105,8 @@ class RunConfig:
             raise ConfigError(f"mode must be 'lora' or 'full', got {self.mode!r}")
         if self.min_clients < 1 or self.num_rounds < 0 or not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("need min-clients >= 1, num-rounds >= 0 and 0 < fraction-train <= 1")
-        from flux_engine.baselines import ALLOCATIONS, LAYER_BUDGET_RULES, METHODS
+        from flux_engine.baselines import ALLOCATIONS
+        from flux_engine.flux_round import LAYER_BUDGET_RULES
         from flux_engine.merging import WEIGHTINGS
 
         choices = {"method": METHODS, "merge_budgets": LAYER_BUDGET_RULES, "fmes_allocation": ALLOCATIONS,

@@ -68,6 +68,9 @@ class ServerState:
         clients = sorted(self.utilities.tables)
         for i, c in enumerate(clients):
             tensors[f"utility/{i}"] = self.utilities.tables[c]
+        prior_clients = sorted(self.utilities.priors)
+        for i, c in enumerate(prior_clients):
+            tensors[f"prior/{i}"] = self.utilities.priors[c]
         tensors["rng"] = self.rng.get_state()
         meta = {
             "num_layers": self.num_layers,
@@ -75,6 +78,7 @@ class ServerState:
             "round": self.round,
             "updated_round": [[l, e, r] for (l, e), r in sorted(self.updated_round.items())],
             "utility_clients": clients,
+            "prior_clients": prior_clients,
             "budgets": self.budgets,
             "last_sync": self.last_sync,
             "config": self.config,
@@ -97,6 +101,8 @@ class ServerState:
         state.updated_round = {(l, e): r for l, e, r in meta["updated_round"]}
         for i, c in enumerate(meta["utility_clients"]):
             state.utilities.tables[c] = tensors[f"utility/{i}"]
+        for i, c in enumerate(meta.get("prior_clients", [])):  # absent before utilities had one scale
+            state.utilities.priors[c] = tensors[f"prior/{i}"]
         state.rng.set_state(tensors["rng"])
         state.budgets = {k: int(v) for k, v in meta["budgets"].items()}
         state.last_sync = {k: int(v) for k, v in meta["last_sync"].items()}

@@ -4,11 +4,11 @@ the average from ``aggregation.aggregate``, and everything it knows lives in a `
 A round r (``start``):
 
 1. ``configure_train``: sample clients (seeded by the state's RNG); ask clients never seen before for their budget
-   and first profile (a ``query.profile`` message: ``B_tune`` and round-1 utilities = normalised frequencies);
-   assign tuning experts per client from the utility table (stale by one round) and each client's ``B_tune``:
-   exploitation experts it trains and exploration experts (explore-mode "zo": it reports a forward-only utility
-   estimate of them; "train": it trains them too); send each client its roles plus only the global tensors
-   changed since it last synced. A baseline (run key ``method``) has no roles: every expert is allowed, the
+   and first profile (a ``query.profile`` message: ``B_tune`` and its routing-frequency prior); assign tuning
+   experts per client from the utility table (stale by one round; measured Eq. 3 utilities and priors on one
+   scale, ``roles.common_scale``) and each client's ``B_tune``: exploitation and exploration experts, all trained
+   (explore-mode "train", the default; "zo": it only reports a forward-only utility estimate of the exploration
+   experts); send each client its roles plus only the global tensors changed since it last synced. A baseline (run key ``method``) has no roles: every expert is allowed, the
    client's policy picks what it trains (``flux_engine.baselines``).
 2. ``aggregate_train``: drop clients that failed or did not reply in time, reject updates that fail validation or
    touch experts the client was not assigned, average the rest per expert; with fewer than ``min-clients``
@@ -64,8 +64,8 @@ class FluxStrategy(Strategy):
         self.E = model_config.num_experts
         rank = run.lora_rank if run.mode == "lora" else None
         self.shapes = expert_shapes(model_config.hidden_size, model_config.moe_intermediate_size, rank)
-        self.schedule = EpsilonSchedule(
-            run.eps_0, run.d_eps, run.eps_max, run.eps_fixed if run.eps_fixed >= 0 else None
+        self.schedule = EpsilonSchedule.for_run(
+            run.eps_0, run.eps_max, run.eps_ramp, run.num_rounds, run.eps_fixed if run.eps_fixed >= 0 else None
         )
         if state is None:
             state = ServerState(self.L, self.E, config=run.to_flower())
@@ -362,7 +362,7 @@ class FluxStrategy(Strategy):
                 continue
             try:
                 u = msg.content["utilities"].to_torch_state_dict()["utilities"]
-                self.state.utilities.update(client, u)
+                self.state.utilities.set_prior(client, u)
             except (KeyError, UpdateError) as e:
                 self._dropped[client] = f"profile reply rejected: {e}"
                 continue
