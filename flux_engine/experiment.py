@@ -336,7 +336,7 @@ def report_section(res: PresetResult, exp: ExperimentConfig, csv_path: str = "",
     terms = ["download", "profiling (not hidden)", "profiling hidden", "merge", "local train", "PCIe fetches",
              "upload", "aggregation", "round"]  # fmt: skip
     lines += ["Mean simulated seconds per round on the critical path (the slowest client each round; profiling "
-              "hidden = the part stale profiling overlaps with the previous aggregation, not counted), final "
+              "hidden = the part stale profiling spends in the client's idle window, not counted), final "
               "held-out LM loss, and the wall-clock of the method's rounds and evaluations where it ran (server "
               "history):",
               "", "| method | " + " | ".join(terms) + " | final eval loss | wall-clock here |",

@@ -12,10 +12,13 @@ Simulated wall-clock of one round::
   (default 1 Gbit/s, both directions, no latency term), and for FMD the bytes of non-resident experts fetched
   from host memory over PCIe (default 16 GB/s, on the critical path: the routing that decides a fetch is known
   only once the router has run, so no prefetch overlap is assumed);
-- **stale profiling** (Flux): the profile used in round r is computed from round r-1's global model while the
-  server aggregates round r-1, so only ``max(0, profiling - aggregation of round r-1)`` counts in round r (round 1:
-  nothing hides it, it counts in full). ``stale=False`` (the ablation, and methods that profile on the critical
-  path) counts all of it.
+- **stale profiling** (Flux): the profile used in round r is of round r-1's global model, computed in the client's
+  idle window after its round r-1 upload (it starts as the upload starts and must be done when the client's round
+  r download ends). The window is measured, per client: its upload + its wait for the slowest client + the
+  aggregation + its round-r download (+ whole rounds it sat out), i.e. ``start(r) + download_c(r) - (start(s) +
+  client_c(s) - upload_c(s))`` with s the last round c took part in. Only ``max(0, profiling - window)`` counts in
+  round r (round 1, or a client's first round: nothing hides it, it counts in full). ``stale=False`` (the
+  ablation, and methods that profile on the critical path) counts all of it.
 
 Every term and assumption is listed by ``TimeModel.describe()`` and ``RoundTime.describe()``.
 
@@ -75,7 +78,8 @@ class ClientRound:
 
     ``download_bytes``: the experts/adapters the server sent it (changed since its last sync);
     ``upload_bytes``: what it trained, as sent (fp32); ``pcie_bytes``: host -> GPU expert fetches (FMD);
-    ``stale``: whether its profiling may hide behind the previous round's aggregation (None: the model's default);
+    ``stale``: whether its profiling may hide in its idle window since its previous round (None: the model's
+    default);
     ``network_bps``: this client's own link in bits/s (None: the model's)."""
 
     client: Union[int, str] = 0
@@ -118,7 +122,8 @@ class RoundTime:
     round: int
     clients: List[ClientTime]
     aggregation: float
-    overlap_window: float  # the previous round's aggregation seconds, which stale profiling may hide behind
+    # Per client: seconds of idle time since its previous round that its stale profiling may hide in.
+    idle_windows: Dict[Union[int, str], float] = field(default_factory=dict)
     start: float = 0.0  # cumulative simulated time when the round began
     bytes_sent: int = 0  # network bytes of the round, down + up, all sampled clients
 
@@ -142,10 +147,9 @@ class RoundTime:
         for c in self.clients:
             mark = " <- slowest" if c is s else ""
             parts = ", ".join(f"{k} {v:.3f}" for k, v in c.terms().items())
-            lines.append(f"  client {c.client}: {c.total:.3f} s = {parts}; "
-                         f"profiling hidden {c.profile_hidden:.3f}{mark}")
-        lines.append(f"  + aggregation {self.aggregation:.3f} s (stale profiling could hide behind the previous "
-                     f"round's aggregation, {self.overlap_window:.3f} s)")  # fmt: skip
+            lines.append(f"  client {c.client}: {c.total:.3f} s = {parts}; profiling hidden {c.profile_hidden:.3f} "
+                         f"of an idle window of {self.idle_windows.get(c.client, 0.0):.3f}{mark}")  # fmt: skip
+        lines.append(f"  + aggregation {self.aggregation:.3f} s")
         return "\n".join(lines)
 
 
@@ -182,14 +186,14 @@ class TimeModel:
 
     # -- rounds
 
-    def client_time(self, c: ClientRound, overlap_window: float = 0.0) -> ClientTime:
-        """``c``'s simulated seconds; ``overlap_window``: seconds stale profiling may hide behind."""
+    def client_time(self, c: ClientRound, idle_window: float = 0.0) -> ClientTime:
+        """``c``'s simulated seconds; ``idle_window``: its idle seconds stale profiling may hide in."""
         for name in ("download_bytes", "upload_bytes", "pcie_bytes", "profile_seconds", "merge_seconds",
                      "train_seconds"):
             if getattr(c, name) < 0:
                 raise ValueError(f"ClientRound.{name} must be >= 0, got {getattr(c, name)}")
         stale = self.stale_profiling if c.stale is None else c.stale
-        hidden = min(c.profile_seconds, max(overlap_window, 0.0)) if stale else 0.0
+        hidden = min(c.profile_seconds, max(idle_window, 0.0)) if stale else 0.0
         return ClientTime(
             client=c.client,
             download=self.download_seconds(c.download_bytes, c.network_bps),
@@ -202,23 +206,32 @@ class TimeModel:
         )
 
     def round_time(self, round: int, clients: Sequence[ClientRound], aggregation_seconds: float,
-                   overlap_window: float = 0.0, start: float = 0.0) -> RoundTime:  # fmt: skip
-        """One round: ``max`` over ``clients`` (the sampled ones that replied) ``+ aggregation_seconds``."""
+                   idle_windows: Optional[Mapping[Union[int, str], float]] = None,
+                   start: float = 0.0) -> RoundTime:  # fmt: skip
+        """One round: ``max`` over ``clients`` (the sampled ones that replied) ``+ aggregation_seconds``;
+        ``idle_windows``: per client, the idle seconds its stale profiling may hide in (absent: none)."""
         if aggregation_seconds < 0:
             raise ValueError(f"aggregation_seconds must be >= 0, got {aggregation_seconds}")
-        times = [self.client_time(c, overlap_window) for c in clients]
+        windows = dict(idle_windows or {})
+        times = [self.client_time(c, windows.get(c.client, 0.0)) for c in clients]
         sent = sum(int(c.download_bytes) + int(c.upload_bytes) for c in clients)
-        return RoundTime(round, times, float(aggregation_seconds), float(overlap_window), float(start), sent)
+        return RoundTime(round, times, float(aggregation_seconds), windows, float(start), sent)
 
     def simulate(self, rounds: Iterable[Tuple[Sequence[ClientRound], float]], first_round: int = 1) -> List[RoundTime]:
-        """Rounds in order, each ``(clients, aggregation_seconds)``: cumulative times, with each round's
-        aggregation serving as the next round's stale-profiling window (round ``first_round`` has none)."""
+        """Rounds in order, each ``(clients, aggregation_seconds)``: cumulative times, with each client's idle
+        window measured from the start of its upload in the last round it took part in to the end of its download
+        in this one (module docstring); a client's first round has none."""
         out: List[RoundTime] = []
-        start, window = 0.0, 0.0
+        start = 0.0
+        idle_from: Dict[Union[int, str], float] = {}  # client -> simulated time its last upload started
         for i, (clients, agg) in enumerate(rounds):
-            rt = self.round_time(first_round + i, clients, agg, window, start)
+            windows = {c.client: start + self.download_seconds(c.download_bytes, c.network_bps) - idle_from[c.client]
+                       for c in clients if c.client in idle_from}  # fmt: skip
+            rt = self.round_time(first_round + i, clients, agg, windows, start)
             out.append(rt)
-            start, window = rt.end, rt.aggregation
+            for t in rt.clients:
+                idle_from[t.client] = start + t.total - t.upload
+            start = rt.end
         return out
 
     def describe(self) -> str:
@@ -234,7 +247,9 @@ class TimeModel:
             "  PCIe fetches (offloading, FMD) = bytes of non-resident routed experts / "
             f"{self.pcie_bytes_per_s / 1e9:g} GB/s, once per forward and once per backward pass per layer, on the "
             "critical path (no prefetch overlap)",
-            ("  stale profiling ON: only max(0, profiling - previous round's aggregation) counts; round 1 counts it all"
+            ("  stale profiling ON: only max(0, profiling - the client's idle window) counts, the window running from "
+             "the start of its previous upload to the end of this round's download (upload + wait for the slowest "
+             "client + aggregation + download); a client's first round counts it all"
              if self.stale_profiling else "  stale profiling OFF (ablation): all profiling seconds count"),
             "  not modelled: network latency, server downlink contention (clients' links are independent), "
             "client start-up, evaluation time",

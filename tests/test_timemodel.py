@@ -1,4 +1,4 @@
-"""The time model (hand-computed rounds, stale-profiling overlap) and the time-to-accuracy report."""
+"""The time model (hand-computed rounds, stale profiling in idle windows) and the time-to-accuracy report."""
 
 import dataclasses
 import math
@@ -31,9 +31,9 @@ def _rounds():
     a1 = ClientRound("a", download_bytes=S_NET, upload_bytes=S_NET // 2, profile_seconds=2.0, merge_seconds=0.5,
                      train_seconds=3.0)  # fmt: skip
     b1 = ClientRound("b", upload_bytes=S_NET, profile_seconds=1.0, train_seconds=4.0, pcie_bytes=S_PCIE)
-    a2 = ClientRound("a", download_bytes=S_NET, upload_bytes=S_NET // 2, profile_seconds=2.0, merge_seconds=0.5,
+    a2 = ClientRound("a", download_bytes=S_NET, upload_bytes=S_NET // 2, profile_seconds=4.0, merge_seconds=0.5,
                      train_seconds=3.0)  # fmt: skip
-    b2 = ClientRound("b", upload_bytes=S_NET, profile_seconds=1.0, train_seconds=4.0, pcie_bytes=S_PCIE)
+    b2 = ClientRound("b", upload_bytes=S_NET, profile_seconds=1.0, train_seconds=4.5, pcie_bytes=S_PCIE)
     return [([a1, b1], 1.5), ([a2, b2], 1.0)]
 
 
@@ -44,28 +44,33 @@ def test_hand_computed_rounds_with_stale_profiling():
     a, b = r1.clients
     assert a.total == pytest.approx(7.0) and b.total == pytest.approx(7.0)
     assert a.download == pytest.approx(1.0) and a.upload == pytest.approx(0.5) and b.pcie == pytest.approx(1.0)
-    assert r1.overlap_window == 0.0 and a.profile_hidden == 0.0
+    assert r1.idle_windows == {} and a.profile_hidden == 0.0
     assert r1.duration == pytest.approx(8.5) and r1.end == pytest.approx(8.5)
-    # Round 2: profiling hides behind round 1's aggregation (1.5 s). a: 0.5 s of its 2 s show -> 5.5;
-    # b: its 1 s is hidden entirely -> 6. Slowest b, + aggregation 1.0.
+    # Round 2: each client's profiling hides in its idle window since its round-1 upload began: upload + wait for
+    # the slowest + aggregation + its round-2 download. a: 0.5 + 0 + 1.5 + 1 = 3 s of its 4 s -> 1 s shows, total
+    # 1 + 1 + 0.5 + 3 + 0.5 = 6; b: 1 + 0 + 1.5 + 0 = 2.5 s >= its 1 s -> hidden, total 4.5 + 1 + 1 = 6.5.
     a, b = r2.clients
-    assert r2.overlap_window == pytest.approx(1.5)
-    assert a.profile == pytest.approx(0.5) and a.profile_hidden == pytest.approx(1.5) and a.total == pytest.approx(5.5)
-    assert b.profile == pytest.approx(0.0) and b.total == pytest.approx(6.0)
+    assert r2.idle_windows == {"a": pytest.approx(3.0), "b": pytest.approx(2.5)}
+    assert a.profile == pytest.approx(1.0) and a.profile_hidden == pytest.approx(3.0) and a.total == pytest.approx(6.0)
+    assert b.profile == pytest.approx(0.0) and b.total == pytest.approx(6.5)
     assert r2.slowest is b
-    assert r2.start == pytest.approx(8.5) and r2.duration == pytest.approx(7.0) and r2.end == pytest.approx(15.5)
+    assert r2.start == pytest.approx(8.5) and r2.duration == pytest.approx(7.5) and r2.end == pytest.approx(16.0)
     assert r1.bytes_sent == S_NET + S_NET // 2 + S_NET
     text = r2.describe()
-    assert "slowest" in text and "aggregation 1.000" in text
+    assert "slowest" in text and "aggregation 1.000" in text and "idle window of 3.000" in text
+    # A client that sat a round out idles through it too.
+    c = ClientRound("c", profile_seconds=20.0)
+    r = tm.simulate([([c], 0.0), (_rounds()[0][0], 0.0), ([c], 0.0)])
+    assert r[2].idle_windows["c"] == pytest.approx(r[1].duration)
 
 
 def test_stale_ablation_and_per_client_switches():
     ablation = TimeModel(stale_profiling=False).simulate(_rounds())
-    assert ablation[1].clients[0].total == pytest.approx(7.0)  # a: all 2 s of profiling count
-    assert ablation[1].end == pytest.approx(8.5 + 8.0)
+    assert ablation[1].clients[0].total == pytest.approx(9.0)  # a: all 4 s of profiling count
+    assert ablation[1].end == pytest.approx(8.5 + 9.0 + 1.0)
     # A client that profiles on the critical path (stale=False) under a stale model.
     c = ClientRound("x", profile_seconds=3.0, stale=False)
-    assert TimeModel().client_time(c, overlap_window=10.0).profile == pytest.approx(3.0)
+    assert TimeModel().client_time(c, idle_window=10.0).profile == pytest.approx(3.0)
     # Own link and an asymmetric uplink.
     tm = TimeModel(uplink_bps=0.5e9)
     t = tm.client_time(ClientRound(download_bytes=S_NET, upload_bytes=S_NET))
@@ -135,7 +140,7 @@ def test_curve_from_simulated_rounds_and_csv_round_trip(tmp_path):
     pts = curve("flux", rounds, [{"social_iqa": 0.4, "winowhy": 0.5}, {"social_iqa": 0.45, "winowhy": 0.55}],
                 initial={"social_iqa": 0.3, "winowhy": 0.5})  # fmt: skip
     assert [p.round for p in pts] == [0, 1, 2]
-    assert [p.time for p in pts] == [0.0, pytest.approx(8.5), pytest.approx(15.5)]
+    assert [p.time for p in pts] == [0.0, pytest.approx(8.5), pytest.approx(16.0)]
     assert pts[1].bytes_sent == rounds[0].bytes_sent and pts[2].mean_accuracy == pytest.approx(0.5)
     other = [CurvePoint("fmq", 1, 1 / 3, {"social_iqa": 0.1}, 7)]  # a domain missing: empty cell
     path = tmp_path / "tta.csv"
