@@ -132,7 +132,7 @@ def _memory_child(mode: str, folder: str, batches_path: str) -> None:
     """Runs in a fresh process; prints its peak RSS and peak anonymous RSS in MiB."""
     anon = _AnonPeak()
     import flux_engine.profiling as prof
-    from flux_engine.checkpoint import load_pretrained
+    from flux_engine.checkpoint import load_pretrained, save_pretrained
 
     batches = torch.load(batches_path)
     out = {}
@@ -166,7 +166,7 @@ def run_preset(preset: str, per_domain: int, seq_len: int, batch_size: int) -> T
              f"{cfg.num_experts} experts, top-{cfg.num_experts_per_tok}, H={cfg.hidden_size}, I={cfg.moe_intermediate_size}"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "ck")
-        model.save_pretrained(folder)
+        save_pretrained(model, folder)
         t0 = time.perf_counter()
         full = prof.profile(folder, batches, bits=None)
         times = {"full precision": time.perf_counter() - t0}

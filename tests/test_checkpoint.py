@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from flux_engine import MoEConfig, MoEForCausalLM, load_pretrained
+from flux_engine import MoEConfig, MoEForCausalLM, load_pretrained, save_pretrained
 from flux_engine.checkpoint import LAYOUTS, NATIVE, CheckpointError, safetensors_io
 from flux_engine.checkpoint.keymap import entries, model_tensors
 
@@ -87,7 +87,7 @@ def hf_checkpoints(transformers, tmp_path_factory):
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
         _randomize(model)
         folder = tmp_path_factory.mktemp(model_type)
-        model.save_pretrained(folder)
+        save_pretrained(model, folder)
         out[model_type] = (folder, model)
     return out
 
@@ -142,7 +142,7 @@ def test_logits_match_transformers(hf_checkpoints, model_type):
 def test_transformers_layouts_round_trip(hf_checkpoints, transformers, model_type, tmp_path):
     folder, reference = hf_checkpoints[model_type]
     model = load_pretrained(folder)
-    model.save_pretrained(tmp_path / "again")  # defaults to the layout it was loaded from
+    save_pretrained(model, tmp_path / "again")  # defaults to the layout it was loaded from
     assert _checkpoint_keys(tmp_path / "again") == _checkpoint_keys(folder)
     _assert_same_weights(load_pretrained(tmp_path / "again"), model)
     # transformers reads what we wrote as the same model.
@@ -163,13 +163,13 @@ def test_stacked_transformers_v5_keys_load(hf_checkpoints, tmp_path):
 
 def test_native_layout_keeps_provenance_for_export(hf_checkpoints, tmp_path):
     folder, _ = hf_checkpoints["qwen2_moe"]
-    load_pretrained(folder).save_pretrained(tmp_path / "native", layout=NATIVE)
+    save_pretrained(load_pretrained(folder), tmp_path / "native", layout=NATIVE)
     native = load_pretrained(tmp_path / "native")
     assert native.config.metadata["checkpoint_layout"] == NATIVE
     assert native.config.metadata["source_model_type"] == "qwen2_moe"
-    native.save_pretrained(tmp_path / "default")  # the layout it was loaded from: native again
+    save_pretrained(native, tmp_path / "default")  # the layout it was loaded from: native again
     assert json.loads((tmp_path / "default" / "config.json").read_text())["model_type"] == NATIVE
-    native.save_pretrained(tmp_path / "exported", layout="qwen2_moe")
+    save_pretrained(native, tmp_path / "exported", layout="qwen2_moe")
     assert _checkpoint_keys(tmp_path / "exported") == _checkpoint_keys(folder)
     original = json.loads((folder / "config.json").read_text())
     exported = json.loads((tmp_path / "exported" / "config.json").read_text())
@@ -182,7 +182,7 @@ def test_native_layout_keeps_provenance_for_export(hf_checkpoints, tmp_path):
 def test_bfloat16_round_trip_is_bit_exact(hf_checkpoints, tmp_path):
     model = load_pretrained(hf_checkpoints["qwen2_moe"][0], dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
-    model.save_pretrained(tmp_path / "bf16")
+    save_pretrained(model, tmp_path / "bf16")
     again = load_pretrained(tmp_path / "bf16")  # dtype from the written config
     _assert_same_weights(again, model)
 
@@ -308,7 +308,7 @@ def test_llama_moe_layers_match_reference_and_round_trip(tmp_path, gate_network,
         )
         torch.testing.assert_close(layer.mlp(x[None])[0][0], expected, atol=1e-5, rtol=1e-5)
 
-    model.save_pretrained(tmp_path / "again")
+    save_pretrained(model, tmp_path / "again")
     written = json.loads((tmp_path / "again" / "config.json").read_text())
     assert written["gate_add_noise"] is False and written["auto_map"] == config["auto_map"]
     dropped = {k for k in tensors if k.endswith(("weight_noise.weight", "rotary_emb.inv_freq"))}
@@ -372,7 +372,7 @@ def test_deepseek_layers_match_reference_and_round_trip(tmp_path):
         expected = _deepseek_reference(x, tensors, f"model.layers.{i}.mlp.", k)
         torch.testing.assert_close(model.model.layers[i].mlp(x[None])[0][0], expected, atol=1e-5, rtol=1e-5)
 
-    model.save_pretrained(tmp_path / "again")
+    save_pretrained(model, tmp_path / "again")
     assert _checkpoint_keys(tmp_path / "again") == set(tensors)
     written = json.loads((tmp_path / "again" / "config.json").read_text())
     assert (written["first_k_dense_replace"], written["moe_layer_freq"], written["n_shared_experts"]) == (1, 1, shared)
@@ -403,7 +403,7 @@ def test_merged_model_round_trips_in_native_layout_only(tmp_path):
     model = MoEForCausalLM(_tiny_config(physical_experts=[2, 3])).eval()
     model.model.layers[1].mlp.experts.expert_map.copy_(torch.tensor([1, 0, 0, 1]))
     model.model.layers[2].mlp.experts.expert_map.copy_(torch.tensor([2, 2, 0, 1]))
-    model.save_pretrained(tmp_path / "merged")  # never loaded: the native layout
+    save_pretrained(model, tmp_path / "merged")  # never loaded: the native layout
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == NATIVE
     again = load_pretrained(tmp_path / "merged").eval()
     _assert_same_weights(again, model)
@@ -412,21 +412,21 @@ def test_merged_model_round_trips_in_native_layout_only(tmp_path):
     assert torch.equal(_logits(again, ids), _logits(model, ids))
     for layout in ("mixtral", "qwen3_moe", "deepseek"):
         with pytest.raises(CheckpointError, match=f"merged .*layout='flux_moe', not '{layout}'"):
-            model.save_pretrained(tmp_path / layout, layout=layout)
+            save_pretrained(model, tmp_path / layout, layout=layout)
         assert not (tmp_path / layout).exists()
 
 
 def test_unexpressible_features_refuse_to_save(tmp_path):
     model = MoEForCausalLM(_tiny_config(moe_layers=None, qk_norm="head", moe_intermediate_size=40))
     with pytest.raises(CheckpointError, match="cannot save as 'mixtral'.*qk_norm='head'"):
-        model.save_pretrained(tmp_path / "m", layout="mixtral")
+        save_pretrained(model, tmp_path / "m", layout="mixtral")
     with pytest.raises(CheckpointError, match="unsupported model_type 'gpt2'"):
-        model.save_pretrained(tmp_path / "m", layout="gpt2")
+        save_pretrained(model, tmp_path / "m", layout="gpt2")
 
 
 def test_sharded_save_loads_back(tmp_path):
     model = MoEForCausalLM(_tiny_config(shared_expert_intermediate_size=24, shared_expert_gate=True, attention_bias=True))
-    model.save_pretrained(tmp_path / "sharded", max_shard_size=20_000)
+    save_pretrained(model, tmp_path / "sharded", max_shard_size=20_000)
     files = sorted(os.listdir(tmp_path / "sharded"))
     shards = [f for f in files if f.endswith(".safetensors")]
     assert len(shards) >= 3 and "model.safetensors.index.json" in files
@@ -498,7 +498,7 @@ def _add_key(folder: Path) -> str:
     ids=["truncated", "corrupt-header", "missing-key", "shape", "model-type", "unexpected-key"],
 )
 def test_bad_checkpoints_raise_naming_file_and_key(tmp_path, damage):
-    MoEForCausalLM(_tiny_config()).save_pretrained(tmp_path, max_shard_size=30_000)
+    save_pretrained(MoEForCausalLM(_tiny_config()), tmp_path, max_shard_size=30_000)
     assert len(_shards(tmp_path)) >= 3
     message = damage(tmp_path)
     with pytest.raises(CheckpointError, match=message):
@@ -506,7 +506,7 @@ def test_bad_checkpoints_raise_naming_file_and_key(tmp_path, damage):
 
 
 def test_missing_key_in_single_file_names_it(tmp_path):
-    MoEForCausalLM(_tiny_config()).save_pretrained(tmp_path)
+    save_pretrained(MoEForCausalLM(_tiny_config()), tmp_path)
     _rewrite(tmp_path / "model.safetensors", lambda t: t.pop("model.layers.2.mlp.gate.weight"))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: missing key 'model\.layers\.2\.mlp\.gate\.weight'"):
         load_pretrained(tmp_path)
@@ -521,10 +521,10 @@ def _snapshot(folder: Path) -> Dict[str, bytes]:
 
 def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
-    MoEForCausalLM(_tiny_config()).save_pretrained(target, max_shard_size=30_000)
+    save_pretrained(MoEForCausalLM(_tiny_config()), target, max_shard_size=30_000)
     before = _snapshot(target)
     with pytest.raises(CheckpointError, match="not empty"):
-        MoEForCausalLM(_tiny_config()).save_pretrained(target)
+        save_pretrained(MoEForCausalLM(_tiny_config()), target)
 
     real_write, calls = safetensors_io._write_shard, []
 
@@ -537,18 +537,18 @@ def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors_io, "_write_shard", crash_on_second_shard)
     other = MoEForCausalLM(_tiny_config())
     with pytest.raises(OSError, match="disk full"):
-        other.save_pretrained(target, max_shard_size=30_000, overwrite=True)
+        save_pretrained(other, target, max_shard_size=30_000, overwrite=True)
     assert _snapshot(target) == before
     calls.clear()
     with pytest.raises(OSError, match="disk full"):
-        other.save_pretrained(tmp_path / "fresh", max_shard_size=30_000)
+        save_pretrained(other, tmp_path / "fresh", max_shard_size=30_000)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no target, no staging folder left behind
 
 
 def test_overwrite_replaces_the_checkpoint(tmp_path):
     first, second = MoEForCausalLM(_tiny_config()), MoEForCausalLM(_tiny_config())
-    first.save_pretrained(tmp_path / "ckpt", max_shard_size=30_000)
-    second.save_pretrained(tmp_path / "ckpt", overwrite=True)  # one file now: the old shards must be gone
+    save_pretrained(first, tmp_path / "ckpt", max_shard_size=30_000)
+    save_pretrained(second, tmp_path / "ckpt", overwrite=True)  # one file now: the old shards must be gone
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
     _assert_same_weights(load_pretrained(tmp_path / "ckpt"), second)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
@@ -556,7 +556,7 @@ def test_overwrite_replaces_the_checkpoint(tmp_path):
 
 def test_loading_streams_one_shard_and_one_tensor_at_a_time(tmp_path, monkeypatch):
     model = MoEForCausalLM(_tiny_config())
-    model.save_pretrained(tmp_path, max_shard_size=30_000)
+    save_pretrained(model, tmp_path, max_shard_size=30_000)
     real_open = safetensors_io.safe_open
     opened, open_now, reads = [], [0], []
 

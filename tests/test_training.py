@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from flux_engine import MoEForCausalLM, merging, presets
+from flux_engine import MoEForCausalLM, merging, presets, save_pretrained
 from flux_engine.models.moe import ExpertLoRAAdapter
 from flux_engine.profiling import ExpertProfile
 from flux_engine.training import (
@@ -269,9 +269,9 @@ def test_save_pretrained_refuses_attached_tuning_experts(mode, tmp_path):
     model = tiny_model()
     attach_tuning(model, [[0]] + [[] for _ in model.moe_layers()[1:]], TrainConfig(mode=mode))
     with pytest.raises(ValueError, match="tuning experts attached"):
-        model.save_pretrained(tmp_path / "ckpt")
+        save_pretrained(model, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
     merge_lora(model) if mode == "lora" else detach_tuning(model)
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     assert torch.equal(load_pretrained(tmp_path / "ckpt").eval()(ids).logits, model.eval()(ids).logits)

@@ -434,12 +434,6 @@ class MoEForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save_pretrained(self, path, **kwargs) -> None:
-        """Write a checkpoint folder; see ``flux_engine.checkpoint.save_pretrained`` for the arguments."""
-        from flux_engine.checkpoint import save_pretrained  # the checkpoint package imports this module
-
-        save_pretrained(self, path, **kwargs)
-
     def forward(
         self,
         input_ids: torch.Tensor,
