@@ -452,8 +452,9 @@ class FluxStrategy(Strategy):
             u = None
             if "utilities" in content:
                 u = _record(content, "utilities", ArrayRecord).to_torch_state_dict().get("utilities")
-        except UpdateError:
-            raise
+        except UpdateError as e:
+            who = f"client {client}"
+            raise UpdateError(str(e) if str(e).startswith(who) else f"{who}: {e}") from None
         except KeyError as e:
             raise UpdateError(f"client {client}: reply lacks record {e}") from None
         except (TypeError, ValueError, AttributeError, RuntimeError) as e:
@@ -496,7 +497,7 @@ def _record(content: RecordDict, name: str, kind: type):
     """``content[name]``, which must be a ``kind`` record (KeyError when absent)."""
     record = content[name]
     if not isinstance(record, kind):
-        raise UpdateError(f"record {name!r} is a {type(record).__name__}, expected a {kind.__name__}")
+        raise UpdateError(f"record {name!r} is a {type(record).__name__}, not a {kind.__name__}")
     return record
 
 
