@@ -83,6 +83,37 @@ def test_state_save_is_atomic_and_keeps_only_the_latest(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
 
+def test_a_write_killed_midway_leaves_a_temp_file_that_startup_removes(tmp_path):
+    """SIGKILL-like death inside ``atomic_write`` (no cleanup runs) used to leave ``.latest.json.XXXXXXXX.tmp``
+    behind for good. The next server start removes it, and only files of that form."""
+    state_dir = tmp_path / "state"
+    app, _ = _fake_client({})
+    run_local(_run_cfg(tmp_path, **{"num-rounds": 1, "evaluate-every": 0}), client_app=app)
+    code = (
+        "import os, sys; from flux_engine.fileio import atomic_write\n"
+        "def die(f):\n    f.write('{\"round\": 9'); f.flush(); os._exit(9)\n"
+        f"atomic_write({str(state_dir / 'latest.json')!r}, die)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    stale = [n for n in os.listdir(state_dir) if n.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".latest.json.")
+    assert ServerState.load(str(state_dir)).round == 1  # the old manifest is intact
+    (state_dir / "notes.tmp").write_text("mine")  # not atomic_write's: kept
+    run_local(_run_cfg(tmp_path, resume=True, **{"num-rounds": 2, "evaluate-every": 0}), client_app=app)
+    assert sorted(os.listdir(state_dir)) == ["latest.json", "notes.tmp", "state-r00002.safetensors"]
+
+
+def test_state_directory_is_fsynced_after_renames(tmp_path, monkeypatch):
+    """A rename is durable only once its folder is fsynced: that used to be skipped."""
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", b)), real_replace(a, b))[1])
+    _state().save(str(tmp_path))
+    folder = os.stat(tmp_path).st_ino
+    manifest = events.index(("replace", os.path.join(str(tmp_path), "latest.json")))
+    assert ("fsync", folder) in events[manifest + 1 :]
+
+
 def test_truncated_state_is_one_clear_error(tmp_path):
     path = _state().save(str(tmp_path))
     with open(path, "r+b") as f:
