@@ -142,7 +142,7 @@ class RunConfig:
                 raise ConfigError(f"{_key(name)} must lie in {span}, got {value!r}")
         dtype = getattr(torch, self.dtype, None)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ConfigError(f"dtype must name a floating-point torch dtype (float32, bfloat16, ...), got {self.dtype!r}")
+            raise ConfigError(f"dtype must name a floating-point torch dtype (float32, ...), got {self.dtype!r}")
         if not (self.eps_fixed < 0 or 0.0 <= self.eps_fixed <= 1.0):
             raise ConfigError(f"eps-fixed must lie in [0, 1] (or be negative: off), got {self.eps_fixed!r}")
         if self.method != "flux" and self.mode != "lora":

@@ -4,8 +4,8 @@ On disk (``state_dir``): ``state-r{round:05d}.safetensors`` holds the tensors (g
 utilities, the RNG state) and, in its metadata, everything else as JSON; ``latest.json`` names the newest complete
 file with its size and sha256. Both are written to a temp file, fsynced and ``os.replace``d (the folder fsynced
 after), the manifest last, so a crash at any point leaves the previous round loadable; the server removes temp files
-a killed run left (``fileio.remove_stale_temps``) when it starts. A file that does not match its manifest (truncated, edited)
-raises ``StateError`` naming it.
+a killed run left (``fileio.remove_stale_temps``) when it starts. A file that does not match its manifest
+(truncated, edited) raises ``StateError`` naming it.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ A round r (``start``):
    malformed field, that fail validation (shapes, finite values, token counts a client cannot have routed), touch
    experts the client was not assigned or hold a tensor far larger than its reference (``update-norm-bound``),
    average the rest per expert (``aggregation``); with fewer than ``min-clients`` accepted updates, or fewer
-   connected clients once the round timeout has passed, the round changes nothing and the run goes on. Each round's report (accepted, dropped with the reason, and per
-   client the time model's inputs: download/upload bytes and the measured seconds it reported, ``clients``) is
-   logged and kept in ``state.history``.
+   connected clients once the round timeout has passed, the round changes nothing and the run goes on. Each
+   round's report (accepted, dropped with the reason, and per client the time model's inputs: download/upload
+   bytes and the measured seconds it reported, ``clients``) is logged and kept in ``state.history``.
 3. every ``evaluate-every`` rounds, ``configure_evaluate`` / ``aggregate_evaluate``: the global model on the
    clients' held-out data (LM loss; with ``eval-records``, multiple-choice accuracy per domain), pooled over
    clients (``flux_engine.evaluation``); round 0 (before any training) is evaluated too, into ``state.baseline``.
@@ -424,7 +424,9 @@ class FluxStrategy(Strategy):
         trained = [h["round"] for h in self.state.history if client in h.get("accepted", ())]
         return tensor_bytes(self._delta(client, since=trained[-1] - 1 if trained else 0), dtype_bytes=4)
 
-    def _attribute(self, replies: Iterable[Message], sent: List[Message], server_round: int) -> List[Tuple[str, Message]]:
+    def _attribute(
+        self, replies: Iterable[Message], sent: List[Message], server_round: int
+    ) -> List[Tuple[str, Message]]:
         """``(client, reply)`` for each reply, the client being the node its message was sent to (matched by
         ``reply_to_message_id``; the grid set the sent messages' ids when it pushed them), not the reply's sender:
         for a lost SuperNode the SuperLink replies an error of its own, from its own node id. A reply to no message
