@@ -9,6 +9,11 @@ An update is what one client trained this round, keyed by ``ExpertKey = (moe_lay
 - ``token_counts[key]``: tokens the client routed to that expert while training (the averaging weight).
 
 Clients upload fp32 (section 5); averages are accumulated in float64 and stored back in the global tensor's dtype.
+
+One participant must not be able to break the federation, so before averaging the server screens updates
+(``screen_updates``: a per-tensor norm bound relative to the global tensor, or to the round's median norm where
+there is none yet) and bounds token counts (``validate_update``'s ``max_tokens``); the average itself may be made
+robust (``aggregate``'s ``method``: a coordinate-wise trimmed mean, or norm clipping around the global tensor).
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ ExpertTensors = Dict[str, torch.Tensor]
 Update = Dict[ExpertKey, ExpertTensors]
 FULL_NAMES = ("gate_up", "down")
 LORA_NAMES = ("gate_up_A", "gate_up_B", "down_A", "down_B")
+# Averaging rules (run key ``aggregation``): the token-weighted mean (Flux), a coordinate-wise trimmed mean
+# (Yin et al., 2018: drops the ``trim`` fraction of largest and smallest values per coordinate), or the token-weighted
+# mean of updates whose distance to the global tensor is clipped to the round's median distance (Sun et al., 2019).
+AGGREGATIONS = ("weighted", "trimmed-mean", "norm-clip")
 
 
 class UpdateError(ValueError):
@@ -50,11 +59,16 @@ class ClientUpdate:
 
 
 def validate_update(
-    update: ClientUpdate, shapes: Mapping[str, Sequence[int]], num_layers: int, num_experts: int
+    update: ClientUpdate,
+    shapes: Mapping[str, Sequence[int]],
+    num_layers: int,
+    num_experts: int,
+    max_tokens: Optional[int] = None,
 ) -> None:
     """Raise ``UpdateError`` unless every trained expert is a known ``(layer, expert)`` with exactly the tensor
-    names of ``shapes``, each of that shape, finite, and a non-negative token count; utilities, when given, must be
-    ``[num_layers, num_experts]``."""
+    names of ``shapes``, each a floating-point tensor of that shape, finite, and a token count that is an int in
+    ``[0, max_tokens]`` (``max_tokens``: the most tokens a client can route to one expert in a round); utilities,
+    when given, must pass ``check_utilities``."""
     who = f"client {update.client}"
     if set(update.token_counts) != set(update.tensors):
         extra = sorted(set(update.token_counts) ^ set(update.tensors))
@@ -70,6 +84,8 @@ def validate_update(
         if missing or unexpected:
             raise UpdateError(f"{who}, expert {key}: missing tensors {missing}, unexpected tensors {unexpected}")
         for name, t in tensors.items():
+            if not t.is_floating_point():
+                raise UpdateError(f"{who}, expert {key}: {name} has dtype {t.dtype}, expected floating point")
             if tuple(t.shape) != tuple(shapes[name]):
                 raise UpdateError(
                     f"{who}, expert {key}: {name} has shape {tuple(t.shape)}, expected {tuple(shapes[name])}"
@@ -77,19 +93,92 @@ def validate_update(
             if not torch.isfinite(t).all():
                 raise UpdateError(f"{who}, expert {key}: {name} has non-finite values")
         n = update.token_counts[key]
-        if not (isinstance(n, int) and n >= 0):
+        # bool is an int subclass; a JSON/record True is no count.
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
             raise UpdateError(f"{who}, expert {key}: token count must be a non-negative int, got {n!r}")
-    u = update.utilities
-    if u is not None and tuple(u.shape) != (num_layers, num_experts):
+        if max_tokens is not None and n > max_tokens:
+            raise UpdateError(
+                f"{who}, expert {key}: token count {n} is implausible, a client routes at most {max_tokens} tokens "
+                "to an expert in a round (local-steps x batch-size x seq-len)"
+            )
+    if update.utilities is not None:
+        check_utilities(update.utilities, num_layers, num_experts, who)
+
+
+def check_utilities(u: torch.Tensor, num_layers: int, num_experts: int, who: str) -> None:
+    """``u`` must be a floating ``[num_layers, num_experts]`` tensor of non-negative values or NaN ("not
+    measured"): Eq. 3 utilities and normalised frequencies are never negative, and an infinite one would take every
+    exploitation slot of Eq. 4."""
+    if not isinstance(u, torch.Tensor) or not u.is_floating_point():
+        raise UpdateError(f"{who}: utilities must be a floating-point tensor, got {getattr(u, 'dtype', type(u))}")
+    if tuple(u.shape) != (num_layers, num_experts):
         raise UpdateError(f"{who}: utilities have shape {tuple(u.shape)}, expected {(num_layers, num_experts)}")
+    measured = u[~torch.isnan(u)]
+    if not (torch.isfinite(measured).all() and (measured >= 0).all()):
+        raise UpdateError(f"{who}: utilities must be finite and >= 0 (NaN: not measured)")
 
 
-def aggregate(global_state: Update, updates: Sequence[ClientUpdate]) -> Tuple[Update, List[ExpertKey]]:
-    """Per expert, the token-weighted average over the clients that trained it:
-    ``W_e = sum_i n_ie W_ie / sum_i n_ie``. An expert whose trainers all report 0 tokens gets their plain mean
-    (they did train it, on nothing routed: keep their result rather than divide by zero). Experts nobody trained
-    keep their global value. Returns the new global state (a new dict; untouched entries are shared) and the keys
-    that changed. Updates must have passed ``validate_update``."""
+def _lower_median(values: Sequence[float]) -> float:
+    """The lower median (``torch.median``'s): with two clients, the smaller value, so that one of two cannot raise
+    a reference it is then measured against."""
+    return float(torch.tensor(values, dtype=torch.float64).median())
+
+
+def screen_updates(
+    global_state: Update, updates: Sequence[ClientUpdate], norm_bound: float
+) -> Tuple[List[ClientUpdate], Dict[str, str]]:
+    """Reject every update holding a tensor whose norm exceeds ``norm_bound`` times its reference: the larger of
+    the global tensor's norm and the round's median norm of tensors of that name (the median over clients of each
+    client's median over its experts, so a client training many experts counts once; nonzero norms only, so a
+    round where most LoRA ``B`` factors are still zero does not make every moved one an outlier). Returns
+    ``(kept updates, {client: reason})``; ``norm_bound <= 0`` keeps everything. Updates must have passed
+    ``validate_update``. Norms are taken in float64: the square of a finite fp32 value (1e30) overflows fp32."""
+    if norm_bound <= 0 or not updates:
+        return list(updates), {}
+    norms = {
+        u.client: {(key, name): float(t.double().norm()) for key, ts in u.tensors.items() for name, t in ts.items()}
+        for u in updates
+    }
+    per_client: Dict[str, Dict[str, List[float]]] = {}
+    for client, ns in norms.items():
+        for (_, name), n in ns.items():
+            if n > 0:
+                per_client.setdefault(name, {}).setdefault(client, []).append(n)
+    median = {name: _lower_median([_lower_median(v) for v in by.values()]) for name, by in per_client.items()}
+    kept, rejected = [], {}
+    for u in updates:
+        for (key, name), n in sorted(norms[u.client].items()):
+            g = global_state.get(key, {}).get(name)
+            ref = max(median.get(name, 0.0), float(g.double().norm()) if g is not None else 0.0)
+            if ref > 0 and n > norm_bound * ref:
+                rejected[u.client] = (
+                    f"expert {key}: {name} has norm {n:.3g}, over {norm_bound:g}x its reference {ref:.3g} (the "
+                    "global tensor's norm or the round's median; update-norm-bound)"
+                )
+                break
+        else:
+            kept.append(u)
+    return kept, rejected
+
+
+def aggregate(
+    global_state: Update, updates: Sequence[ClientUpdate], method: str = "weighted", trim: float = 0.25
+) -> Tuple[Update, List[ExpertKey]]:
+    """Per expert, over the clients that trained it (``AGGREGATIONS``):
+
+    - ``"weighted"``: the token-weighted average ``W_e = sum_i n_ie W_ie / sum_i n_ie``. An expert whose trainers
+      all report 0 tokens gets their plain mean (they did train it, on nothing routed: keep their result rather than
+      divide by zero);
+    - ``"trimmed-mean"``: per coordinate, the mean of the values left after dropping the ``floor(trim * n)``
+      largest and smallest of its ``n`` trainers (token counts unused: they are the client's word);
+    - ``"norm-clip"``: the token-weighted average of ``c + clip(W_ie - c)``, where ``c`` is the global tensor (the
+      coordinate-wise median of the trainers' tensors for an expert with none yet) and each difference is scaled
+      down to at most the median difference norm of the expert's trainers.
+
+    Experts nobody trained keep their global value. Returns the new global state (a new dict; untouched entries are
+    shared) and the keys that changed. Updates must have passed ``validate_update``."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {method!r}")
     trainers: Dict[ExpertKey, List[ClientUpdate]] = {}
     for u in updates:
         for key in u.tensors:
@@ -100,9 +189,21 @@ def aggregate(global_state: Update, updates: Sequence[ClientUpdate]) -> Tuple[Up
         w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(us))
         avg: ExpertTensors = {}
         for name in us[0].tensors[key]:
-            stacked = torch.stack([u.tensors[key][name].to(torch.float64) for u in us])
-            dtype = global_state[key][name].dtype if key in global_state else us[0].tensors[key][name].dtype
-            avg[name] = torch.einsum("n,n...->...", w, stacked).to(dtype)
+            stacked = torch.stack([u.tensors[key][name].to(torch.float64) for u in us])  # [n, ...]
+            current = global_state.get(key, {}).get(name)
+            dtype = current.dtype if current is not None else us[0].tensors[key][name].dtype
+            if method == "trimmed-mean":
+                k = int(math.floor(trim * len(us)))
+                value = stacked.sort(dim=0).values[k : len(us) - k].mean(0)
+            elif method == "norm-clip":
+                center = current.to(torch.float64) if current is not None else stacked.median(dim=0).values
+                diff = stacked - center
+                norms = diff.flatten(1).norm(dim=1)
+                scale = (norms.median() / norms.clamp_min(1e-300)).clamp(max=1.0)
+                value = center + torch.einsum("n,n...->...", w * scale, diff)
+            else:
+                value = torch.einsum("n,n...->...", w, stacked)
+            avg[name] = value.to(dtype)
         out[key] = avg
     return out, sorted(trainers)
 
@@ -125,13 +226,8 @@ class UtilityTable:
     priors: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def _checked(self, client: str, utilities: torch.Tensor) -> torch.Tensor:
-        u = torch.as_tensor(utilities, dtype=torch.float64)
-        if tuple(u.shape) != (self.num_layers, self.num_experts):
-            raise UpdateError(
-                f"client {client}: utilities have shape {tuple(u.shape)}, "
-                f"expected {(self.num_layers, self.num_experts)}"
-            )
-        return u
+        check_utilities(utilities, self.num_layers, self.num_experts, f"client {client}")
+        return utilities.to(torch.float64)
 
     def update(self, client: str, utilities: torch.Tensor) -> None:
         """Eq. 3 utilities measured by ``client`` (NaN: not measured)."""

@@ -9,7 +9,8 @@
     flux-engine bench --preset tiny        # one client round, timed by phase
 
 Errors (unknown preset, config typo, budget too small, malformed data, damaged checkpoint) print one line and exit
-with status 2.
+with status 2. A federation that ran rounds but applied none of them (every client failed or was rejected) exits
+with status 1.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
     from flux_engine.federated.state import ServerState
 
 EXIT_ERROR = 2
+EXIT_FAILED = 1
+
+
+class RunFailed(RuntimeError):
+    """A federation that ran rounds and applied none: its output is the model it started from."""
 
 
 class _Progress:
@@ -139,12 +145,12 @@ def federate(run, verbose: bool = False) -> "ServerState":
     print(table(rows, ["client", "B_tune", "B_non", "budget"]))
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    todo = run.num_rounds
+    start = 0
     if run.resume:
         from flux_engine.federated.state import ServerState
 
-        todo -= ServerState.load(run.state_dir).round
-    bar = _Progress(max(todo, 0), "rounds")
+        start = ServerState.load(run.state_dir).round
+    bar = _Progress(max(run.num_rounds - start, 0), "rounds")
 
     def on_round(report: Dict[str, Any]) -> None:
         bar.update(f"round {report['round']} accepted {len(report['accepted'])} dropped {len(report['dropped'])}")
@@ -161,6 +167,9 @@ def federate(run, verbose: bool = False) -> "ServerState":
         for client, reason in sorted(h.get("eval_failed", {}).items()):
             print(f"round {h['round']}: client {client} failed to evaluate: {reason}")
     print(f"server state: {run.state_dir} (round {state.round})")
+    ran = [h for h in state.history if h["round"] > start]
+    if ran and not any(h["applied"] for h in ran):
+        raise RunFailed(f"none of rounds {ran[0]['round']}..{ran[-1]['round']} was applied (see the reasons above)")
     return state
 
 
@@ -455,6 +464,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
+    except RunFailed as e:
+        print(f"flux-engine {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except _user_errors() as e:
         if args.verbose:
             raise

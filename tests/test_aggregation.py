@@ -114,3 +114,71 @@ def test_utility_table_stale_semantics():
     assert torch.equal(t.for_client("c"), t.mean())
     with pytest.raises(UpdateError, match="client a: utilities have shape"):
         t.update("a", torch.zeros(E, L))
+
+
+# ------------------------------------------------------------------------------------------------ robustness
+
+
+def test_screening_rejects_a_tensor_far_above_its_reference():
+    from flux_engine.aggregation import screen_updates
+
+    honest = [_update(c, {(0, 1): (v, 10), (1, 2): (v, 10)}) for c, v in (("a", 1.0), ("b", 1.5), ("c", 2.0))]
+    hostile = _update("h", {(0, 1): (1e30, 10)})
+    kept, rejected = screen_updates({}, honest + [hostile], norm_bound=10.0)
+    assert [u.client for u in kept] == ["a", "b", "c"] and list(rejected) == ["h"]
+    assert "expert (0, 1): down has norm 5.48e+30, over 10x its reference 8.22" in rejected["h"]  # 1.5 * sqrt(30)
+    # The global tensor raises the reference: an expert trained for long may have grown.
+    big = {(0, 1): _tensors(FULL, 100.0)}
+    assert screen_updates(big, honest + [_update("g", {(0, 1): (900.0, 10)})], 10.0)[1] == {}
+    # Off, and a round whose tensors are all zero (LoRA B factors before training) rejects nothing.
+    assert screen_updates({}, honest + [hostile], 0.0) == (honest + [hostile], {})
+    zeros = [_update(c, {(0, 1): (0.0, 1)}) for c in "xyz"]
+    assert screen_updates({}, zeros, 10.0) == (zeros, {})
+
+
+def test_screening_median_counts_each_client_once():
+    """A hostile client training many experts cannot move the reference: medians are per client first."""
+    from flux_engine.aggregation import screen_updates
+
+    honest = [_update(c, {(0, 0): (1.0, 10)}) for c in "ab"]
+    hostile = _update("h", {(l, e): (50.0, 10) for l in range(L) for e in range(E)})
+    kept, rejected = screen_updates({}, honest + [hostile], 10.0)
+    assert [u.client for u in kept] == ["a", "b"] and list(rejected) == ["h"]
+
+
+def test_implausible_token_count_is_rejected():
+    u = _update("a", {(0, 1): (1.0, 2**62)})
+    with pytest.raises(UpdateError, match=r"client a, expert \(0, 1\): token count 4611686018427387904 is implausible"):
+        validate_update(u, FULL, L, E, max_tokens=4096)
+    validate_update(_update("a", {(0, 1): (1.0, 4096)}), FULL, L, E, max_tokens=4096)
+
+
+def test_trimmed_mean_drops_the_extremes_per_coordinate():
+    updates = [_update(c, {(0, 0): (v, n)}) for c, v, n in (("a", 1.0, 1), ("b", 2.0, 1), ("c", 3.0, 1),
+                                                             ("h", 1e6, 10**6))]  # fmt: skip
+    new, _ = aggregate({}, updates, method="trimmed-mean", trim=0.25)
+    assert torch.all(new[(0, 0)]["down"] == 2.5)  # mean of 2 and 3: 1 and 1e6 trimmed, token counts unused
+    new, _ = aggregate({}, updates[:3], method="trimmed-mean", trim=0.25)
+    assert torch.all(new[(0, 0)]["down"] == 2.0)  # floor(0.75) = 0 trimmed of three
+
+
+def test_norm_clip_bounds_each_client_to_the_median_distance():
+    g = {(0, 0): _tensors(FULL, 1.0)}
+    updates = [_update(c, {(0, 0): (v, 1)}) for c, v in (("a", 2.0), ("b", 3.0), ("h", 1e6))]
+    new, _ = aggregate(g, updates, method="norm-clip")
+    # Distances to the global tensor: 1, 2 and ~1e6 per coordinate; the median, 2, caps h's at 2.
+    assert torch.allclose(new[(0, 0)]["down"], torch.tensor((1.0 + 2.0 + 2.0) / 3 + 1.0))
+    # Without a global tensor the centre is the coordinate-wise median (b's 3.0).
+    new, _ = aggregate({}, updates, method="norm-clip")
+    assert torch.allclose(new[(0, 0)]["down"], torch.tensor(3.0 + (-1.0 + 0.0 + 1.0) / 3))
+    # One trainer: its own value.
+    new, _ = aggregate(g, updates[:1], method="norm-clip")
+    assert torch.all(new[(0, 0)]["down"] == 2.0)
+
+
+def test_utilities_must_be_finite_and_non_negative():
+    t = UtilityTable(L, E)
+    for bad in (torch.full((L, E), math.inf), torch.full((L, E), -1.0), torch.zeros(L, E, dtype=torch.long)):
+        with pytest.raises(UpdateError, match="client a: utilities must be"):
+            t.update("a", bad)
+    t.update("a", torch.full((L, E), math.nan))  # NaN: not measured

@@ -585,3 +585,73 @@ def test_loading_streams_one_shard_and_one_tensor_at_a_time(tmp_path, monkeypatc
     assert len(opened) == len(set(opened)) == len(_shards(tmp_path)) >= 3
     assert len(reads) == len(model_tensors(model))
     _assert_same_weights(loaded, model)
+
+
+# -- configs and weights that must not load silently ----------------------------------------------------------
+
+
+def _native_config(tmp_path: Path, **changes) -> Path:
+    MoEForCausalLM(_tiny_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is _DROP:
+            del config[key]
+        else:
+            config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("num_experts_per_tok", _DROP, "missing config key 'num_experts_per_tok'"),
+        ("hidden_size", _DROP, "missing config key 'hidden_size'"),
+        ("hidden_size", -32, "config key hidden_size=-32 must be a positive int"),
+        ("num_experts", "8", "config key num_experts='8' must be a positive int"),
+        ("moe_intermediate_size", 0, "config key moe_intermediate_size=0 must be a positive int"),
+        ("rms_norm_eps", "tiny", "config key rms_norm_eps='tiny' must be a positive number"),
+        ("tie_word_embeddings", "no", "config key tie_word_embeddings='no' must be true or false"),
+        ("moe_layers", ["0"], r"config key moe_layers=\['0'\] must be a list of ints or null"),
+        ("bogus", 1, "unknown config keys for flux_moe: bogus"),
+    ],
+)
+def test_native_config_keys_are_required_and_checked(tmp_path, key, value, message):
+    """A flux_moe config.json without num_experts_per_tok used to load with the default (different outputs);
+    negative or string sizes gave raw torch tracebacks."""
+    folder = _native_config(tmp_path, **{key: value})
+    with pytest.raises(CheckpointError, match=rf"config\.json: {message}"):
+        load_pretrained(folder)
+
+
+def test_hf_config_sizes_are_checked(hf_checkpoints, tmp_path):
+    folder = tmp_path / "mixtral"
+    shutil.copytree(hf_checkpoints["mixtral"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": -1}))
+    with pytest.raises(CheckpointError, match=r"config\.json: config key intermediate_size=-1 must be a positive int"):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_reported_by_name(tmp_path, bad):
+    MoEForCausalLM(_tiny_config()).save_pretrained(tmp_path)
+
+    def spoil(tensors):
+        tensors["model.layers.1.mlp.experts.down_proj"][3, 0, 5] = bad
+
+    _rewrite(tmp_path / "model.safetensors", spoil)
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: key 'model\.layers\.1\.mlp\.experts\.down_proj' holds 1 non-finite"
+    ):
+        load_pretrained(tmp_path)
+
+
+def test_torch_errors_while_loading_are_checkpoint_errors(tmp_path):
+    MoEForCausalLM(_tiny_config()).save_pretrained(tmp_path)
+    device = "xpu" if not (hasattr(torch, "xpu") and torch.xpu.is_available()) else "mps"
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: cannot load the checkpoint \("):
+        load_pretrained(tmp_path, device=device)

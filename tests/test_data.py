@@ -290,6 +290,21 @@ def test_malformed_jsonl_record_names_file_and_line(tmp_path, line, message):
         read_jsonl(path)
 
 
+def test_non_utf8_jsonl_names_file_and_line(tmp_path):
+    """Latin-1 bytes used to raise a bare UnicodeDecodeError, without file or line."""
+    path = tmp_path / "latin1.jsonl"
+    latin1 = json.dumps({**GOOD, "context": "café"}, ensure_ascii=False).encode("latin-1")
+    path.write_bytes((json.dumps(GOOD) + "\n").encode() * 2 + latin1)
+    with pytest.raises(ValueError, match=r"latin1.jsonl line 3: not valid UTF-8 \(byte \d+ of the line is b'\\xe9'\)"):
+        read_jsonl(path)
+    assert len(read_jsonl(_write(tmp_path / "ok.jsonl", (json.dumps(GOOD) + "\r\n") * 2))) == 2  # CRLF files too
+
+
+def _write(path, text):
+    path.write_bytes(text.encode())
+    return path
+
+
 @pytest.mark.parametrize(
     "task_json, message",
     [

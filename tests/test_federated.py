@@ -2,6 +2,7 @@
 run on the tiny model through the in-process Flower grid."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -82,6 +83,37 @@ def test_state_save_is_atomic_and_keeps_only_the_latest(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
 
+def test_a_write_killed_midway_leaves_a_temp_file_that_startup_removes(tmp_path):
+    """SIGKILL-like death inside ``atomic_write`` (no cleanup runs) used to leave ``.latest.json.XXXXXXXX.tmp``
+    behind for good. The next server start removes it, and only files of that form."""
+    state_dir = tmp_path / "state"
+    app, _ = _fake_client({})
+    run_local(_run_cfg(tmp_path, **{"num-rounds": 1, "evaluate-every": 0}), client_app=app)
+    code = (
+        "import os, sys; from flux_engine.fileio import atomic_write\n"
+        "def die(f):\n    f.write('{\"round\": 9'); f.flush(); os._exit(9)\n"
+        f"atomic_write({str(state_dir / 'latest.json')!r}, die)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    stale = [n for n in os.listdir(state_dir) if n.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".latest.json.")
+    assert ServerState.load(str(state_dir)).round == 1  # the old manifest is intact
+    (state_dir / "notes.tmp").write_text("mine")  # not atomic_write's: kept
+    run_local(_run_cfg(tmp_path, resume=True, **{"num-rounds": 2, "evaluate-every": 0}), client_app=app)
+    assert sorted(os.listdir(state_dir)) == ["latest.json", "notes.tmp", "state-r00002.safetensors"]
+
+
+def test_state_directory_is_fsynced_after_renames(tmp_path, monkeypatch):
+    """A rename is durable only once its folder is fsynced: that used to be skipped."""
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", b)), real_replace(a, b))[1])
+    _state().save(str(tmp_path))
+    folder = os.stat(tmp_path).st_ino
+    manifest = events.index(("replace", os.path.join(str(tmp_path), "latest.json")))
+    assert ("fsync", folder) in events[manifest + 1 :]
+
+
 def test_truncated_state_is_one_clear_error(tmp_path):
     path = _state().save(str(tmp_path))
     with open(path, "r+b") as f:
@@ -122,11 +154,91 @@ def test_config_rejects_typos_and_lists_valid_keys():
     assert RunConfig.from_mapping(cfg.to_flower()) == cfg
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("local-steps", 0, "local-steps must lie in [1, inf), got 0"),
+        ("lr", float("nan"), "lr must lie in (0.0, inf), got nan"),
+        ("lr", float("inf"), "lr must lie in (0.0, inf), got inf"),
+        ("lora-rank", 0, "lora-rank must lie in [1, inf), got 0"),
+        ("profile-bits", 3, "profile-bits must be one of (0, 4, 8), got 3"),
+        ("eval-fraction", 1.5, "eval-fraction must lie in [0.0, 1.0), got 1.5"),
+        ("eval-fraction", 1.0, "eval-fraction must lie in [0.0, 1.0), got 1.0"),
+        ("num-clients", 0, "num-clients must lie in [1, inf), got 0"),
+        ("samples-per-client", 0, "samples-per-client must lie in [1, inf), got 0"),
+        ("batch-size", -1, "batch-size must lie in [1, inf), got -1"),
+        ("seq-len", 1, "seq-len must lie in [2, inf), got 1"),
+        ("round-timeout", 0, "round-timeout must lie in (0.0, inf), got 0.0"),
+        ("eps-max", 1.5, "eps-max must lie in [0.0, 1.0], got 1.5"),
+        ("eps-fixed", float("nan"), "eps-fixed must lie in [0, 1] (or be negative: off), got nan"),
+        ("alpha", 0, "alpha must lie in (0.0, inf), got 0.0"),
+        ("seed", -1, "seed must lie in [0, 9223372036854775807], got -1"),
+        ("dtype", "int8", "dtype must name a floating-point torch dtype"),
+        ("tokenizer", "gpt2", "tokenizer must be one of ('bytes', 'smollm2'), got 'gpt2'"),
+        ("partition", "random", "partition must be one of ('domain', 'dirichlet', 'natural'), got 'random'"),
+        ("data", "csv:x.csv", "data must be 'synthetic', 'jsonl:PATH' or 'bigbench:TASK,...', got 'csv:x.csv'"),
+        ("budgets", "1GiB,lots", "budgets: cannot read 'lots' as a size"),
+        ("aggregation", "median", "aggregation must be one of ('weighted', 'trimmed-mean', 'norm-clip')"),
+        ("trim-fraction", 0.5, "trim-fraction must lie in [0.0, 0.5), got 0.5"),
+        ("update-norm-bound", -1, "update-norm-bound must lie in [0.0, inf), got -1.0"),
+    ],
+)
+def test_every_run_key_is_range_checked_before_anything_is_built(key, value, message):
+    """These used to pass start-up; clients then failed every round (ZeroDivisionError, IndexError, ...)."""
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_mapping({key: value})
+    assert message in str(e.value)
+
+
+def test_seq_len_beyond_the_models_positions_fails_at_start(tmp_path, capsys):
+    from flux_engine.federated.client import model_config
+
+    with pytest.raises(ConfigError, match="seq-len 513 exceeds the model's max_position_embeddings 512"):
+        model_config(RunConfig(seq_len=513))
+    code, out = _cli(tmp_path, capsys, GOOD.replace("seq-len = 32", "seq-len = 4096"))
+    assert code == 2 and "seq-len 4096 exceeds the model's max_position_embeddings 512" in out.err
+    assert not (tmp_path / "flux-state").exists()
+
+
+def test_cli_exits_nonzero_when_no_round_was_applied(tmp_path, capsys, monkeypatch):
+    """Every client failing every round used to end ``flux-engine run`` with status 0."""
+    from flux_engine.federated import client
+
+    def broken(*args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(client, "handle_train", broken)
+    code, out = _cli(tmp_path, capsys, GOOD + f'num-rounds = 2\nstate-dir = "{tmp_path / "st"}"\n')
+    assert code == 1
+    assert out.err.strip().endswith("\nflux-engine run: error: none of rounds 1..2 was applied (see the reasons above)")
+    assert "client 1 dropped: failed: RuntimeError: injected" in out.out
+
+
 # ---------------------------------------------------------------------------------------- strategy, fake clients
 
 
-def _fake_client(behaviour):
-    """A ClientApp answering like the real one; ``behaviour[partition]`` picks how its updates go wrong."""
+# Malformed train replies: how the fake client spoils its reply, and what the round report must say.
+MALFORMED = {
+    "update-not-arrays": (lambda c: c.__setitem__("update", ConfigRecord({"0/0/down_A": 1})), "record 'update' is a "
+                          "ConfigRecord, not a ArrayRecord"),
+    "count-string": (lambda c: c.__setitem__("token_counts", ConfigRecord({k: "many" for k in c["token_counts"]})),
+                     "token count must be a non-negative int, got 'many'"),
+    "count-bool": (lambda c: c.__setitem__("token_counts", ConfigRecord({k: True for k in c["token_counts"]})),
+                   "token count must be a non-negative int, got True"),
+    "metric-list": (lambda c: c.__setitem__("metrics", MetricRecord({"train-seconds": [1.0, 2.0]})),
+                    "metric 'train-seconds' must be a number, got [1.0, 2.0]"),
+    "metric-negative": (lambda c: c.__setitem__("metrics", MetricRecord({"merge-seconds": -1.0})),
+                        "metric 'merge-seconds' must be finite and >= 0"),
+    "utility-inf": (lambda c: c.__setitem__("utilities", ArrayRecord({"utilities": torch.full((L, E), float("inf"),
+                    dtype=torch.float64)})), "utilities must be finite and >= 0"),
+    "int-tensors": (lambda c: c.__setitem__("update", ArrayRecord({k: t.long() for k, t in
+                    c["update"].to_torch_state_dict().items()})), "expected floating point"),
+}  # fmt: skip
+
+
+def _fake_client(behaviour, release=None):
+    """A ClientApp answering like the real one; ``behaviour[partition]`` picks how its replies go wrong ("hang":
+    train waits for the ``release`` event)."""
     app = ClientApp()
     seen = {}
 
@@ -134,10 +246,14 @@ def _fake_client(behaviour):
     def query(msg, ctx):
         pid = int(ctx.node_config["partition-id"])
         u = torch.arange(L * E, dtype=torch.float64).view(L, E) * (pid + 1)
-        return Message(
-            RecordDict({"plan": ConfigRecord({"B_tune": pid + 2}), "utilities": ArrayRecord({"utilities": u})}),
-            reply_to=msg,
-        )
+        content = RecordDict({"plan": ConfigRecord({"B_tune": pid + 2}), "utilities": ArrayRecord({"utilities": u})})
+        if behaviour.get(pid) == "no-plan":
+            del content["plan"]
+        elif behaviour.get(pid) == "bad-budget":
+            content["plan"] = ConfigRecord({"B_tune": "lots"})
+        elif behaviour.get(pid) == "inf-utility":
+            content["utilities"] = ArrayRecord({"utilities": torch.full((L, E), float("inf"), dtype=torch.float64)})
+        return Message(content, reply_to=msg)
 
     @app.train()
     def train(msg, ctx):
@@ -147,6 +263,8 @@ def _fake_client(behaviour):
         seen.setdefault(pid, []).append((keys, sorted(wire.unpack_tensors(msg.content["global"]))))
         if kind == "raise":
             raise RuntimeError("out of memory")
+        if kind == "hang":
+            release.wait(60)  # a client that never answers in time (released at the end of the test)
         tensors = {k: {n: torch.full(sh, float(pid + 1)) for n, sh in SHAPES.items()} for k in keys}
         if kind == "wrong-shape":
             tensors[keys[0]]["down_A"] = torch.zeros(RANK + 1, TINY.moe_intermediate_size)
@@ -165,6 +283,8 @@ def _fake_client(behaviour):
                 "metrics": MetricRecord({"train-loss": 1.0 + pid}),
             }
         )
+        if kind in MALFORMED:
+            MALFORMED[kind][0](content)
         return Message(content, reply_to=msg)
 
     @app.evaluate()
@@ -228,6 +348,111 @@ def test_strategy_min_clients_guard(tmp_path):
     assert report["accepted"] == ["1"] and not report["applied"]
     assert "missing tensors ['gate_up_B']" in report["dropped"]["2"]
     assert state.global_tensors == {}
+
+
+@pytest.mark.parametrize("kind", ["no-plan", "bad-budget", "inf-utility"])
+def test_a_bad_first_reply_drops_that_client_only(tmp_path, kind):
+    """A profile reply without its plan (or with a bad one) used to crash the server (KeyError: 'plan')."""
+    app, seen = _fake_client({2: kind})
+    state = run_local(_run_cfg(tmp_path, **{"num-rounds": 2, "evaluate-every": 0}), client_app=app)
+    reason = {"no-plan": "lacks 'plan'", "bad-budget": "plan 'B_tune' must be an int, got 'lots'",
+              "inf-utility": "utilities must be finite and >= 0"}[kind]  # fmt: skip
+    for h in state.history:
+        assert h["applied"] and h["accepted"] == ["1", "2", "4"]
+        assert list(h["dropped"]) == ["3"] and h["dropped"]["3"].startswith("profile reply rejected: ")
+        assert reason in h["dropped"]["3"]
+    assert 2 not in seen and "3" not in state.budgets  # never trained; asked again each round
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_every_reply_field_is_validated_before_use(tmp_path, kind):
+    app, _ = _fake_client({1: kind})
+    state = run_local(_run_cfg(tmp_path, **{"num-rounds": 1, "evaluate-every": 0}), client_app=app)
+    report = state.history[0]
+    assert report["applied"] and report["accepted"] == ["1", "3", "4"]
+    assert list(report["dropped"]) == ["2"] and report["dropped"]["2"].startswith("rejected, not averaged: client 2")
+    assert MALFORMED[kind][1] in report["dropped"]["2"]
+    assert all(torch.isfinite(t).all() for ts in state.global_tensors.values() for t in ts.values())
+
+
+def test_round_timeout_leaves_a_hanging_client_behind(tmp_path):
+    """``round-timeout`` holds in the in-process grid (``flux-engine run`` / ``demo``): it used to wait forever."""
+    import threading
+
+    release = threading.Event()
+    app, _ = _fake_client({1: "hang"}, release)
+    t0 = time.monotonic()
+    try:
+        run = _run_cfg(tmp_path, **{"num-rounds": 2, "round-timeout": 1.0, "evaluate-every": 1})
+        state = run_local(run, client_app=app)
+    finally:
+        release.set()
+    assert time.monotonic() - t0 < 30
+    for h in state.history:
+        assert h["applied"] and h["accepted"] == ["1", "3", "4"] and "eval_loss" in h
+        assert h["dropped"] == {"2": "no reply before the round timeout"}
+
+
+def test_a_lost_supernode_is_dropped_once_and_the_run_goes_on(tmp_path, monkeypatch):
+    """Deployment: for a lost SuperNode the SuperLink replies an error of its own (source: the SuperLink's node id,
+    1 here as in Flower; ``reply_to`` the lost node's message). It used to count as a phantom client "1" next to the
+    lost one, and a round with fewer than ``min-clients`` connected ended the run. Now: the error is the lost node's,
+    a round without enough clients changes nothing, and the run continues once the node is back."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    from flux_engine.federated import simulation
+
+    assert SUPERLINK_NODE_ID == 1
+    lost, gone = set(), set()
+
+    class Deployment(simulation.LocalGrid):
+        def get_node_ids(self):
+            return [n for n in self.contexts if n not in gone]
+
+    app, _ = _fake_client({})
+
+    def superlink(msg, ctx):
+        if ctx.node_id in lost:
+            return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+        return app(msg, ctx)
+
+    def on_round(report):
+        # Node 4 is lost during round 2, unlisted in round 3, back for round 4.
+        {1: lambda: lost.add(4), 2: lambda: gone.add(4), 3: lambda: (lost.clear(), gone.clear()),
+         4: lambda: None}[report["round"]]()  # fmt: skip
+
+    monkeypatch.setattr(simulation, "LocalGrid", Deployment)
+    run = _run_cfg(tmp_path, **{"num-rounds": 4, "min-clients": 3, "round-timeout": 1.0})
+    state = run_local(run, client_app=superlink, on_round=on_round)
+    h = {r["round"]: r for r in state.history}
+    assert h[1]["accepted"] == ["1", "2", "3", "4"] and h[1]["dropped"] == {}
+    assert h[2]["applied"] and h[2]["accepted"] == ["1", "2", "3"]
+    assert list(h[2]["dropped"]) == ["4"] and h[2]["dropped"]["4"].startswith("failed: ")
+    assert h[2]["eval_failed"].keys() == {"4"}
+    assert h[3]["applied"] and h[3]["accepted"] == ["1", "2", "3"]  # min-clients still met without node 4
+    assert h[4]["applied"] and h[4]["accepted"] == ["1", "2", "3", "4"]
+    assert state.round == 4
+
+
+def test_a_round_with_too_few_clients_changes_nothing_and_the_run_goes_on(tmp_path, monkeypatch):
+    from flux_engine.federated import simulation
+
+    class TwoLeft(simulation.LocalGrid):
+        def get_node_ids(self):
+            return [1, 2] if self.rounds_seen == 1 else list(self.contexts)
+
+    TwoLeft.rounds_seen = 0
+
+    def on_round(report):
+        TwoLeft.rounds_seen += 1
+
+    app, _ = _fake_client({})
+    monkeypatch.setattr(simulation, "LocalGrid", TwoLeft)
+    run = _run_cfg(tmp_path, **{"num-rounds": 3, "min-clients": 3, "round-timeout": 0.5, "evaluate-every": 0})
+    state = run_local(run, client_app=app, on_round=on_round)
+    assert [h["applied"] for h in state.history] == [True, False, True]
+    assert state.history[1]["skipped"] == "only 2 clients connected, min-clients is 3"
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -457,6 +682,55 @@ def test_a_client_failing_every_round_is_dropped_and_reported(tmp_path):
         assert h["dropped"] == {"3": "failed: MemoryError: CUDA out of memory (injected)"}
         assert "eval_loss" in h  # evaluation still runs on every client, the failed one included
     assert state.global_tensors
+
+
+@pytest.mark.parametrize("attack", ["huge-values", "huge-token-count"])
+def test_one_hostile_client_of_four_cannot_break_the_federation(tmp_path, attack):
+    """Client 4 trains honestly but sends finite, huge values (1e30) or claims 2**62 tokens for every expert. Both
+    used to be averaged in: the global model went NaN (every later update then rejected) or became client 4's. Its
+    update is rejected with the reason, and the run ends exactly where the three honest clients take it: the same
+    global tensors and held-out losses as a run where client 4's training fails."""
+    pytest.importorskip("flux_engine.training")
+    from flux_engine.federated.client import make_client_app
+
+    real = make_client_app()
+
+    def federation(fourth):
+        def app(msg, ctx):
+            if ctx.node_config["partition-id"] == 3 and msg.metadata.message_type == "train":
+                return fourth(msg, ctx)
+            return real(msg, ctx)
+
+        return app
+
+    def hostile(msg, ctx):
+        reply = real(msg, ctx)
+        if attack == "huge-values":
+            tensors = reply.content["update"].to_torch_state_dict()
+            reply.content["update"] = ArrayRecord({k: torch.full_like(t, 1e30) for k, t in tensors.items()})
+        else:
+            reply.content["token_counts"] = ConfigRecord({k: 2**62 for k in reply.content["token_counts"]})
+        return reply
+
+    def absent(msg, ctx):
+        raise RuntimeError("offline")
+
+    runs = {}
+    for name, fourth in (("hostile", hostile), ("honest", absent)):
+        cfg = _tiny_run(tmp_path / name, "lora", **{"num-clients": 4, "num-rounds": 3,
+                                                     "budgets": BUDGETS["lora"] + ",2560KiB"})  # fmt: skip
+        runs[name] = run_local(cfg, client_app=federation(fourth))
+    hostile_run, honest = runs["hostile"], runs["honest"]
+    reason = "over 10x its reference" if attack == "huge-values" else "token count 4611686018427387904"
+    for h in hostile_run.history:
+        assert h["applied"] and h["accepted"] == ["1", "2", "3"]
+        assert list(h["dropped"]) == ["4"] and reason in h["dropped"]["4"], h["dropped"]
+        assert math.isfinite(h["eval_loss"])
+    assert [h["eval_loss"] for h in hostile_run.history] == [h["eval_loss"] for h in honest.history]
+    assert sorted(hostile_run.global_tensors) == sorted(honest.global_tensors)
+    for key, tensors in honest.global_tensors.items():
+        for name, t in tensors.items():
+            assert torch.equal(hostile_run.global_tensors[key][name], t), (key, name)
 
 
 def _tree(path) -> dict:

@@ -223,3 +223,17 @@ def test_has_cuda_is_bool():
 def test_cuda_tensor_without_cuda_kernels_raises():
     with pytest.raises(RuntimeError, match="without CUDA kernels"):
         _EXT.pack_int4(torch.zeros(4, dtype=torch.uint8, device="cuda"))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_non_contiguous_weight_on_the_cpu_tier(force_tier, bits):
+    """A transposed (or sliced) weight used to fail in the cpu tier's int4 packer ("codes must be contiguous")."""
+    force_tier("cpu", torch.device("cpu"))
+    from flux_engine.ops import dequantize, quantize
+    from flux_engine.ops.quantize import quantize_reference
+
+    for w in (torch.randn(64, 32).t(), torch.randn(8, 128)[:, ::2]):
+        assert not w.is_contiguous()
+        q, want = quantize(w, bits, 32), quantize_reference(w.contiguous(), bits, 32, True)
+        assert torch.equal(q.data, want.data) and torch.equal(q.scales, want.scales)
+        assert torch.equal(dequantize(q), dequantize_reference(want, torch.float32))

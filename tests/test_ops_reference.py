@@ -277,3 +277,12 @@ def test_quantize_zero_and_constant_groups():
 def test_quantize_int8_default_per_channel_and_int4_default_group():
     assert quantize(torch.randn(4, 96), bits=8).scales.shape == (4, 1)
     assert quantize(torch.randn(4, 256), bits=4).scales.shape == (4, 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantize_rejects_non_finite_weights(bad):
+    """A NaN used to turn its whole group into garbage codes, silently."""
+    w = torch.randn(4, 64)
+    w[2, 37] = bad
+    with pytest.raises(ValueError, match=r"w has 1 non-finite values \(NaN/Inf; the first at index \(2, 37\)\)"):
+        quantize(w, 4, 32)

@@ -213,3 +213,15 @@ def test_dequantize_reference_quantized(device, force_tier, bits, symmetric):
     force_tier("triton", device)
     for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert torch.equal(dequantize(q, out_dtype), dequantize_reference(q, out_dtype))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_float64_matches_the_reference(triton_device, bits, symmetric):
+    """float64 weights (the reference quantizes their fp32 rounding) used to come back NaN from the GPU kernel."""
+    w = torch.randn(5, 256, dtype=torch.float64, device=triton_device)
+    q = quantize(w, bits, 64, symmetric=symmetric)
+    assert_same_quantized(q, quantize_reference(w, bits, 64, symmetric))
+    out = dequantize(q)
+    assert out.dtype == torch.float64 and torch.equal(out, dequantize_reference(q, torch.float64))
+    assert (out - w).abs().max() <= q.scales.max()

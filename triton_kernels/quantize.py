@@ -184,6 +184,10 @@ def quantize(
     """
     lead, K = tuple(w.shape[:-1]), w.shape[-1]
     w2 = w.reshape(-1, K)
+    if w2.dtype == torch.float64:
+        # The kernel computes in fp32, as the reference does (it quantizes ``w.float()``): round once here rather
+        # than have the kernel load fp64, which the GPU path does not support.
+        w2 = w2.float()
     if w2.stride(1) != 1:
         # Unit column stride keeps the loads coalesced and the column offsets in int32.
         w2 = w2.contiguous()
@@ -246,6 +250,9 @@ def dequantize(
         ``[..., K]`` tensor of ``dtype``.
     """
     K = shape[-1]
+    if dtype == torch.float64:
+        # Values are computed in fp32 (as the reference does); the kernel stores fp32/bf16/fp16 only.
+        return dequantize(data, scales, zeros, bits, group_size, shape, torch.float32).double()
     out = torch.empty(shape, dtype=dtype, device=data.device)
     R = out.numel() // K if K else 0
     if R == 0:

@@ -22,6 +22,7 @@ import re
 from typing import Any, Dict, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 
 from flux_engine.checkpoint.errors import CheckpointError
 from flux_engine.checkpoint.hf_config import flux_to_json
@@ -72,22 +73,39 @@ def load_pretrained(
     layout = get_layout(raw.get("model_type"), config_path)
     config = read_config(layout, raw, config_path)
     found = scan(folder)
-    with torch.device("meta"):
-        model = MoEForCausalLM(config)
-    keys = layout.keys_for(found)
-    plan = load_plan(model, layout, keys, found, folder)
-    model.to(dtype=dtype or config_dtype(raw, config_path))
-    model.to_empty(device=device)
-    model.tie_weights()
-    if not keys.expert_map:
-        for mlp in model.moe_layers():
-            mlp.experts.reset_expert_map()
-    tensors = model_tensors(model)
-    for key, source in stream(found, list(plan)):
-        copy_into(tensors, plan[key], source)
-        del source  # one source tensor alive at a time
+    try:
+        with torch.device("meta"):
+            model = MoEForCausalLM(config)
+        keys = layout.keys_for(found)
+        plan = load_plan(model, layout, keys, found, folder)
+        model.to(dtype=dtype or config_dtype(raw, config_path))
+        model.to_empty(device=device)
+        model.tie_weights()
+        if not keys.expert_map:
+            for mlp in model.moe_layers():
+                mlp.experts.reset_expert_map()
+        tensors = model_tensors(model)
+        for key, source in stream(found, list(plan)):
+            check_finite(key, source, found[key].file)
+            copy_into(tensors, plan[key], source)
+            del source  # one source tensor alive at a time
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError, OSError, AssertionError,
+            SafetensorError) as e:  # fmt: skip
+        # torch's and safetensors' own errors (allocation, dtype, a device torch lacks: AssertionError, a shard
+        # truncated after its header was read): one CheckpointError naming the folder, like every other problem.
+        raise CheckpointError(f"{folder}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
     # Loaded models are for inference until the caller says otherwise, as with transformers.
     return model.eval()
+
+
+def check_finite(key: str, tensor: torch.Tensor, file: str) -> None:
+    """NaN or Inf in a checkpoint tensor: a model that computes NaN from the first token. Named at load instead."""
+    if tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(f"{file}: key {key!r} holds {bad} non-finite values (NaN/Inf) of {tensor.numel()}")
 
 
 def save_pretrained(

@@ -28,12 +28,62 @@ DeepSeek's ``aux_loss_alpha`` (it uses a sequence-level variant) and LLaMA-MoE's
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from flux_engine.checkpoint.errors import CheckpointError
 from flux_engine.models import MoEConfig
 
 Json = Dict[str, Any]
+
+
+# MoEConfig fields by the values a config may give them (None allowed where the field is Optional).
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                  "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size")  # fmt: skip
+_OPTIONAL_POSITIVE_INTS = ("head_dim", "sliding_window")
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "norm_topk_prob", "shared_expert_gate")
+_INT_LISTS = ("moe_layers", "physical_experts")
+
+
+def _check_fields(fields: Json) -> None:
+    """Types and ranges of the MoEConfig fields a config gives, before any arithmetic on them (a string or a
+    negative size would otherwise surface as a torch traceback when the model is built)."""
+
+    def bad(name: str, what: str) -> CheckpointError:
+        return CheckpointError(f"config key {name}={fields[name]!r} must be {what}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v: Any) -> bool:
+        return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+    for name, value in fields.items():
+        if name in _POSITIVE_INTS or (name in _OPTIONAL_POSITIVE_INTS and value is not None):
+            if not (is_int(value) and value >= 1):
+                raise bad(name, "a positive int")
+        elif name == "shared_expert_intermediate_size" and not (is_int(value) and value >= 0):
+            raise bad(name, "an int >= 0")
+        elif name in _POSITIVE_FLOATS and not (is_number(value) and value > 0):
+            raise bad(name, "a positive number")
+        elif name == "clip_qkv" and value is not None and not (is_number(value) and value > 0):
+            raise bad(name, "a positive number or null")
+        elif name in ("routed_scaling_factor", "router_aux_loss_coef") and not (is_number(value) and value >= 0):
+            raise bad(name, "a finite number >= 0")
+        elif name in _BOOLS and not isinstance(value, bool):
+            raise bad(name, "true or false")
+        elif name in _INT_LISTS and value is not None and not (
+            isinstance(value, list) and all(is_int(v) for v in value)
+        ):
+            raise bad(name, "a list of ints or null")
+
+
+def _build(**fields: Any) -> MoEConfig:
+    """``MoEConfig(**fields)`` once ``_check_fields`` passes."""
+    _check_fields(fields)
+    return MoEConfig(**fields)
 
 
 def _require(cfg: Json, *names: str) -> Any:
@@ -122,7 +172,7 @@ def _moe_layers(indices: Sequence[int], num_layers: int) -> Optional[List[int]]:
 
 def mixtral_from_hf(cfg: Json) -> MoEConfig:
     size = _require(cfg, "intermediate_size")
-    return MoEConfig(
+    return _build(
         **_backbone_from_hf(cfg, default_rope_theta=1e6),
         intermediate_size=size,
         moe_intermediate_size=size,
@@ -203,7 +253,7 @@ def _qwen2_sliding_window(cfg: Json, num_layers: int) -> Optional[int]:
 
 def qwen2_moe_from_hf(cfg: Json) -> MoEConfig:
     fields = _qwen_moe_common(cfg)
-    return MoEConfig(
+    return _build(
         **fields,
         attention_bias=cfg.get("qkv_bias", True),
         sliding_window=_qwen2_sliding_window(cfg, fields["num_layers"]),
@@ -227,7 +277,7 @@ def qwen2_moe_to_hf(c: MoEConfig) -> Json:
 
 def qwen3_moe_from_hf(cfg: Json) -> MoEConfig:
     _no_output_bias(cfg)
-    return MoEConfig(
+    return _build(
         **_qwen_moe_common(cfg),
         qk_norm="head",
         sliding_window=_require(cfg, "sliding_window") if cfg.get("use_sliding_window", False) else None,
@@ -249,7 +299,7 @@ def qwen3_moe_to_hf(c: MoEConfig) -> Json:
 def olmoe_from_hf(cfg: Json) -> MoEConfig:
     _no_output_bias(cfg)
     size = _require(cfg, "intermediate_size")
-    return MoEConfig(
+    return _build(
         **_backbone_from_hf(cfg, default_rope_theta=10000.0),
         qk_norm="full",
         clip_qkv=cfg.get("clip_qkv"),
@@ -285,7 +335,7 @@ def deepseek_from_hf(cfg: Json) -> MoEConfig:
     num_layers, k = fields["num_layers"], _require(cfg, "num_experts_per_tok")
     first_dense, freq = cfg.get("first_k_dense_replace", 0), cfg.get("moe_layer_freq", 1)
     moe_intermediate = _require(cfg, "moe_intermediate_size")
-    return MoEConfig(
+    return _build(
         **fields,
         intermediate_size=_require(cfg, "intermediate_size"),
         moe_intermediate_size=moe_intermediate,
@@ -363,7 +413,7 @@ def llama_moe_from_hf(cfg: Json) -> MoEConfig:
     fields = _backbone_from_hf(cfg, default_rope_theta=10000.0, reads_head_dim=False)
     fields["rope_theta"] = 10000.0  # LLaMA-MoE's rotary embedding is built without the config's theta
     num_experts = _require(cfg, "num_experts")
-    return MoEConfig(
+    return _build(
         **fields,
         intermediate_size=_require(cfg, "intermediate_size"),
         moe_intermediate_size=_llama_moe_expert_size(cfg, num_experts, fields["num_layers"]),
@@ -404,10 +454,21 @@ def llama_moe_to_hf(c: MoEConfig) -> Json:
 # -- flux_moe (native) -----------------------------------------------------------------------------------------
 
 NATIVE_RESERVED = ("model_type", "architectures", "dtype")
+# Keys a flux_moe config.json must have (save_pretrained writes every field): their defaults would silently build a
+# different model. The others default to "feature off" (the value configs written before the feature existed meant).
+NATIVE_REQUIRED = (*_POSITIVE_INTS, *_POSITIVE_FLOATS, "tie_word_embeddings", "scoring", "norm_topk_prob",
+                   "routed_scaling_factor")  # fmt: skip
 
 
 def flux_from_json(cfg: Json) -> MoEConfig:
-    return MoEConfig.from_dict({k: v for k, v in cfg.items() if k not in NATIVE_RESERVED})
+    missing = [k for k in NATIVE_REQUIRED if k not in cfg]
+    if missing:
+        raise CheckpointError(f"missing config key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
+    fields = {k: v for k, v in cfg.items() if k not in NATIVE_RESERVED}
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(MoEConfig)})
+    if unknown:
+        raise CheckpointError(f"unknown config keys for flux_moe: {', '.join(unknown)}")
+    return _build(**fields)
 
 
 def flux_to_json(c: MoEConfig) -> Json:

@@ -98,11 +98,17 @@ def read_jsonl(path: os.PathLike) -> List[Record]:
     """Reads and validates a JSONL file of records; a bad line raises ValueError naming file and line."""
     path = Path(path)
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # Bytes, decoded line by line: a text-mode file raises UnicodeDecodeError with no line number.
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start : e.start + 1]
+                raise ValueError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line is {bad!r})") from None
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

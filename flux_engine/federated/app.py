@@ -3,15 +3,19 @@ the simulation helpers build the same apps with ``make_server_app`` / ``make_cli
 
 from __future__ import annotations
 
+import os
+from logging import WARNING
 from typing import Callable, Dict, Optional
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from flux_engine.federated.client import make_client_app, model_config
 from flux_engine.federated.config import ConfigError, RunConfig
 from flux_engine.federated.state import ServerState
 from flux_engine.federated.strategy import FluxStrategy
+from flux_engine.fileio import remove_stale_temps
 
 # Keys a resumed run must share with the checkpoint it resumes: they fix the shape of the global state.
 _STRUCTURAL = ("preset", "checkpoint", "mode", "lora-rank", "seed")
@@ -25,6 +29,9 @@ def make_server_app(run: Optional[RunConfig] = None, on_round: Optional[Callable
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = run or RunConfig.from_mapping(dict(context.run_config))
+        # A server killed mid-checkpoint left its temp file: this one owns the folder now.
+        for name in remove_stale_temps(cfg.state_dir):
+            log(WARNING, "removed %s, left by a run killed while writing it", os.path.join(cfg.state_dir, name))
         state = ServerState.load(cfg.state_dir) if cfg.resume else None
         if state is not None:
             changed = [k for k in _STRUCTURAL if state.config.get(k) != cfg.to_flower()[k]]

@@ -50,14 +50,18 @@ from flux_engine.models.moe import MoEForCausalLM
 
 
 def model_config(run: RunConfig):
-    """The MoE config of the run's model (a checkpoint folder's, else the preset's)."""
+    """The MoE config of the run's model (a checkpoint folder's, else the preset's), checked against the run's
+    model-dependent keys (``RunConfig.check_model``)."""
     if run.checkpoint:
         from flux_engine.checkpoint import CONFIG_FILE, read_config, get_layout, read_json
 
         path = os.path.join(run.checkpoint, CONFIG_FILE)
         raw = read_json(path)
-        return read_config(get_layout(raw.get("model_type"), path), raw, path)
-    return presets.get(run.preset)
+        config = read_config(get_layout(raw.get("model_type"), path), raw, path)
+    else:
+        config = presets.get(run.preset)
+    run.check_model(config)
+    return config
 
 
 def build_model(run: RunConfig) -> MoEForCausalLM:
@@ -84,11 +88,6 @@ def _split_records(data: str, seed: int) -> Tuple[Tuple[Record, ...], Tuple[Reco
     return tuple(train), tuple(test)
 
 
-def _check_data(run: RunConfig) -> None:
-    if run.data != "synthetic" and not run.data.startswith(("bigbench:", "jsonl:")):
-        raise ValueError(f"data must be 'synthetic', 'jsonl:PATH' or 'bigbench:TASK,...', got {run.data!r}")
-
-
 def client_records(
     run: RunConfig, partition_id: int, num_partitions: int
 ) -> Tuple[List[Record], Dict[str, List[Record]]]:
@@ -106,7 +105,6 @@ def client_batches(
     run: RunConfig, partition_id: int, num_partitions: int, vocab_size: int
 ) -> Tuple[List[dict], List[dict]]:
     """``(train, eval)`` batches of ``{"input_ids", "labels", "attention_mask"}`` ``[B, seq_len]`` for one client."""
-    _check_data(run)
     if run.data == "synthetic":
         # Non-IID tokens: each client draws from its own skewed distribution over the vocabulary (smaller alpha,
         # more skew), so clients route differently.

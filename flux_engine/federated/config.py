@@ -7,11 +7,17 @@ Keys are spelled with ``-`` (Flower's style); ``_`` is accepted. An unknown key 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+
+import torch
 
 from flux_engine.baselines import BASELINES
 from flux_engine.checkpoint.safetensors_io import parse_size
+
+if TYPE_CHECKING:
+    from flux_engine.models.config import MoEConfig
 
 
 class ConfigError(ValueError):
@@ -96,34 +102,81 @@ class RunConfig:
     # Training loss on the whole sequence ("all": continued pre-training) or on the answer only ("answer":
     # instruction tuning, the context masked; the tokens multiple-choice scoring reads).
     loss_on: str = "all"
+    # Update screening at the server: an update holding a tensor of norm above update-norm-bound x its reference
+    # (the global tensor's norm, or the round's median norm of that tensor; 0: off) is rejected. Then the average
+    # (flux_engine.aggregation): "weighted" by routed tokens (Flux), "trimmed-mean" (coordinate-wise, dropping the
+    # trim-fraction largest and smallest values) or "norm-clip" (distances to the global tensor clipped to their
+    # median).
+    update_norm_bound: float = 10.0
+    aggregation: str = "weighted"
+    trim_fraction: float = 0.25
     # Server checkpoints.
     state_dir: str = "flux-state"
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in ("lora", "full"):
-            raise ConfigError(f"mode must be 'lora' or 'full', got {self.mode!r}")
-        if self.min_clients < 1 or self.num_rounds < 0 or not 0.0 < self.fraction_train <= 1.0:
-            raise ConfigError("need min-clients >= 1, num-rounds >= 0 and 0 < fraction-train <= 1")
+        """Range-check every key before anything is built: a bad value fails here, naming its key, instead of
+        failing every client in every round."""
+        from flux_engine.aggregation import AGGREGATIONS
         from flux_engine.baselines import ALLOCATIONS
+        from flux_engine.data.federated import SCHEMES
         from flux_engine.flux_round import LAYER_BUDGET_RULES
         from flux_engine.merging import WEIGHTINGS
 
-        choices = {"method": METHODS, "merge_budgets": LAYER_BUDGET_RULES, "fmes_allocation": ALLOCATIONS,
-                   "loss_on": ("all", "answer"), "merge_weighting": WEIGHTINGS}  # fmt: skip
+        choices = {"method": METHODS, "mode": ("lora", "full"), "merge_budgets": LAYER_BUDGET_RULES,
+                   "fmes_allocation": ALLOCATIONS, "loss_on": ("all", "answer"), "merge_weighting": WEIGHTINGS,
+                   "explore_mode": ("zo", "train"), "profile_bits": (0, 4, 8), "fmq_bits": (4, 8),
+                   "tokenizer": ("bytes", "smollm2"), "partition": SCHEMES,
+                   "aggregation": AGGREGATIONS}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{_key(name)} must be one of {allowed}, got {getattr(self, name)!r}")
+        # (key, lowest, highest, whether the lowest is allowed): ints and floats alike; NaN fails every test.
+        ranges = [
+            ("seed", 0, 2**63 - 1, True), ("num_rounds", 0, None, True), ("num_clients", 1, None, True),
+            ("min_clients", 1, None, True), ("fraction_train", 0.0, 1.0, False), ("round_timeout", 0.0, None, False),
+            ("evaluate_every", 0, None, True), ("eval_records", 0, None, True), ("lora_rank", 1, None, True),
+            ("lora_alpha", 0.0, None, False), ("lr", 0.0, None, False), ("local_steps", 1, None, True),
+            ("batch_size", 1, None, True), ("seq_len", 2, None, True), ("eps_0", 0.0, 1.0, True),
+            ("eps_ramp", 0.0, 1.0, False), ("eps_max", 0.0, 1.0, True), ("profile_samples", 0, None, True),
+            ("fmd_staging_experts", 0, None, True), ("alpha", 0.0, None, False),
+            ("samples_per_client", 1, None, True), ("eval_fraction", 0.0, 1.0, True),
+            ("update_norm_bound", 0.0, None, True), ("trim_fraction", 0.0, 0.5, True),
+        ]  # fmt: skip
+        for name, lo, hi, closed in ranges:
+            value = getattr(self, name)
+            above = value >= lo if closed else value > lo
+            # Upper bounds are exclusive for fractions of data (eval-fraction 1: nothing left to train on;
+            # trim-fraction 0.5: nothing left to average), inclusive otherwise.
+            below = hi is None or (value < hi if name in ("eval_fraction", "trim_fraction") else value <= hi)
+            # round-timeout may be inf: wait for every reply.
+            if not (above and below and (math.isfinite(value) or name == "round_timeout")):
+                right = "inf)" if hi is None else f"{hi})" if name in ("eval_fraction", "trim_fraction") else f"{hi}]"
+                span = f"{'[' if closed else '('}{lo}, {right}"
+                raise ConfigError(f"{_key(name)} must lie in {span}, got {value!r}")
+        dtype = getattr(torch, self.dtype, None)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ConfigError(f"dtype must name a floating-point torch dtype (float32, ...), got {self.dtype!r}")
+        if not (self.eps_fixed < 0 or 0.0 <= self.eps_fixed <= 1.0):
+            raise ConfigError(f"eps-fixed must lie in [0, 1] (or be negative: off), got {self.eps_fixed!r}")
         if self.method != "flux" and self.mode != "lora":
             raise ConfigError(f"method {self.method!r} trains LoRA adapters: mode must be 'lora'")
-        if self.fmq_bits not in (4, 8) or self.fmd_staging_experts < 0:
-            raise ConfigError("need fmq-bits 4 or 8 and fmd-staging-experts >= 0")
-        if self.explore_mode not in ("zo", "train"):
-            raise ConfigError(f"explore-mode must be 'zo' or 'train', got {self.explore_mode!r}")
-        if self.eval_records < 0:
-            raise ConfigError(f"eval-records must be >= 0, got {self.eval_records}")
+        kind, _, arg = self.data.partition(":")
+        if self.data != "synthetic" and not (kind in ("bigbench", "jsonl") and arg.strip()):
+            raise ConfigError(f"data must be 'synthetic', 'jsonl:PATH' or 'bigbench:TASK,...', got {self.data!r}")
+        if not self.state_dir:
+            raise ConfigError("state-dir must not be empty")
         for name in ("memory_budget", "workspace"):
-            parse_size_or_error(getattr(self, name), name.replace("_", "-"))
+            parse_size_or_error(getattr(self, name), _key(name))
+        for item in self.budgets.split(",") if self.budgets.strip() else []:
+            parse_size_or_error(item.strip(), "budgets")
+
+    def check_model(self, config: "MoEConfig") -> None:
+        """The keys that depend on the model: ``seq-len`` within its positions."""
+        if self.seq_len > config.max_position_embeddings:
+            raise ConfigError(
+                f"seq-len {self.seq_len} exceeds the model's max_position_embeddings {config.max_position_embeddings}"
+            )
 
     @classmethod
     def keys(cls) -> List[str]:
@@ -153,6 +206,10 @@ class RunConfig:
             items = [b.strip() for b in self.budgets.split(",")]
             return parse_size_or_error(items[int(partition_id) % len(items)], "budgets")
         return parse_size_or_error(self.memory_budget, "memory-budget")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def parse_size_or_error(value: Any, what: str) -> int:

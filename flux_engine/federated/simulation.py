@@ -2,9 +2,10 @@
 
 ``run_local`` (default, tests, ``flux-engine demo``/``run``): the same ``ServerApp`` and ``ClientApp`` objects that
 ``flwr run`` deploys, wired through ``LocalGrid``, an implementation of Flower's public ``Grid`` interface that
-hands each message straight to the ClientApp of its node, one client after another. No Ray, no threads, no
-sockets: Flower 1.42's Simulation Runtime has a single backend, Ray, which is too heavy for 2-core CI (3 clients x 2
-rounds of the tiny model: 17.6 s under Ray, 1.5 s here, same apps).
+hands each message to the ClientApp of its node, one client after another. No Ray, no sockets: Flower 1.42's
+Simulation Runtime has a single backend, Ray, which is too heavy for 2-core CI (3 clients x 2 rounds of the tiny
+model: 17.6 s under Ray, 1.5 s here, same apps). Each node runs its messages on a thread of its own, so the round
+timeout holds as in a deployment: a client that hangs is left behind, without a reply, once the timeout passes.
 
 ``run_ray``: Flower's Simulation Runtime (``flwr.simulation.run_simulation``, needs ``pip install "flwr[simulation]"``,
 i.e. ray 2.55 with CPU wheels).
@@ -13,8 +14,12 @@ i.e. ray 2.55 with CPU wheels).
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 import traceback
 import uuid
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from logging import WARNING
 from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
@@ -34,7 +39,13 @@ _RUN_IDS = itertools.count(1)
 class LocalGrid(Grid):
     """A ``Grid`` whose nodes are ClientApps in this process. Node ``i`` (ids 1..N) gets node config
     ``partition-id = i - 1``, ``num-partitions = N`` (as in Flower's simulation) plus ``node_configs[i - 1]``.
-    A ClientApp that raises becomes an error reply, as under Flower's runtimes."""
+    A ClientApp that raises becomes an error reply, as under Flower's runtimes.
+
+    ``send_and_receive`` runs the messages one after another, as if the clients ran side by side: each message
+    gets ``timeout`` seconds from its own start (in a deployment every client starts at once and has the whole
+    timeout). A node works through its messages in order on one daemon thread, like a SuperNode: a message to a
+    node still stuck in an earlier one waits behind it (and times out too); a reply that comes too late is
+    dropped. Running them one at a time keeps the clients' measured seconds free of each other's load."""
 
     def __init__(
         self,
@@ -56,6 +67,8 @@ class LocalGrid(Grid):
                 run_id=run_id, node_id=i + 1, node_config=node_config, state=RecordDict(), run_config=dict(run_config)
             )
         self._replies: Dict[str, Message] = {}
+        self._pending: Dict[str, Future] = {}
+        self._workers: Dict[int, queue.SimpleQueue] = {}
         self._run = None
 
     def set_run(self, run) -> None:
@@ -78,21 +91,61 @@ class LocalGrid(Grid):
         for msg in messages:
             # Flower's runtimes assign message ids when a message is pushed; replies point back to them.
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            try:
-                reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as e:  # noqa: BLE001 - a failing client is reported, not fatal
-                log(WARNING, "ClientApp of node %s raised:\n%s", msg.metadata.dst_node_id, traceback.format_exc())
-                reason = f"{type(e).__name__}: {e}"
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-            self._replies[msg.metadata.message_id] = reply
+            done: Future = Future()
+            self._worker(msg.metadata.dst_node_id).put((msg, done))
+            self._pending[msg.metadata.message_id] = done
             ids.append(msg.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies that have arrived (each handed out once)."""
+        for i in message_ids:
+            done = self._pending.get(i)
+            if done is not None and done.done():
+                self._replies[i] = self._pending.pop(i).result()
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        replies = []
+        for msg in messages:
+            (mid,) = self.push_messages([msg])
+            try:
+                self._pending[mid].result(timeout=timeout)
+            except FutureTimeout:
+                # Left behind: its reply, should it come, is never pulled.
+                log(WARNING, "node %s: no reply within the round timeout (%s s)", msg.metadata.dst_node_id, timeout)
+                self._pending.pop(mid)
+                continue
+            replies += self.pull_messages([mid])
+        return replies
+
+    def _worker(self, node_id: int) -> "queue.SimpleQueue":
+        """The queue of ``node_id``'s thread, started on first use."""
+        if node_id not in self._workers:
+            jobs: queue.SimpleQueue = queue.SimpleQueue()
+            # Daemon: a ClientApp hung for good must not keep the process alive after the run.
+            threading.Thread(target=self._serve, args=(node_id, jobs), daemon=True, name=f"node-{node_id}").start()
+            self._workers[node_id] = jobs
+        return self._workers[node_id]
+
+    def _serve(self, node_id: int, jobs: "queue.SimpleQueue") -> None:
+        while True:
+            msg, done = jobs.get()
+            if msg is None:
+                return
+            try:
+                reply = self.client_app(msg, self.contexts[node_id])
+            except BaseException as e:  # noqa: BLE001 - a failing client (even sys.exit) is reported, not fatal
+                log(WARNING, "ClientApp of node %s raised:\n%s", node_id, traceback.format_exc())
+                reason = f"{type(e).__name__}: {e}"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+            done.set_result(reply)
+
+    def close(self) -> None:
+        """Stop the node threads once their current message is done (a hung one stays behind, a daemon)."""
+        for jobs in self._workers.values():
+            jobs.put((None, None))
+        self._workers.clear()
 
 
 def run_local(
@@ -123,6 +176,7 @@ def run_local(
     try:
         server_app(grid, context)
     finally:
+        grid.close()
         release(run_id)
     return ServerState.load(run.state_dir)
 

@@ -2,9 +2,10 @@
 
 On disk (``state_dir``): ``state-r{round:05d}.safetensors`` holds the tensors (global trainable tensors, per-client
 utilities, the RNG state) and, in its metadata, everything else as JSON; ``latest.json`` names the newest complete
-file with its size and sha256. Both are written to a temp file, fsynced and ``os.replace``d, the manifest last, so a
-crash at any point leaves the previous round loadable. A file that does not match its manifest (truncated, edited)
-raises ``StateError`` naming it.
+file with its size and sha256. Both are written to a temp file, fsynced and ``os.replace``d (the folder fsynced
+after), the manifest last, so a crash at any point leaves the previous round loadable; the server removes temp files
+a killed run left (``fileio.remove_stale_temps``) when it starts. A file that does not match its manifest
+(truncated, edited) raises ``StateError`` naming it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from flux_engine.aggregation import ExpertKey, Update, UtilityTable
-from flux_engine.fileio import atomic_write
+from flux_engine.fileio import atomic_write, fsync_dir
 
 MANIFEST = "latest.json"
 
@@ -121,9 +122,11 @@ class ServerState:
         manifest = {"round": self.round, "file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         atomic_write(os.path.join(state_dir, MANIFEST), lambda f: json.dump(manifest, f, indent=1))
         # Older rounds are superseded only once the manifest points past them.
-        for old in os.listdir(state_dir):
-            if old.startswith("state-r") and old != name:
-                os.remove(os.path.join(state_dir, old))
+        superseded = [old for old in os.listdir(state_dir) if old.startswith("state-r") and old != name]
+        for old in superseded:
+            os.remove(os.path.join(state_dir, old))
+        if superseded:
+            fsync_dir(state_dir)
         return os.path.join(state_dir, name)
 
     @classmethod

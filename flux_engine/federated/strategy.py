@@ -10,11 +10,14 @@ A round r (``start``):
    (explore-mode "train", the default; "zo": it only reports a forward-only utility estimate of the exploration
    experts); send each client its roles plus only the global tensors changed since it last synced. A baseline (run key ``method``) has no roles: every expert is allowed, the
    client's policy picks what it trains (``flux_engine.baselines``).
-2. ``aggregate_train``: drop clients that failed or did not reply in time, reject updates that fail validation or
-   touch experts the client was not assigned, average the rest per expert; with fewer than ``min-clients``
-   accepted updates the round changes nothing. Each round's report (accepted, dropped with the reason, and per
-   client the time model's inputs: download/upload bytes and the measured seconds it reported, ``clients``) is
-   logged and kept in ``state.history``.
+2. ``aggregate_train``: drop clients that failed or did not reply in time (a reply counts for the node its message
+   was sent to: the SuperLink answers for a lost SuperNode with an error of its own), reject updates with a
+   malformed field, that fail validation (shapes, finite values, token counts a client cannot have routed), touch
+   experts the client was not assigned or hold a tensor far larger than its reference (``update-norm-bound``),
+   average the rest per expert (``aggregation``); with fewer than ``min-clients`` accepted updates, or fewer
+   connected clients once the round timeout has passed, the round changes nothing and the run goes on. Each
+   round's report (accepted, dropped with the reason, and per client the time model's inputs: download/upload
+   bytes and the measured seconds it reported, ``clients``) is logged and kept in ``state.history``.
 3. every ``evaluate-every`` rounds, ``configure_evaluate`` / ``aggregate_evaluate``: the global model on the
    clients' held-out data (LM loss; with ``eval-records``, multiple-choice accuracy per domain), pooled over
    clients (``flux_engine.evaluation``); round 0 (before any training) is evaluated too, into ``state.baseline``.
@@ -34,7 +37,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from flux_engine.aggregation import ClientUpdate, UpdateError, aggregate, expert_shapes, validate_update
+from flux_engine.aggregation import (
+    ClientUpdate,
+    UpdateError,
+    aggregate,
+    expert_shapes,
+    screen_updates,
+    validate_update,
+)
 from flux_engine.evaluation import mean_accuracy, pool_accuracy, pool_loss
 from flux_engine.federated import wire
 from flux_engine.federated.config import RunConfig
@@ -74,6 +84,9 @@ class FluxStrategy(Strategy):
         self._assigned: Dict[str, Set[Tuple[int, int]]] = {}  # this round's tuning experts per client
         self._download: Dict[str, int] = {}  # this round's training download per client (bytes, time model)
         self._dropped: Dict[str, str] = {}  # clients dropped while configuring this round
+        self._skipped = ""  # why this round changes nothing although updates may be accepted (else "")
+        self._sent: List[Message] = []  # this round's training messages (replies are matched to them)
+        self._sent_evaluate: List[Message] = []
         self.evaluation: Dict = {}  # the last evaluation's summary (aggregate_evaluate)
 
     # ------------------------------------------------------------------------------------------ Strategy API
@@ -95,7 +108,7 @@ class FluxStrategy(Strategy):
     ) -> Iterable[Message]:
         """Roles per client (Eq. 4) and the global tensors it lacks; ``arrays``/``config`` are unused (the global
         state lives in ``self.state``)."""
-        self._dropped = {}
+        self._dropped, self._sent = {}, []
         nodes = self._sample(grid)
         self._query_new(grid, [n for n in nodes if str(n) not in self.state.budgets])
         nodes = [n for n in nodes if str(n) in self.state.budgets]
@@ -137,6 +150,7 @@ class FluxStrategy(Strategy):
             messages.append(
                 Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
             )
+        self._sent = messages
         return messages
 
     def aggregate_train(
@@ -148,32 +162,45 @@ class FluxStrategy(Strategy):
         updates: List[ClientUpdate] = []
         losses: Dict[str, float] = {}
         times: Dict[str, Dict[str, float]] = {}
-        for msg in replies:
-            client = str(msg.metadata.src_node_id)
+        metrics_of: Dict[str, Dict[str, float]] = {}
+        for client, msg in self._attribute(replies, self._sent, server_round):
             if msg.has_error():
                 dropped[client] = f"failed: {msg.error.reason}"
                 continue
             try:
                 update = self._parse_update(client, msg.content)
+                metrics_of[client] = _train_metrics(client, msg.content)
             except UpdateError as e:
                 dropped[client] = f"rejected, not averaged: {e}"
                 continue
             updates.append(update)
-            metrics = msg.content["metrics"] if "metrics" in msg.content else {}
-            losses[client] = float(metrics.get("train-loss", math.nan))
-            times[client] = {
-                "download_bytes": self._download.get(client, 0),
+        updates, outliers = screen_updates(self.state.global_tensors, updates, self.run.update_norm_bound)
+        dropped.update({c: f"rejected, not averaged: client {c}, {reason}" for c, reason in outliers.items()})
+        for update in updates:
+            metrics = metrics_of[update.client]
+            losses[update.client] = metrics.get("train-loss", math.nan)
+            times[update.client] = {
+                "download_bytes": self._download.get(update.client, 0),
                 "upload_bytes": tensor_bytes(update.tensors, dtype_bytes=4),
-                **{k.replace("-", "_"): float(metrics.get(k, 0.0)) for k in TIME_METRICS},
+                **{k.replace("-", "_"): metrics.get(k, 0.0) for k in TIME_METRICS},
             }
         for client in set(self._assigned) - {u.client for u in updates} - set(dropped):
             dropped[client] = "no reply before the round timeout"
         applied = len(updates) >= self.run.min_clients
         changed: List[Tuple[int, int]] = []
         if applied:
-            self.state.global_tensors, changed = aggregate(self.state.global_tensors, updates)
-            for key in changed:
-                self.state.updated_round[key] = server_round
+            new, changed = aggregate(
+                self.state.global_tensors, updates, self.run.aggregation, self.run.trim_fraction
+            )
+            bad = [k for k in changed if not all(torch.isfinite(t).all() for t in new[k].values())]
+            if bad:
+                # Finite updates can still overflow the stored dtype; a non-finite global model would end the run.
+                self._skipped = f"the average of experts {bad} is not finite"
+                applied, changed = False, []
+            else:
+                self.state.global_tensors = new
+                for key in changed:
+                    self.state.updated_round[key] = server_round
         for u in updates:
             if u.utilities is not None:
                 self.state.utilities.update(u.client, u.utilities)
@@ -185,6 +212,7 @@ class FluxStrategy(Strategy):
             "accepted": sorted(u.client for u in updates),
             "dropped": dropped,
             "experts_changed": len(changed),
+            **({"skipped": self._skipped} if self._skipped else {}),
             "train_loss": losses,
             "clients": times,
             "aggregate_seconds": time.perf_counter() - t0,
@@ -194,10 +222,12 @@ class FluxStrategy(Strategy):
             # Whatever it holds now is unknown: resend the full global state next time.
             self.state.last_sync.pop(client, None)
             log(WARNING, "round %d: client %s dropped (%s)", server_round, client, reason)
-        if not applied:
+        if self._skipped:
+            log(WARNING, "round %d: %s: global model unchanged", server_round, self._skipped)
+        elif not applied:
             log(
                 WARNING,
-                "round %d: %d accepted updates < min-clients %d: global model unchanged",
+                "round %d: %d accepted updates, min-clients %d: global model unchanged",
                 server_round,
                 len(updates),
                 self.run.min_clients,
@@ -217,6 +247,7 @@ class FluxStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         every = self.run.evaluate_every
+        self._sent_evaluate = []
         if every <= 0 or server_round % every:
             return []
         messages = []
@@ -232,28 +263,25 @@ class FluxStrategy(Strategy):
             messages.append(
                 Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=str(server_round))
             )
+        self._sent_evaluate = messages
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         """Pool the clients' held-out loss and per-domain accuracy; the summary is kept in ``self.evaluation`` (a
         dict: ``eval_loss``, ``accuracy`` and ``eval_records`` per domain, ``accuracy_mean``, ``eval_failed``)."""
         losses, accuracies, failed = [], [], {}
-        for msg in replies:
-            client = str(msg.metadata.src_node_id)
+        for client, msg in self._attribute(replies, self._sent_evaluate, server_round):
             if msg.has_error():
                 failed[client] = msg.error.reason
                 log(WARNING, "round %d: evaluation failed on client %s (%s)", server_round, client, msg.error.reason)
                 self.state.last_sync.pop(client, None)
                 continue
             try:
-                m = msg.content["metrics"]
-                loss = (float(m["eval-loss"]), int(m["num-tokens"]))
-                acc = msg.content["accuracy"] if "accuracy" in msg.content else {}
-                n = msg.content["records"] if "records" in msg.content else {}
-                accuracy = {d: (float(acc[d]), int(n[d])) for d in acc}
-            except (KeyError, TypeError, ValueError) as e:
-                failed[client] = f"bad evaluation reply ({type(e).__name__}: {e})"
+                loss, accuracy = self._parse_evaluation(msg.content)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                failed[client] = f"bad evaluation reply ({_reason(e)})"
                 log(WARNING, "round %d: bad evaluation reply from %s (%s)", server_round, client, e)
+                self.state.last_sync.pop(client, None)
                 continue
             losses.append(loss)
             accuracies.append(accuracy)
@@ -332,15 +360,19 @@ class FluxStrategy(Strategy):
         return {**self.evaluation, "eval_seconds": time.perf_counter() - t0}
 
     def _sample(self, grid: Grid) -> List[int]:
-        """Wait (up to the round timeout) for ``min-clients`` nodes, then draw ``ceil(fraction * N)`` of them."""
+        """Wait (up to the round timeout) for ``min-clients`` nodes, then draw ``ceil(fraction * N)`` of them. With
+        fewer connected by then, nobody: the round changes nothing (``_skipped`` says why), and the next round
+        waits again (a lost SuperNode may be back)."""
         deadline = time.monotonic() + self.run.round_timeout
+        self._skipped = ""
         while True:
             nodes = sorted(grid.get_node_ids())
             if len(nodes) >= self.run.min_clients:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(nodes)} clients connected, min-clients is {self.run.min_clients}")
-            time.sleep(1.0)
+                self._skipped = f"only {len(nodes)} clients connected, min-clients is {self.run.min_clients}"
+                return []
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         n = min(len(nodes), max(self.run.min_clients, math.ceil(self.run.fraction_train * len(nodes))))
         pick = torch.randperm(len(nodes), generator=self.state.rng)[:n]
         return [nodes[i] for i in sorted(pick.tolist())]
@@ -354,19 +386,22 @@ class FluxStrategy(Strategy):
             for n in nodes
         ]
         answered = set()
-        for msg in grid.send_and_receive(msgs, timeout=self.run.round_timeout):
-            client = str(msg.metadata.src_node_id)
+        replies = grid.send_and_receive(msgs, timeout=self.run.round_timeout)
+        for client, msg in self._attribute(replies, msgs, 0):
             answered.add(client)
             if msg.has_error():
                 self._dropped[client] = f"profile query failed: {msg.error.reason}"
                 continue
             try:
-                u = msg.content["utilities"].to_torch_state_dict()["utilities"]
+                budget = _int_field(_record(msg.content, "plan", ConfigRecord), "B_tune", "plan")
+                u = _record(msg.content, "utilities", ArrayRecord).to_torch_state_dict()["utilities"]
+                if budget < 0:
+                    raise UpdateError(f"B_tune must be >= 0, got {budget}")
                 self.state.utilities.set_prior(client, u)
-            except (KeyError, UpdateError) as e:
-                self._dropped[client] = f"profile reply rejected: {e}"
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                self._dropped[client] = f"profile reply rejected: {_reason(e)}"
                 continue
-            self.state.budgets[client] = int(msg.content["plan"]["B_tune"])
+            self.state.budgets[client] = budget
         for n in nodes:
             if str(n) not in answered:
                 self._dropped[str(n)] = "no reply to the profile query"
@@ -389,16 +424,111 @@ class FluxStrategy(Strategy):
         trained = [h["round"] for h in self.state.history if client in h.get("accepted", ())]
         return tensor_bytes(self._delta(client, since=trained[-1] - 1 if trained else 0), dtype_bytes=4)
 
+    def _attribute(
+        self, replies: Iterable[Message], sent: List[Message], server_round: int
+    ) -> List[Tuple[str, Message]]:
+        """``(client, reply)`` for each reply, the client being the node its message was sent to (matched by
+        ``reply_to_message_id``; the grid set the sent messages' ids when it pushed them), not the reply's sender:
+        for a lost SuperNode the SuperLink replies an error of its own, from its own node id. A reply to no message
+        of ours, or a second reply, is ignored."""
+        to = {m.metadata.message_id: str(m.metadata.dst_node_id) for m in sent}
+        out: List[Tuple[str, Message]] = []
+        for msg in replies:
+            client = to.pop(msg.metadata.reply_to_message_id, None)
+            if client is None:
+                log(WARNING, "round %d: ignored a reply (from node %s) to no pending message", server_round,
+                    msg.metadata.src_node_id)  # fmt: skip
+                continue
+            out.append((client, msg))
+        return out
+
+    def _max_tokens(self) -> int:
+        """The most tokens one client can route to one expert in a round: one per position of the ``local-steps``
+        batches of ``batch-size`` rows of ``seq-len`` tokens it trains on (each token picks an expert once)."""
+        return self.run.local_steps * self.run.batch_size * self.run.seq_len
+
     def _parse_update(self, client: str, content: RecordDict) -> ClientUpdate:
         try:
-            tensors = wire.unpack_tensors(content["update"], client)
-            counts = wire.unpack_counts(content["token_counts"], client)
-            u = content["utilities"].to_torch_state_dict().get("utilities") if "utilities" in content else None
+            tensors = wire.unpack_tensors(_record(content, "update", ArrayRecord), client)
+            counts = wire.unpack_counts(_record(content, "token_counts", ConfigRecord), client)
+            u = None
+            if "utilities" in content:
+                u = _record(content, "utilities", ArrayRecord).to_torch_state_dict().get("utilities")
+        except UpdateError as e:
+            who = f"client {client}"
+            raise UpdateError(str(e) if str(e).startswith(who) else f"{who}: {e}") from None
         except KeyError as e:
             raise UpdateError(f"client {client}: reply lacks record {e}") from None
+        except (TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise UpdateError(f"client {client}: malformed reply ({type(e).__name__}: {e})") from None
         update = ClientUpdate(client, tensors, counts, u)
-        validate_update(update, self.shapes, self.L, self.E)
+        validate_update(update, self.shapes, self.L, self.E, max_tokens=self._max_tokens())
         extra = sorted(set(tensors) - self._assigned.get(client, set()))
         if extra:
             raise UpdateError(f"client {client}: trained experts it was not assigned: {extra}")
         return update
+
+    def _parse_evaluation(self, content: RecordDict) -> Tuple[Tuple[float, int], Dict[str, Tuple[float, int]]]:
+        """``((eval loss, tokens), {domain: (accuracy, records)})`` of an evaluation reply; ValueError (or
+        KeyError / TypeError) for a field that is missing, of the wrong type, or out of range: a loss that is not
+        finite and >= 0, more tokens than the client's data holds (``samples-per-client`` rows of ``seq-len``), an
+        accuracy outside [0, 1] or more records than ``eval-records``."""
+        m = _record(content, "metrics", MetricRecord)
+        loss, tokens = _number(m, "eval-loss", "metrics"), _int_field(m, "num-tokens", "metrics")
+        if not (math.isfinite(loss) and loss >= 0):
+            raise ValueError(f"eval-loss must be finite and >= 0, got {loss}")
+        if not 0 <= tokens <= self.run.samples_per_client * self.run.seq_len:
+            raise ValueError(f"num-tokens {tokens} is outside [0, samples-per-client x seq-len]")
+        acc = _record(content, "accuracy", MetricRecord) if "accuracy" in content else {}
+        n = _record(content, "records", MetricRecord) if "records" in content else {}
+        accuracy = {d: (_number(acc, d, "accuracy"), _int_field(n, d, "records")) for d in acc}
+        for d, (a, k) in accuracy.items():
+            if not (0.0 <= a <= 1.0 and 0 <= k <= self.run.eval_records):
+                raise ValueError(f"domain {d!r}: accuracy {a} outside [0, 1] or {k} records outside [0, eval-records]")
+        return (loss, tokens), accuracy
+
+
+def _reason(e: Exception) -> str:
+    """A rejected reply's reason for the round report."""
+    if isinstance(e, KeyError):
+        return f"lacks {e}"
+    return str(e) if isinstance(e, UpdateError) else f"{type(e).__name__}: {e}"
+
+
+def _record(content: RecordDict, name: str, kind: type):
+    """``content[name]``, which must be a ``kind`` record (KeyError when absent)."""
+    record = content[name]
+    if not isinstance(record, kind):
+        raise UpdateError(f"record {name!r} is a {type(record).__name__}, not a {kind.__name__}")
+    return record
+
+
+def _number(record, key: str, where: str) -> float:
+    """``record[key]`` as a float; it must be an int or a float (not a bool, a string or a list)."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UpdateError(f"{where} {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _int_field(record, key: str, where: str) -> int:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UpdateError(f"{where} {key!r} must be an int, got {value!r}")
+    return value
+
+
+def _train_metrics(client: str, content: RecordDict) -> Dict[str, float]:
+    """The numbers the round report keeps from a train reply's ``metrics``: ``train-loss`` (NaN allowed) and the
+    time model's terms (``TIME_METRICS``: finite, >= 0); absent ones are left out. UpdateError for any other."""
+    if "metrics" not in content:
+        return {}
+    try:
+        m = _record(content, "metrics", MetricRecord)
+        out = {k: _number(m, k, "metric") for k in ("train-loss", *TIME_METRICS) if k in m}
+    except UpdateError as e:
+        raise UpdateError(f"client {client}: {e}") from None
+    bad = [k for k in TIME_METRICS if k in out and not (math.isfinite(out[k]) and out[k] >= 0)]
+    if bad:
+        raise UpdateError(f"client {client}: metric {bad[0]!r} must be finite and >= 0, got {out[bad[0]]}")
+    return out

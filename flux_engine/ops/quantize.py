@@ -67,7 +67,8 @@ def _qmax(bits: int) -> int:
 
 def quantize_codes_reference(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     """Unpacked codes ``[..., K]`` (uint8 or int8), scales and zeros: the math every tier must reproduce."""
-    groups = w.float().reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
+    # Contiguous: codes keep the input's strides through the elementwise math, and the packers read rows.
+    groups = w.float().contiguous().reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
     if symmetric:
         half = (1 << (bits - 1)) - 1  # 7 or 127: keeps the grid symmetric around zero
         amax = groups.abs().amax(dim=-1)
@@ -175,6 +176,15 @@ def quantize(
         raise ValueError(f"group_size={group_size!r} must be a positive divisor of the last dimension K={K}")
     if bits == 4 and group_size % 2:
         raise ValueError(f"group_size={group_size} must be even for int4 (two codes per byte)")
+    # One NaN or Inf makes its group's scale NaN/Inf and every code of the group garbage, silently. Checked on the
+    # host (a sync on CUDA): weights are quantized once per profile or model load, never per token.
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        first = tuple(torch.nonzero(~finite)[0].tolist())
+        raise ValueError(
+            f"w has {int((~finite).sum())} non-finite values (NaN/Inf; the first at index {first}): quantizing "
+            "would turn their whole groups into garbage"
+        )
     return _quantize_op.select(w.device)(w, bits, group_size, bool(symmetric))
 
 
