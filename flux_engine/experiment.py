@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from flux_engine import baselines, provenance, timemodel
-from flux_engine.federated.config import METHODS, ConfigError, RunConfig
+from flux_engine.federated.config import METHODS, ConfigError, RunConfig, load_config_file
 from flux_engine.fileio import atomic_write
 
 ABLATIONS = ("flux-no-stale", "flux-uniform-budgets", "flux-freq-merge", "flux-fixed-eps", "flux-no-exploration")
@@ -118,8 +118,6 @@ class ExperimentConfig:
 
 def load(path: str) -> Tuple[Dict[str, Any], ExperimentConfig]:
     """``(run keys, experiment config)`` of an experiment file (TOML or JSON)."""
-    from flux_engine.cli import load_config_file
-
     raw = load_config_file(path, keep_experiment=True)
     exp = ExperimentConfig.from_mapping(raw.pop("experiment", {}))
     RunConfig.from_mapping(raw)  # fail on a bad run key before anything runs
@@ -239,7 +237,7 @@ def run_method(run: RunConfig, resume: bool, verbose: bool = False) -> Any:
         if state.round >= run.num_rounds:
             return state
         run = dataclasses.replace(run, resume=True)
-    from flux_engine.cli import federate
+    from flux_engine.federated.runner import federate
 
     return federate(run, verbose)
 

@@ -7,7 +7,9 @@ Keys are spelled with ``-`` (Flower's style); ``_`` is accepted. An unknown key 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import tomllib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
@@ -235,3 +237,20 @@ def _convert(value: Any, typ: type, key: str) -> Any:
         return typ(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key!r}: expected {typ.__name__}, got {value!r}") from None
+
+
+def load_config_file(path: str, keep_experiment: bool = False) -> Dict[str, Any]:
+    """A run config from TOML (flat keys, or under ``[tool.flwr.app.config]`` as in pyproject.toml) or JSON. An
+    experiment file's ``[experiment]`` table (``flux_engine.experiment``) is dropped unless ``keep_experiment``, so
+    ``run --config`` on such a file runs its Flux federation."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.load(f) if path.endswith(".json") else tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'TOML'} ({e})") from None
+    raw = dict(raw.get("tool", {}).get("flwr", {}).get("app", {}).get("config", raw))
+    if not keep_experiment:
+        raw.pop("experiment", None)
+    return raw
