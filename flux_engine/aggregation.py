@@ -245,6 +245,10 @@ class UtilityTable:
             return torch.full((self.num_layers, self.num_experts), math.nan, dtype=torch.float64)
         return torch.stack(list(self.tables.values())).nanmean(0)
 
+    def untried(self) -> torch.Tensor:
+        """Bool ``[L, E]``: the experts no client has measured yet (exploration covers them first)."""
+        return torch.isnan(self._measured_mean())
+
     def for_client(self, client: str) -> torch.Tensor:
         from flux_engine.roles import common_scale
 

@@ -167,6 +167,8 @@ class FluxClient:
 
     def __init__(self, base: MoEForCausalLM, plan: BudgetPlan, settings: FluxSettings, train_config: TrainConfig,
                  profile_batches: Sequence[Dict[str, torch.Tensor]]):  # fmt: skip
+        if train_config.mode != settings.mode:
+            raise ValueError(f"FluxSettings.mode {settings.mode!r} and TrainConfig.mode {train_config.mode!r} differ")
         self.base, self.plan, self.settings, self.train_config = base, plan, settings, train_config
         self.profile_batches = list(profile_batches)
         self.num_layers = len(base.moe_layers())

@@ -203,11 +203,16 @@ def assign_roles(
     round_t: int = 0,
     schedule: Optional[EpsilonSchedule] = None,
     seed: int = 0,
+    untried: Optional[torch.Tensor] = None,
 ) -> List[ClientRoles]:
     """Eq. 4 per client: ``round(eps_t * B_tune_i)`` slots to the highest-utility experts (ties: lower layer, then
     lower id) and the rest drawn uniformly without replacement (seeded by ``(seed, round_t, client)``) from the other
     experts. ``utilities``: one ``[L, E]`` tensor shared by all clients or a list of per-client tensors. Never more
-    than ``min(B_tune_i, L * E)`` experts per client."""
+    than ``min(B_tune_i, L * E)`` experts per client.
+
+    ``untried`` (bool ``[L, E]``, e.g. the experts no client has measured yet): exploration draws those first, and
+    an expert one client explores this round counts as tried for the clients after it, so that exploration covers
+    the experts nobody has measured before it draws any twice."""
     schedule = schedule or EpsilonSchedule()
     eps = schedule(round_t)
     if not 0.0 <= eps <= 1.0:
@@ -217,6 +222,7 @@ def assign_roles(
     if len(utilities) != len(budgets):
         raise ValueError(f"{len(utilities)} utility tables for {len(budgets)} clients")
     out = []
+    pending = None if untried is None else torch.as_tensor(untried, dtype=torch.bool).reshape(-1).clone()
     for i, (u, B) in enumerate(zip(utilities, budgets)):
         u = torch.as_tensor(u, dtype=torch.float64).cpu()
         L, E = u.shape
@@ -227,7 +233,12 @@ def assign_roles(
         exploit_ids = order[:n_exploit]
         rest = order[n_exploit:].sort().values  # canonical order before the random draw
         g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(round_t)) * 1_000_003 + i)
-        explore_ids = rest[torch.randperm(rest.numel(), generator=g)[: B - n_exploit]]
+        rest = rest[torch.randperm(rest.numel(), generator=g)]
+        if pending is not None:  # untried first (a stable sort keeps the random order within each group)
+            rest = rest[torch.sort((~pending[rest]).to(torch.int8), stable=True).indices]
+        explore_ids = rest[: B - n_exploit]
+        if pending is not None:
+            pending[explore_ids] = False
         exploit = torch.zeros(L * E, dtype=torch.bool)
         explore = torch.zeros(L * E, dtype=torch.bool)
         exploit[exploit_ids] = True

@@ -769,3 +769,15 @@ def test_exploration_experts_zeroth_order_or_trained(tmp_path, explore_mode):
         assert len(explore) == {1: 1, 2: 2, 3: 2}[len(tuning)] and not set(explore) & set(tuning)
         assert torch.isfinite(u[explore]).all() and (u[explore] >= 0).all()
         assert torch.isnan(u[[i for i in range(L * E) if i not in tuning + explore]]).all()
+
+
+def test_six_rounds_train_every_expert(tmp_path):
+    """4 clients x B_tune 4 on the tiny preset's 2 x 8 experts: with exploration experts trained like the others
+    (every slot learns), every expert of every MoE layer is trained at least once within 6 rounds."""
+    budget = BUDGETS["lora"].split(",")[1]  # B_tune 4
+    run = _tiny_run(tmp_path, "lora", **{"num-clients": 4, "min-clients": 4, "num-rounds": 6, "budgets": budget,
+                                         "evaluate-every": 0, "local-steps": 1})  # fmt: skip
+    state = run_local(run)
+    assert state.budgets == {c: 4 for c in ("1", "2", "3", "4")}
+    assert all(h["applied"] for h in state.history)
+    assert sorted(state.global_tensors) == [(l, e) for l in range(L) for e in range(E)]

@@ -126,3 +126,18 @@ def test_explore_experts_switch(update):
     assert changed == {f"model.layers.{i}.mlp.experts.{w}" for i in (1, 2) for w in ("gate_up_proj", "down_proj")}
     gu, old = model.moe_layers()[0].experts.gate_up_proj, before["model.layers.1.mlp.experts.gate_up_proj"]
     assert [e for e in range(8) if not torch.equal(gu[e], old[e])] == [2]
+
+
+def test_exploration_covers_untried_experts_first_and_clients_spread():
+    L, E = 2, 8
+    u = torch.arange(L * E, dtype=torch.float64).view(L, E)
+    untried = torch.zeros(L, E, dtype=torch.bool)
+    untried[0, :5] = True  # five experts nobody has measured
+    roles = assign_roles(u, [4, 4], round_t=0, schedule=EpsilonSchedule(fixed=0.5), seed=0, untried=untried)
+    a, b = roles
+    # Each client exploits the top 2 and explores 2: the five untried experts come first, none twice.
+    assert bool(a.explore[untried].sum() == 2) and bool((b.explore & untried).sum() == 2)
+    assert not (a.explore & b.explore).any()
+    # Without the mask, the draw is the plain uniform one.
+    plain = assign_roles(u, [4, 4], round_t=0, schedule=EpsilonSchedule(fixed=0.5), seed=0)
+    assert all(torch.equal(p.exploit, r.exploit) for p, r in zip(plain, roles))

@@ -122,6 +122,7 @@ class FluxStrategy(Strategy):
                 round_t=server_round - 1,
                 schedule=self.schedule,
                 seed=self.run.seed,
+                untried=self.state.utilities.untried(),
             )
             # "zo": the client trains the exploitation experts and only estimates the exploration experts' utility.
             plans = [(r.exploit if zo else r.tuning, r.explore if zo else None) for r in roles]
