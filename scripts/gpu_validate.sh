@@ -70,6 +70,23 @@ fi
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
+# collect NAME PID WAIT LOG: wait at most WAIT seconds for the background stage PID, stop it if still running;
+# record its exit code (and the end of LOG). True when it finished.
+collect() {
+  local name=$1 pid=$2 wait_s=$3 log=$4 rc
+  while kill -0 "$pid" 2>/dev/null && [ "$wait_s" -gt 0 ]; do sleep 1; wait_s=$((wait_s - 1)); done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null
+    note "$name: still running at the end of its share of the budget, stopped"
+    return 1
+  fi
+  wait "$pid"
+  rc=$?
+  note "$name: exit $rc"
+  tail -n 4 "$log" | sed 's/^/    /' >>"$SUMMARY"
+  return 0
+}
+
 # run NAME LIMIT RESERVE LOG CMD...: CMD with at most LIMIT seconds, and never into the last RESERVE seconds
 # of the budget (kept for the stages after it); output straight to LOG; exit code and seconds to the summary.
 run() {
@@ -85,7 +102,7 @@ run() {
   timeout -k 10 "$limit" "$@" >>"$log" 2>&1
   rc=$?
   [ $rc = 124 ] && note "$name: TIMED OUT after $limit s" || note "$name: exit $rc, $(($(date +%s) - t0)) s"
-  tail -n 4 "$log" | sed 's/^/    /' >>"$SUMMARY"
+  tail -n "${TAIL_LINES:-4}" "$log" | sed 's/^/    /' >>"$SUMMARY"
   return 0
 }
 
@@ -97,12 +114,12 @@ if [ $REHEARSE = 1 ]; then
       && for so in "$ROOT"/flux_engine/_C*.so; do [ -e "$so" ] && ln -s "$so" "$STAGE/flux_engine/"; done
   ) >"$OUT/build.log" 2>&1 &
 else
-  (timeout -k 10 300 "$PY" setup.py build_ext --build-lib "$STAGE" --build-temp "$WORK/build") >"$OUT/build.log" 2>&1 &
+  timeout -k 10 300 "$PY" setup.py build_ext --build-lib "$STAGE" --build-temp "$WORK/build" >"$OUT/build.log" 2>&1 &
 fi
 BUILD_PID=$!
 
 # ------------------------------------------------------------------------------------------------ stack
-run stack 60 0 "$SUMMARY" "$PY" - <<'PY'
+TAIL_LINES=20 run stack 60 0 "$WORK/stack.log" "$PY" - <<'PY'
 import importlib, platform
 import torch, triton
 import flux_engine
@@ -124,7 +141,7 @@ PY
 # ------------------------------------------------------------------------------------------------ compile (background)
 compile_args=()
 [ $REHEARSE = 1 ] && compile_args=(--quick)
-(env -u TRITON_INTERPRET timeout -k 10 240 "$PY" tests/sm90_compile.py "${compile_args[@]}") >"$OUT/compile.log" 2>&1 &
+env -u TRITON_INTERPRET timeout -k 10 240 "$PY" tests/sm90_compile.py "${compile_args[@]}" >"$OUT/compile.log" 2>&1 &
 COMPILE_PID=$!
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -152,17 +169,8 @@ perf_args=()
 run perf 100 250 "$OUT/perf.log" "$PY" bench/gpu_perf.py --out "$OUT/perf.md" "${perf_args[@]}"
 
 # ------------------------------------------------------------------------------------------------ native (after the build)
-wait_build_limit=$(($(left) - 200))
-waited=0
-while kill -0 $BUILD_PID 2>/dev/null && [ $waited -lt $wait_build_limit ]; do sleep 2; waited=$((waited + 2)); done
-if kill -0 $BUILD_PID 2>/dev/null; then
-  note "build: still running after the wait, stopped; native tests not run"
-  kill $BUILD_PID 2>/dev/null
-else
-  wait $BUILD_PID
-  rc=$?
-  note "build: exit $rc, $(ls "$STAGE"/flux_engine/_C*.so 2>/dev/null | wc -l) extension staged"
-  tail -n 3 "$OUT/build.log" | sed 's/^/    /' >>"$SUMMARY"
+if collect build $BUILD_PID $(($(left) - 200)) "$OUT/build.log"; then
+  note "    $(ls "$STAGE"/flux_engine/_C*.so 2>/dev/null | wc -l) extension(s) staged"
   echo "---------------------------------------------------------------- native" >>"$OUT/tests.log"
   run native 50 200 "$OUT/tests.log" "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_native.py
 fi
@@ -177,20 +185,8 @@ run memory 200 5 "$OUT/memory.log" "$PY" bench/gpu_memory.py --out "$WORK/report
 [ -f "$WORK/report/memory.md" ] && cp "$WORK/report/memory.md" "$OUT/memory.md"
 
 # ------------------------------------------------------------------------------------------------ compile (collect)
-if kill -0 $COMPILE_PID 2>/dev/null; then
-  sleep_for=$(($(left) - 2))
-  while kill -0 $COMPILE_PID 2>/dev/null && [ $sleep_for -gt 0 ]; do sleep 1; sleep_for=$((sleep_for - 1)); done
-fi
-if kill -0 $COMPILE_PID 2>/dev/null; then
-  note "compile: still running at the end of the budget, stopped"
-  kill $COMPILE_PID 2>/dev/null
-else
-  wait $COMPILE_PID
-  rc=$?
-  note "compile: exit $rc"
-  tail -n 4 "$OUT/compile.log" | sed 's/^/    /' >>"$SUMMARY"
-fi
+collect compile $COMPILE_PID $(($(left) - 2)) "$OUT/compile.log"
 
 note "total: $(($(date +%s) - START)) s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
-failed=$(grep -cE "^[a-z]+: (exit [1-9]|TIMED OUT|still running)" "$SUMMARY")
+failed=$(grep -cE "^[a-z]+: (exit [1-9]|TIMED OUT|still running|not run)" "$SUMMARY")
 exit $((failed > 0))
