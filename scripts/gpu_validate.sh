@@ -148,7 +148,7 @@ COMPILE_PID=$!
 KERNEL_TESTS=(tests/test_grouped_mlp_triton.py tests/test_triton_kernels.py tests/test_sparse_lora.py
   tests/test_received_attention.py tests/test_quantized_mlp.py tests/test_dispatch.py tests/test_ops_reference.py
   tests/test_demo.py tests/test_federated.py)  # the last two need flwr: they must skip, not error
-pytest_args=(-q -ra -p no:cacheprovider)
+pytest_args=(-q -ra -p no:cacheprovider -m "not slow")  # the slow one is the compile check: its own stage
 if [ $REHEARSE = 1 ]; then
   # One fast case per kernel family (the interpreter is slow), the dispatch tests, the flwr-only files.
   KERNEL_TESTS=("tests/test_grouped_mlp_triton.py::test_forward_backward_fp32[E3-k3-T7]"

@@ -1,7 +1,7 @@
 """Every Triton kernel of flux-engine compiled for an H100/H200 (sm_90) without a GPU: registers, spills, shared
 memory and which matrix instructions the compiler chose, per kernel and per config bucket.
 
-    python tests/sm90_compile.py [--quick] [--out FILE]      # not under TRITON_INTERPRET=1
+    python tests/sm90_compile.py [--quick] [--out FILE] [--jobs N]     # not under TRITON_INTERPRET=1
 
 The launchers run on CPU tensors with every ``kernel[grid](...)`` captured instead of launched; each distinct
 launch is then compiled by Triton's ahead-of-time path (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``:
@@ -242,10 +242,25 @@ def _config_text(kwargs: dict) -> str:
     return " ".join(f"{k.replace('BLOCK_', '')}={kwargs[k]}" for k in keys if k in kwargs)
 
 
-def check(quick: bool = False, out: Optional[str] = None) -> List[str]:
-    """Compiles every distinct launch, prints the table (and writes it to ``out``); returns the problems found."""
+_TO_COMPILE: List[Launch] = []  # read by the forked compile workers
+
+
+def _inspect(i: int) -> dict:
+    """What the checks need of launch ``_TO_COMPILE[i]`` compiled for sm_90 (picklable: runs in a worker)."""
+    compiled = compile_launch(_TO_COMPILE[i])
+    ptx = compiled.asm["ptx"]
+    return dict(
+        usage=resource_usage(compiled.asm["cubin"]), shared=compiled.metadata.shared, path=matrix_path(ptx),
+        has_dot="tt.dot" in compiled.asm["ttir"], byte_loads=len(re.findall(r"ld\.global[\w.]*\.[bus]8\b", ptx)),
+        bf16_mma=bool(re.search(r"(wgmma|mma\.sync)\S*\.bf16", ptx)),
+    )  # fmt: skip
+
+
+def check(quick: bool = False, out: Optional[str] = None, jobs: int = 1) -> List[str]:
+    """Compiles every distinct launch (``jobs`` processes), prints the table (and writes it to ``out``); returns
+    the problems found."""
     launches = capture_all(quick)
-    seen, rows, problems = set(), [], []
+    seen, todo, problems = set(), [], []
     attention_kernels = {}
     for launch in launches:
         if launch.name in ("_row_lse_kernel", "_col_sum_kernel"):
@@ -254,22 +269,29 @@ def check(quick: bool = False, out: Optional[str] = None) -> List[str]:
         if key in seen:
             continue
         seen.add(key)
-        if quick and any(r[0] == launch.name and r[1].split()[0] == launch.label.split()[0] for r in rows):
+        if quick and any(t.name == launch.name and t.label.split()[0] == launch.label.split()[0] for t in todo):
             continue  # one launch per kernel and weight format
-        compiled = compile_launch(launch)
-        usage = resource_usage(compiled.asm["cubin"])
-        ptx = compiled.asm["ptx"]
-        path = matrix_path(ptx)
-        has_dot = "tt.dot" in compiled.asm["ttir"]
-        byte_loads = len(re.findall(r"ld\.global[\w.]*\.[bus]8\b", ptx))
+        todo.append(launch)
+    _TO_COMPILE[:] = todo
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_inspect, range(len(todo))))
+    else:
+        results = [_inspect(i) for i in range(len(todo))]
+    rows = []
+    for launch, r in zip(todo, results):
+        usage, path, has_dot, byte_loads = r["usage"], r["path"], r["has_dot"], r["byte_loads"]
         row = (launch.name, launch.label, _config_text(launch.kwargs), usage.get("REG", -1), usage.get("STACK", -1),
-               usage.get("LOCAL", -1), compiled.metadata.shared, path if has_dot else "no dot", byte_loads)  # fmt: skip
+               usage.get("LOCAL", -1), r["shared"], path if has_dot else "no dot", byte_loads)  # fmt: skip
         rows.append(row)
         where = f"{launch.name} [{launch.label}; {row[2]}]"
         if usage.get("STACK", 1) or usage.get("LOCAL", 1):
             problems.append(f"{where}: spills (STACK {usage.get('STACK')}, LOCAL {usage.get('LOCAL')})")
-        if compiled.metadata.shared > SM90_SHARED:
-            problems.append(f"{where}: {compiled.metadata.shared} bytes of shared memory > {SM90_SHARED}")
+        if r["shared"] > SM90_SHARED:
+            problems.append(f"{where}: {r['shared']} bytes of shared memory > {SM90_SHARED}")
         if has_dot and path == "-":
             problems.append(f"{where}: its dots run on the FMA path (no mma in the PTX)")
         if has_dot and launch.kwargs.get("BLOCK_M", 0) >= 64 and launch.kwargs.get("num_warps", 4) % 4 == 0 and path != "wgmma":
@@ -281,9 +303,8 @@ def check(quick: bool = False, out: Optional[str] = None) -> List[str]:
             # Symmetric stacks: codes come as vectors (cp.async / ld.v*), so no single-byte load is left. (An
             # asymmetric stack's zero points are one byte per row of codes: "-asym" rows may show byte loads.)
             problems.append(f"{where}: {byte_loads} single-byte global loads: packed tiles not vectorised")
-        if launch.name.startswith("_row_lse") or launch.name.startswith("_col_sum"):
-            dtype = launch.args[0].dtype
-            if dtype == torch.bfloat16 and not re.search(r"(wgmma|mma\.sync)\S*\.bf16", ptx):
+        if launch.name in ("_row_lse_kernel", "_col_sum_kernel") and launch.args[0].dtype == torch.bfloat16:
+            if not r["bf16_mma"]:
                 problems.append(f"{where}: bf16 inputs but no bf16 tensor-core dot")
     for (name, label), variants in attention_kernels.items():
         if len(variants) > 1:
@@ -309,8 +330,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one launch per kernel")
     ap.add_argument("--out", help="also write the table to this file")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compile processes")
     args = ap.parse_args(argv)
-    return 1 if check(args.quick, args.out) else 0
+    return 1 if check(args.quick, args.out, args.jobs) else 0
 
 
 if __name__ == "__main__":
