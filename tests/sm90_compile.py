@@ -315,7 +315,8 @@ def check(quick: bool = False, out: Optional[str] = None, jobs: int = 1) -> List
     from flux_engine.provenance import command_line, commit, versions
 
     prov = [f"commit {commit()}", ", ".join(f"{k} {v}" for k, v in versions().items()),
-            "command: " + command_line([sys.executable] + sys.argv), "target: GPUTarget('cuda', 90, 32) (sm_90)", ""]  # fmt: skip
+            "command: " + command_line([sys.executable] + sys.argv),
+            f"triton from {os.path.dirname(triton.__file__)}", "target: GPUTarget('cuda', 90, 32) (sm_90)", ""]  # fmt: skip
     text = "\n".join(prov + lines) + f"\n\ntriton {triton.__version__}: {len(rows)} distinct launches compiled for sm_90, " \
         f"{len(problems)} problems\n" + "".join(f"PROBLEM {p}\n" for p in problems)  # fmt: skip
     print(text, flush=True)
