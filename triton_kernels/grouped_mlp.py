@@ -135,13 +135,13 @@ def _interleave(lo, hi, AXIS: tl.constexpr):
 @triton.jit
 def _load_b(
     w_base, s_base, z_base, k0, n, n0, n_end, n_ok, stride_bk, stride_bn, stride_srow,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, N_TILE: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    PACK_K: tl.constexpr,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, N_TILE: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, PACK_K: tl.constexpr,
 ):  # fmt: skip
-    """``B[k, n]`` for ``k = k0 + [0, BLOCK_K)`` below ``K``, as a ``[BLOCK_K, N_TILE]`` tile (``N_TILE = len(n)``): plain (``QBITS == 0``)
-    at ``k * stride_bk + n * stride_bn``, or dequantised to fp32 from packed codes (int4: two per byte, even index
-    in the low nibble), per-group scales and zero points (or the symmetric zero: 8 for int4, 0 for int8). The
-    packed dimension is k (``PACK_K``: rows of codes are n, ``stride_bn`` apart) or n (rows are k, ``stride_bk``
+    """``B[k, n]`` for ``k = k0 + [0, BLOCK_K)`` below ``K``, as a ``[BLOCK_K, N_TILE]`` tile (``N_TILE = len(n)``):
+    plain (``QBITS == 0``) at ``k * stride_bk + n * stride_bn``, or dequantised to fp32 from packed codes (int4: two
+    per byte, even index in the low nibble), per-group scales and zero points (or the symmetric zero: 8 for int4, 0
+    for int8). The packed dimension is k (``PACK_K``: rows of codes are n, ``stride_bn`` apart) or n (rows are k, ``stride_bk``
     apart; then ``n = n0 + [0, N_TILE)`` below ``n_end``).
 
     Packed tiles are loaded once as bytes, contiguous along the packed dimension (``[BLOCK_K / 2, BN]`` or
@@ -151,7 +151,8 @@ def _load_b(
     k = k0 + tl.arange(0, BLOCK_K)
     k_ok = k < K
     if QBITS == 0:
-        b = tl.load(w_base + k[:, None] * stride_bk + n[None, :] * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        mask = k_ok[:, None] & n_ok[None, :]
+        b = tl.load(w_base + k[:, None] * stride_bk + n[None, :] * stride_bn, mask=mask, other=0.0)
     else:
         if PACK_K:
             rows = n[None, :].to(tl.int64) * stride_bn
@@ -200,8 +201,7 @@ def _mma(
 ):  # fmt: skip
     """``acc [BM, BN] += A @ B`` over ``K``: ``A[m, k]`` at ``a_ptrs[m] + k * stride_ak`` (``a_ptrs: [BM, 1]``),
     ``B[k, n]`` from ``_load_b`` for the columns ``n`` (``n0``: the first, when they are contiguous, below
-    ``n_end``). K is
-    constexpr: a static loop, which Triton pipelines on GPUs and every interpreter version runs."""
+    ``n_end``). K is constexpr: a static loop, which Triton pipelines on GPUs and every interpreter version runs."""
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptrs + k[None, :] * stride_ak, mask=a_ok[:, None] & (k[None, :] < K), other=0.0)
