@@ -141,8 +141,8 @@ def _load_b(
     """``B[k, n]`` for ``k = k0 + [0, BLOCK_K)`` below ``K``, as a ``[BLOCK_K, N_TILE]`` tile (``N_TILE = len(n)``):
     plain (``QBITS == 0``) at ``k * stride_bk + n * stride_bn``, or dequantised to fp32 from packed codes (int4: two
     per byte, even index in the low nibble), per-group scales and zero points (or the symmetric zero: 8 for int4, 0
-    for int8). The packed dimension is k (``PACK_K``: rows of codes are n, ``stride_bn`` apart) or n (rows are k, ``stride_bk``
-    apart; then ``n = n0 + [0, N_TILE)`` below ``n_end``).
+    for int8). The packed dimension is k (``PACK_K``: rows of codes are n, ``stride_bn`` apart) or n (rows are k,
+    ``stride_bk`` apart; then ``n = n0 + [0, N_TILE)`` below ``n_end``).
 
     Packed tiles are loaded once as bytes, contiguous along the packed dimension (``[BLOCK_K / 2, BN]`` or
     ``[BLOCK_K, BN / 2]`` for int4), and split into nibbles in registers. When the tile lies in one group along
