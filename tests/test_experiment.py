@@ -7,11 +7,13 @@ import csv
 import pytest
 import torch
 
-from flux_engine import timemodel
-from flux_engine.data import encode_continuation, lm_batches, write_jsonl
-from flux_engine.federated.client import ByteTokenizer
-from flux_engine.federated.config import ConfigError, RunConfig
-from test_demo import _records  # two multiple-choice domains a byte-level model can learn
+pytest.importorskip("flwr")  # the federated layer runs on Flower; the GPU image has none
+
+from flux_engine import timemodel  # noqa: E402
+from flux_engine.data import encode_continuation, lm_batches, write_jsonl  # noqa: E402
+from flux_engine.federated.client import ByteTokenizer  # noqa: E402
+from flux_engine.federated.config import ConfigError, RunConfig  # noqa: E402
+from test_demo import _records  # noqa: E402  (two multiple-choice domains a byte-level model can learn)
 
 pytest.importorskip("flux_engine.training")
 

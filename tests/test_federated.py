@@ -11,15 +11,18 @@ import time
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
-from flux_engine.aggregation import expert_shapes
-from flux_engine.federated import wire
-from flux_engine.federated.config import ConfigError, RunConfig
-from flux_engine.federated.simulation import run_local
-from flux_engine.federated.state import ServerState, StateError
-from flux_engine.presets import get
+pytest.importorskip("flwr")  # the federated layer runs on Flower; the GPU image has none
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from flux_engine.aggregation import expert_shapes  # noqa: E402
+from flux_engine.federated import wire  # noqa: E402
+from flux_engine.federated.config import ConfigError, RunConfig  # noqa: E402
+from flux_engine.federated.simulation import run_local  # noqa: E402
+from flux_engine.federated.state import ServerState, StateError  # noqa: E402
+from flux_engine.presets import get  # noqa: E402
 
 TINY = get("tiny")
 L, E = len(TINY.moe_layer_indices), TINY.num_experts

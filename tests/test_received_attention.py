@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flux_engine.ops.received_attention import received_attention, received_attention_reference
+from tolerances import FP32_DOT
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -14,7 +15,7 @@ def test_triton_matches_explicit_softmax(device, force_tier, causal, B, HQ, HKV,
     k = torch.randn(B, HKV, T, D, device=device) * 2
     got = received_attention(q, k, causal=causal)
     want = received_attention_reference(q.cpu(), k.cpu(), causal)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.cpu(), want, rtol=FP32_DOT[0], atol=FP32_DOT[1])
     torch.testing.assert_close(got.sum(-1).cpu(), torch.ones(B), rtol=1e-5, atol=1e-5)
 
 
@@ -41,4 +42,4 @@ def test_padding_mask(device, force_tier, causal):
     assert float(want[0, 13:].abs().sum()) == 0.0
     force_tier("triton", device)
     got = received_attention(q, k, causal=causal, mask=mask)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.cpu(), want, rtol=FP32_DOT[0], atol=FP32_DOT[1])

@@ -121,34 +121,72 @@ def _expert_weights(
 
 
 @triton.jit
+def _interleave(lo, hi, AXIS: tl.constexpr):
+    """``[A, B]`` tiles ``lo``, ``hi`` -> ``[2A, B]`` with rows ``lo[j], hi[j]`` at ``2j, 2j + 1`` (``AXIS`` 0), or
+    ``[A, 2B]`` with the columns interleaved (``AXIS`` 1)."""
+    both = tl.join(lo, hi)  # [A, B, 2]
+    if AXIS == 0:
+        out = tl.reshape(tl.permute(both, (0, 2, 1)), (2 * lo.shape[0], lo.shape[1]))
+    else:
+        out = tl.reshape(both, (lo.shape[0], 2 * lo.shape[1]))
+    return out
+
+
+@triton.jit
 def _load_b(
-    w_base, s_base, z_base, k, n, mask, stride_bk, stride_bn, stride_srow,
-    QBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, PACK_K: tl.constexpr,
+    w_base, s_base, z_base, k0, n, n0, n_end, n_ok, stride_bk, stride_bn, stride_srow,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, N_TILE: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, PACK_K: tl.constexpr,
 ):  # fmt: skip
-    """``B[k, n]`` as a ``[BLOCK_K, BLOCK_N]`` tile: plain (``QBITS == 0``) at ``k * stride_bk + n * stride_bn``,
-    or dequantised to fp32 from packed codes (int4: two per byte, even column in the low nibble), per-group
-    scales and zero points (or the symmetric zero: 8 for int4, 0 for int8). The packed dimension is k
-    (``PACK_K``: rows of codes are n, ``stride_bn`` apart) or n (rows are k, ``stride_bk`` apart)."""
+    """``B[k, n]`` for ``k = k0 + [0, BLOCK_K)`` below ``K``, as a ``[BLOCK_K, N_TILE]`` tile (``N_TILE = len(n)``):
+    plain (``QBITS == 0``) at ``k * stride_bk + n * stride_bn``, or dequantised to fp32 from packed codes (int4: two
+    per byte, even index in the low nibble), per-group scales and zero points (or the symmetric zero: 8 for int4, 0
+    for int8). The packed dimension is k (``PACK_K``: rows of codes are n, ``stride_bn`` apart) or n (rows are k,
+    ``stride_bk`` apart; then ``n = n0 + [0, N_TILE)`` below ``n_end``).
+
+    Packed tiles are loaded once as bytes, contiguous along the packed dimension (``[BLOCK_K / 2, BN]`` or
+    ``[BLOCK_K, BN / 2]`` for int4), and split into nibbles in registers. When the tile lies in one group along
+    the packed dimension (the group a multiple of the block, or the whole dimension), one scale (and zero point)
+    per row of codes is loaded: a ``[1, BN]`` or ``[BLOCK_K, 1]`` vector; otherwise one per element."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = k < K
     if QBITS == 0:
+        mask = k_ok[:, None] & n_ok[None, :]
         b = tl.load(w_base + k[:, None] * stride_bk + n[None, :] * stride_bn, mask=mask, other=0.0)
     else:
         if PACK_K:
-            col = k[:, None]
-            row = n[None, :].to(tl.int64)
-            row_stride = stride_bn
+            rows = n[None, :].to(tl.int64) * stride_bn
+            if QBITS == 4:
+                kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # bytes along k: an arange, so loads vectorise
+                byte = tl.load(w_base + rows + kb[:, None], mask=(kb < K // 2)[:, None] & n_ok[None, :], other=0)
+                byte = byte.to(tl.int32)
+                code = _interleave(byte & 0xF, byte >> 4, 0)
+            else:
+                code = tl.load(w_base + rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.int32)
+            if GROUP % BLOCK_K == 0 or GROUP >= K:
+                s_off = n[None, :].to(tl.int64) * stride_srow + k0 // GROUP
+                s_ok = n_ok[None, :]
+            else:
+                s_off = n[None, :].to(tl.int64) * stride_srow + k[:, None] // GROUP
+                s_ok = k_ok[:, None] & n_ok[None, :]
         else:
-            col = n[None, :]
-            row = k[:, None].to(tl.int64)
-            row_stride = stride_bk
-        if QBITS == 4:
-            byte = tl.load(w_base + row * row_stride + col // 2, mask=mask, other=0).to(tl.int32)
-            code = (byte >> ((col % 2) * 4)) & 0xF
-        else:
-            code = tl.load(w_base + row * row_stride + col, mask=mask, other=0).to(tl.int32)
-        grp = col // GROUP
-        scale = tl.load(s_base + row * stride_srow + grp, mask=mask, other=0.0)
+            rows = k[:, None].to(tl.int64) * stride_bk
+            if QBITS == 4:
+                nb = n0 // 2 + tl.arange(0, N_TILE // 2)  # bytes along n
+                byte = tl.load(w_base + rows + nb[None, :], mask=k_ok[:, None] & (nb < n_end // 2)[None, :], other=0)
+                byte = byte.to(tl.int32)
+                code = _interleave(byte & 0xF, byte >> 4, 1)
+            else:
+                code = tl.load(w_base + rows + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.int32)
+            if GROUP % N_TILE == 0:
+                s_off = k[:, None].to(tl.int64) * stride_srow + n0 // GROUP
+                s_ok = k_ok[:, None]
+            else:
+                s_off = k[:, None].to(tl.int64) * stride_srow + n[None, :] // GROUP
+                s_ok = k_ok[:, None] & n_ok[None, :]
+        scale = tl.load(s_base + s_off, mask=s_ok, other=0.0)
         if HAS_ZEROS:
-            zero = tl.load(z_base + row * stride_srow + grp, mask=mask, other=0).to(tl.int32)
+            zero = tl.load(z_base + s_off, mask=s_ok, other=0).to(tl.int32)
         else:
             zero = 8 if QBITS == 4 else 0
         b = (code - zero).to(tl.float32) * scale
@@ -157,18 +195,18 @@ def _load_b(
 
 @triton.jit
 def _mma(
-    acc, a_ptrs, a_ok, stride_ak, w_base, s_base, z_base, n, n_ok, stride_bk, stride_bn, stride_srow,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    acc, a_ptrs, a_ok, stride_ak, w_base, s_base, z_base, n, n0, n_end, n_ok, stride_bk, stride_bn, stride_srow,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, N_TILE: tl.constexpr, PRECISION: tl.constexpr,
     QBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, PACK_K: tl.constexpr,
 ):  # fmt: skip
     """``acc [BM, BN] += A @ B`` over ``K``: ``A[m, k]`` at ``a_ptrs[m] + k * stride_ak`` (``a_ptrs: [BM, 1]``),
-    ``B[k, n]`` from ``_load_b`` for the columns ``n``. K is constexpr: a static loop, which Triton pipelines
-    on GPUs and every interpreter version runs."""
+    ``B[k, n]`` from ``_load_b`` for the columns ``n`` (``n0``: the first, when they are contiguous, below
+    ``n_end``). K is constexpr: a static loop, which Triton pipelines on GPUs and every interpreter version runs."""
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptrs + k[None, :] * stride_ak, mask=a_ok[:, None] & (k[None, :] < K), other=0.0)
         b = _load_b(
-            w_base, s_base, z_base, k, n, (k[:, None] < K) & n_ok[None, :], stride_bk, stride_bn, stride_srow,
+            w_base, s_base, z_base, k0, n, n0, n_end, n_ok, stride_bk, stride_bn, stride_srow, K, BLOCK_K, N_TILE,
             QBITS, GROUP, HAS_ZEROS, PACK_K,
         )  # fmt: skip
         acc = _dot(a, b.to(a.dtype), acc, PRECISION)
@@ -265,8 +303,8 @@ def _gate_up_kernel(
     w_base, s_base, z_base = _expert_weights(w_ptr, wt_ptr, s_ptr, z_ptr, expert, S_T, stride_we, stride_wte, stride_se, TUNED)
     acc = _mma(
         tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32), x_ptr + tokens[:, None] * stride_xt, row_ok, stride_xh,
-        w_base, s_base, z_base, w_rows, n_of_c < I, stride_bk, stride_bn, stride_srow,
-        H, BLOCK_K, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
+        w_base, s_base, z_base, w_rows, 0, I, n_of_c < I, stride_bk, stride_bn, stride_srow,
+        H, BLOCK_K, 2 * BLOCK_N, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
     )  # fmt: skip
     if HAS_LORA:
         acc = _lora_expand(
@@ -327,8 +365,8 @@ def _rows_kernel(
         a_rows = rows.to(tl.int64)
     acc = _mma(
         tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptr + a_rows[:, None] * stride_ar, row_ok, stride_ak,
-        w_base, s_base, z_base, cols, col_ok, stride_bk, stride_bn, stride_srow,
-        K, BLOCK_K, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
+        w_base, s_base, z_base, cols, pid_n * BLOCK_N, N, col_ok, stride_bk, stride_bn, stride_srow,
+        K, BLOCK_K, BLOCK_N, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
     )  # fmt: skip
     if HAS_LORA:
         acc = _lora_expand(
@@ -373,8 +411,8 @@ def _down_bwd_kernel(
     w_base, s_base, z_base = _expert_weights(w_ptr, wt_ptr, s_ptr, z_ptr, expert, S_T, stride_we, stride_wte, stride_se, TUNED)
     g = _mma(
         tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), dout_ptr + tokens[:, None] * stride_dt, row_ok, stride_dh,
-        w_base, s_base, z_base, cols, col_ok, stride_bk, stride_bn, stride_srow,
-        H, BLOCK_K, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
+        w_base, s_base, z_base, cols, pid_n * BLOCK_N, I, col_ok, stride_bk, stride_bn, stride_srow,
+        H, BLOCK_K, BLOCK_N, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
     )  # fmt: skip
     if HAS_LORA:
         g = _lora_expand(
@@ -544,10 +582,16 @@ def _row_weights_kernel(
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """``PRECISION`` of ``_dot``: like torch.matmul, fp32 GEMMs are exact fp32 unless torch allows TF32."""
-    if dtype == torch.bfloat16 and triton_interpreting():
-        return "upcast"
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """``PRECISION`` of ``_dot`` for operands of ``dtype``.
+
+    Compiled, fp32 operands run TF32 tensor-core dots (10-bit mantissa, fp32 accumulation): an fp32 FMA dot is
+    over ten times slower on Hopper, and a GPU run asked for fp32 must not silently take that path; 16-bit
+    operands ignore the setting. Interpreted, fp32 is exact ("ieee") and bf16 dots take fp32 copies
+    ("upcast"), so CPU tests compare tightly against the references.
+    """
+    if triton_interpreting():
+        return "upcast" if dtype == torch.bfloat16 else "ieee"
+    return "tf32"
 
 
 def _row_blocks(plan: RoutingPlan, block_m: int) -> int:

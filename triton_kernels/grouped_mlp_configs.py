@@ -73,10 +73,11 @@ def _table(rows_to_config: List[tuple]) -> List[tuple]:
 
 
 # (max rows per expert, (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)). Small experts get short
-# row blocks (little padding waste) and long K steps; large ones 128x128 tiles. Stages follow shared memory:
-# sm_80 164 KiB, sm_86/89 100 KiB, sm_90 228 KiB; bf16 128x128x64 is 32 KiB per stage.
-_BIG_SMEM_ROW_GEMM = [(16, (16, 64, 128, 8, 4, 4)), (64, (32, 128, 64, 8, 4, 4)), (256, (64, 128, 64, 8, 4, 4))]
-_SMALL_SMEM_ROW_GEMM = [(16, (16, 64, 64, 8, 4, 3)), (64, (32, 64, 64, 8, 4, 3)), (256, (64, 128, 32, 8, 4, 3))]
+# row blocks (little padding waste) and long K steps; from 33 rows per expert on, BLOCK_M >= 64, the M of a
+# Hopper wgmma (a 32-row block compiles to mma.sync), and large experts 128x128 tiles. Stages follow shared
+# memory: sm_80 164 KiB, sm_86/89 100 KiB, sm_90 228 KiB; bf16 128x128x64 is 32 KiB per stage.
+_BIG_SMEM_ROW_GEMM = [(16, (16, 64, 128, 8, 4, 4)), (32, (32, 128, 64, 8, 4, 4)), (256, (64, 128, 64, 8, 4, 4))]
+_SMALL_SMEM_ROW_GEMM = [(16, (16, 64, 64, 8, 4, 3)), (32, (32, 64, 64, 8, 4, 3)), (256, (64, 128, 32, 8, 4, 3))]
 
 
 def _halve_n(table: List[tuple]) -> List[tuple]:

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flux_engine.triton_kernels.grouped_mlp import _interleave
+
 # Elements of a program's [BLOCK_R, chunk] tile.
 _TILE = 4096
 _MAX_CHUNK = 1024
@@ -141,8 +143,11 @@ def _dequantize_kernel(
     mask = (rows < R)[:, None] & (cols < K)[None, :]
     r64 = rows[:, None].to(tl.int64)
     if BITS == 4:
-        packed = tl.load(data_ptr + r64 * (K // 2) + cols[None, :] // 2, mask=mask, other=0).to(tl.int32)
-        code = ((packed >> ((cols[None, :] % 2) * 4)) & 0xF).to(tl.float32)
+        # Each byte loaded once (an arange of byte columns, so the load vectorises), split into its two nibbles.
+        bcols = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        bmask = (rows < R)[:, None] & (bcols < K // 2)[None, :]
+        packed = tl.load(data_ptr + r64 * (K // 2) + bcols[None, :], mask=bmask, other=0).to(tl.int32)
+        code = _interleave(packed & 0xF, packed >> 4, 1).to(tl.float32)
     else:
         code = tl.load(data_ptr + r64 * K + cols[None, :], mask=mask, other=0).to(tl.float32)
     NG = K // G

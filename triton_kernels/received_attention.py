@@ -5,7 +5,13 @@ Two passes over ``(batch, query head)`` pairs, both tiled ``BLOCK_T x BLOCK_T``:
    over the keys it sees (online max/sum, like flash attention's forward);
 2. ``_col_sum_kernel``: per key ``j``, ``sum_i exp(s_ij - lse_i)`` over the queries that see it, written per head
    (``[B, Hq, T]``); the launcher sums heads deterministically and divides by ``Hq * T``.
-GQA: query head ``h`` reads key head ``h // (Hq / Hkv)``. Scores are computed in fp32.
+GQA: query head ``h`` reads key head ``h // (Hq / Hkv)``.
+
+Each program loads its own block (queries, or keys) once and sweeps the other side; under causal masking the
+sweep stops at the diagonal (pass 1: keys up to the block's last query; pass 2: queries from the block's first
+key), half the work. Scores are tensor-core dots on the inputs' dtype with fp32 accumulation (bf16/fp16 operands;
+fp32 inputs run TF32 on a GPU, ``grouped_mlp._precision``); the softmax math is fp32. ``T`` is a run-time argument:
+one compiled kernel serves every sequence length.
 """
 
 from __future__ import annotations
@@ -16,20 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from flux_engine.backend import triton_interpreting
+from flux_engine.triton_kernels.grouped_mlp import _dot, _precision
 
-_BLOCK_T = 32
+# 64 query/key rows per block: the M of a Hopper wgmma (a 32-row block compiles to mma.sync).
+_BLOCK_T = 64
 
 
 @triton.jit
-def _scores(q_base, k_base, qi, kj, T, stride_qt, stride_kt, scale, D: tl.constexpr, D_PAD: tl.constexpr,
-            PRECISION: tl.constexpr):  # fmt: skip
-    """``[BQ, BK]`` fp32 scaled scores of queries ``qi`` against keys ``kj`` (out-of-range lanes are 0)."""
+def _load_rows(base, rows, T, stride_t, D: tl.constexpr, D_PAD: tl.constexpr):
+    """``[len(rows), D_PAD]`` tile of one head's rows (zeros past T and D), in the input dtype."""
     d = tl.arange(0, D_PAD)
-    q = tl.load(q_base + qi[:, None] * stride_qt + d[None, :], mask=(qi[:, None] < T) & (d[None, :] < D), other=0.0)
-    k = tl.load(k_base + kj[:, None] * stride_kt + d[None, :], mask=(kj[:, None] < T) & (d[None, :] < D), other=0.0)
-    s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PRECISION)
-    return s * scale
+    return tl.load(base + rows[:, None] * stride_t + d[None, :], mask=(rows[:, None] < T) & (d[None, :] < D), other=0.0)
 
 
 @triton.jit
@@ -47,21 +50,24 @@ def _visible(qi, kj, T, mask_base, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr)
 @triton.jit
 def _row_lse_kernel(
     q_ptr, k_ptr, mask_ptr, lse_ptr, T, HQ, GROUP, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, scale,
-    D: tl.constexpr, D_PAD: tl.constexpr, T_CEIL: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """``lse: [B * Hq, T]`` fp32; grid ``(B * Hq, cdiv(T, BLOCK_T))``."""
     bh = tl.program_id(0)
     b = bh // HQ
     h = bh % HQ
-    qi = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q0 = tl.program_id(1) * BLOCK_T
+    qi = q0 + tl.arange(0, BLOCK_T)
+    q = _load_rows(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, qi, T, stride_qt, D, D_PAD)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     m = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
     acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for k0 in range(0, T_CEIL, BLOCK_T):
+    k_end = tl.minimum(T, q0 + BLOCK_T) if CAUSAL else T  # keys past the block's last query are never visible
+    for k0 in range(0, k_end, BLOCK_T):
         kj = k0 + tl.arange(0, BLOCK_T)
-        s = _scores(q_base, k_base, qi, kj, T, stride_qt, stride_kt, scale, D, D_PAD, PRECISION)
+        k = _load_rows(k_base, kj, T, stride_kt, D, D_PAD)
+        s = _dot(q, tl.trans(k), tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32), PRECISION) * scale
         s = tl.where(_visible(qi, kj, T, mask_ptr + b.to(tl.int64) * T, CAUSAL, HAS_MASK), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # Rows with nothing visible yet keep m = -inf; shift by 0 there to avoid inf - inf.
@@ -76,23 +82,27 @@ def _row_lse_kernel(
 @triton.jit
 def _col_sum_kernel(
     q_ptr, k_ptr, mask_ptr, lse_ptr, out_ptr, T, HQ, GROUP, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    scale, D: tl.constexpr, D_PAD: tl.constexpr, T_CEIL: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
+    scale, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """``out: [B * Hq, T]`` fp32, ``out[bh, j] = sum_i exp(s_ij - lse_i)``; grid ``(B * Hq, cdiv(T, BLOCK_T))``."""
     bh = tl.program_id(0)
     b = bh // HQ
     h = bh % HQ
-    kj = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    k0 = tl.program_id(1) * BLOCK_T
+    kj = k0 + tl.arange(0, BLOCK_T)
+    k = _load_rows(k_ptr + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh, kj, T, stride_kt, D, D_PAD)
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for q0 in range(0, T_CEIL, BLOCK_T):
+    q_start = k0 if CAUSAL else 0  # queries before the block's first key see none of it
+    for q0 in range(q_start, T, BLOCK_T):
         qi = q0 + tl.arange(0, BLOCK_T)
-        s = _scores(q_base, k_base, qi, kj, T, stride_qt, stride_kt, scale, D, D_PAD, PRECISION)
+        q = _load_rows(q_base, qi, T, stride_qt, D, D_PAD)
+        # s^T = k q^T: [keys, queries], the fixed key block as the dot's M.
+        s_t = _dot(k, tl.trans(q), tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32), PRECISION) * scale
         lse = tl.load(lse_ptr + bh.to(tl.int64) * T + qi, mask=qi < T, other=0.0)
-        p = tl.where(_visible(qi, kj, T, mask_ptr + b.to(tl.int64) * T, CAUSAL, HAS_MASK), tl.exp(s - lse[:, None]), 0.0)
-        acc += tl.sum(p, axis=0)
+        visible = tl.trans(_visible(qi, kj, T, mask_ptr + b.to(tl.int64) * T, CAUSAL, HAS_MASK))
+        acc += tl.sum(tl.where(visible, tl.exp(s_t - lse[None, :]), 0.0), axis=1)
     tl.store(out_ptr + bh.to(tl.int64) * T + kj, acc, mask=kj < T)
 
 
@@ -106,14 +116,15 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, causal: bool, mask=None
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)  # one dot dtype: the queries'
     lse = torch.empty((B * HQ, T), dtype=torch.float32, device=q.device)
     per_head = torch.empty((B * HQ, T), dtype=torch.float32, device=q.device)
     grid = (B * HQ, triton.cdiv(T, _BLOCK_T))
-    precision = "tf32" if q.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), 1.0 / math.sqrt(D))
     meta = dict(
-        D=D, D_PAD=max(16, triton.next_power_of_2(D)), T_CEIL=triton.cdiv(T, _BLOCK_T) * _BLOCK_T,
-        BLOCK_T=_BLOCK_T, CAUSAL=bool(causal), PRECISION=precision, HAS_MASK=mask is not None,
+        D=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_T=_BLOCK_T, CAUSAL=bool(causal),
+        PRECISION=_precision(q.dtype), HAS_MASK=mask is not None,
     )  # fmt: skip
     m = mask.contiguous() if mask is not None else lse
     _row_lse_kernel[grid](q, k, m, lse, T, HQ, HQ // HKV, *args, **meta)

@@ -75,6 +75,13 @@ def route_and_count(
     check_tensor("x", x, ndim=2)
     check_tensor("router_weight", router_weight, ndim=2)
     check_floating("x", x)
+    check_floating("router_weight", router_weight)
+    if router_weight.dtype != x.dtype:
+        # One GEMM dtype: a bf16 x against fp32 router weights has no single tensor-core dot.
+        raise TypeError(
+            f"router_weight ({router_weight.dtype}) must have x's dtype ({x.dtype}): cast one, e.g. "
+            "router_weight.to(x.dtype)"
+        )
     check_positive_int("k", k)
     T, H = x.shape
     E = router_weight.shape[0]
