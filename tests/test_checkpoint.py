@@ -87,7 +87,7 @@ def hf_checkpoints(transformers, tmp_path_factory):
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
         _randomize(model)
         folder = tmp_path_factory.mktemp(model_type)
-        save_pretrained(model, folder)
+        model.save_pretrained(folder)
         out[model_type] = (folder, model)
     return out
 
@@ -591,7 +591,7 @@ def test_loading_streams_one_shard_and_one_tensor_at_a_time(tmp_path, monkeypatc
 
 
 def _native_config(tmp_path: Path, **changes) -> Path:
-    MoEForCausalLM(_tiny_config()).save_pretrained(tmp_path)
+    save_pretrained(MoEForCausalLM(_tiny_config()), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     for key, value in changes.items():
         if value is _DROP:
@@ -638,7 +638,7 @@ def test_hf_config_sizes_are_checked(hf_checkpoints, tmp_path):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_reported_by_name(tmp_path, bad):
-    MoEForCausalLM(_tiny_config()).save_pretrained(tmp_path)
+    save_pretrained(MoEForCausalLM(_tiny_config()), tmp_path)
 
     def spoil(tensors):
         tensors["model.layers.1.mlp.experts.down_proj"][3, 0, 5] = bad
@@ -651,7 +651,7 @@ def test_non_finite_weights_are_reported_by_name(tmp_path, bad):
 
 
 def test_torch_errors_while_loading_are_checkpoint_errors(tmp_path):
-    MoEForCausalLM(_tiny_config()).save_pretrained(tmp_path)
+    save_pretrained(MoEForCausalLM(_tiny_config()), tmp_path)
     device = "xpu" if not (hasattr(torch, "xpu") and torch.xpu.is_available()) else "mps"
     with pytest.raises(CheckpointError, match=rf"{tmp_path}: cannot load the checkpoint \("):
         load_pretrained(tmp_path, device=device)

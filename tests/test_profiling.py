@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flux_engine import presets
+from flux_engine import presets, save_pretrained
 from flux_engine.models import MoEForCausalLM
 from flux_engine.profiling import ExpertProfile, compare, group_for, profile, profile_async, spearman, top_k_jaccard
 
@@ -89,7 +89,7 @@ def test_async_equals_sync_and_snapshots(tiny):
 
 
 def test_checkpoint_folder_equals_in_memory(tiny, tmp_path):
-    tiny.save_pretrained(tmp_path / "ck")
+    save_pretrained(tiny, tmp_path / "ck")
     batches = _batches(n=1)
     for bits in (4, 8):
         a = profile(tmp_path / "ck", batches, bits=bits, group_size=32)
@@ -232,7 +232,7 @@ def test_bits_none_ignores_dense_bits(tied_shared):
 
 def test_tied_shared_checkpoint_equals_in_memory(tied_shared, tmp_path):
     # Per-expert keys (one full-precision buffer per stack), a renamed shared expert, a tied LM head.
-    tied_shared.save_pretrained(tmp_path / "ck", layout="qwen2_moe")
+    save_pretrained(tied_shared, tmp_path / "ck", layout="qwen2_moe")
     batches = _batches(n=1)
     a = profile(tmp_path / "ck", batches, bits=4, group_size=32)
     b = profile(tied_shared, batches, bits=4, group_size=32)
@@ -292,7 +292,7 @@ def test_prepare_peak_memory_from_checkpoint(tmp_path, monkeypatch, layout):
     model = MoEForCausalLM(_variant(shared_expert_intermediate_size=128, shared_expert_gate=True, **kw))
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters())  # an expert stack: 4 MiB
-    model.save_pretrained(tmp_path / "ck", layout=layout)
+    save_pretrained(model, tmp_path / "ck", layout=layout)
     del model
     monkeypatch.setattr(prof, "_CHUNK_ELEMENTS", 1 << 15)  # quantize temporaries: a few x 128 KiB
     prof.prepare(tmp_path / "ck", bits=4)  # warm-up: one-time allocations (kernels, dispatch tables)
