@@ -25,6 +25,7 @@ from flux_engine.data import (
     lm_batches,
     load_tasks,
     multiple_choice_accuracy,
+    packs_choices,
     normalize_answer,
     partition,
     read_jsonl,
@@ -456,9 +457,10 @@ def test_sum_and_mean_normalisation_differ_when_lengths_differ():
         choice_logprobs(model, tok, [Record("g", "g", None, "g", "Q", targets=("a",))])
 
 
-def test_padding_does_not_change_scores_of_a_real_moe_model():
+def _small_moe():
     from flux_engine import MoEConfig, MoEForCausalLM
 
+    torch.manual_seed(0)
     config = MoEConfig(
         vocab_size=128,
         hidden_size=32,
@@ -470,14 +472,37 @@ def test_padding_does_not_change_scores_of_a_real_moe_model():
         num_experts_per_tok=2,
         moe_intermediate_size=32,
     )
-    model = MoEForCausalLM(config)
+    return MoEForCausalLM(config)
+
+
+def test_padding_does_not_change_scores_of_a_real_moe_model():
+    model = _small_moe()
     records = [
         Record(f"r/{i}", "r", None, "r", "Question " * (i + 1), choices=("yes", "no", "maybe not"), target=0)
         for i in range(4)
     ]
-    one = choice_logprobs(model, CharTokenizer(), records, batch_size=1, normalize="mean")
-    many = choice_logprobs(model, CharTokenizer(), records, batch_size=12, normalize="mean")
-    torch.testing.assert_close(torch.tensor(one), torch.tensor(many), atol=1e-4, rtol=1e-4)
+    for packed in (False, True):
+        one = choice_logprobs(model, CharTokenizer(), records, batch_size=1, normalize="mean", packed=packed)
+        many = choice_logprobs(model, CharTokenizer(), records, batch_size=12, normalize="mean", packed=packed)
+        torch.testing.assert_close(torch.tensor(one), torch.tensor(many), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", ["sum", "mean"])
+@pytest.mark.parametrize("max_length", [None, 12])
+def test_packed_choices_score_as_one_sequence_per_choice(normalize, max_length):
+    """The context encoded once with every choice behind it (the MoE model's packed path) gives the scores of one
+    padded sequence per (record, choice): contexts of many lengths, cut by max_length, an empty one, 2-4 choices
+    of different lengths."""
+    model = _small_moe()
+    assert packs_choices(model) and not packs_choices(FixedDistribution())
+    contexts = ["", "Q: ", "Is it? ", "A much longer question, cut by max_length? ", "Why"]
+    choices = [("yes", "no"), ("a", "bb", "ccc", "dddd"), ("maybe not", "x"), ("one", "two", "six")]
+    records = [Record(f"r/{i}", "r", None, "r", c, choices=choices[i % 4], target=0) for i, c in enumerate(contexts)]
+    pairwise = choice_logprobs(model, CharTokenizer(), records, 3, normalize, max_length, packed=False)
+    packed = choice_logprobs(model, CharTokenizer(), records, 2, normalize, max_length, packed=True)
+    assert [len(s) for s in packed] == [len(r.choices) for r in records]
+    torch.testing.assert_close(torch.tensor(sum(packed, [])), torch.tensor(sum(pairwise, [])), atol=1e-5, rtol=1e-5)
+    assert choice_logprobs(model, CharTokenizer(), records, 3, normalize, max_length) == packed  # the default
 
 
 def test_works_with_a_transformers_tokenizer():

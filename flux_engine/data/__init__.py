@@ -27,6 +27,7 @@ from flux_engine.data.metrics import (
     exact_match,
     multiple_choice_accuracy,
     normalize_answer,
+    packs_choices,
     token_f1,
 )
 from flux_engine.data.records import Record, read_jsonl, write_jsonl
@@ -52,6 +53,7 @@ __all__ = [
     "load_tasks",
     "multiple_choice_accuracy",
     "normalize_answer",
+    "packs_choices",
     "partition",
     "pip_download",
     "read_jsonl",
