@@ -23,6 +23,21 @@ def test_pooling():
     assert evaluation.mean_accuracy({d: acc for d, (acc, _) in pooled.items()}) == 0.5625
 
 
+def test_bands_and_mcnemar():
+    assert evaluation.binomial_band(0.5, 100) == pytest.approx(1.96 * 0.05)
+    # Two domains of 100 records at 0.5: the mean's standard error is 0.05 / sqrt(2).
+    assert evaluation.mean_band({"a": (0.5, 100), "b": (0.5, 100)}) == pytest.approx(1.96 * 0.05 / math.sqrt(2))
+    assert evaluation.mcnemar_p([True] * 10, [True] * 10) == 1.0
+    # 8 records flipped right, none wrong: 2 * 0.5**8.
+    assert evaluation.mcnemar_p([False] * 8 + [True] * 4, [True] * 12) == pytest.approx(2 * 0.5**8)
+    # 6 up, 2 down: 2 * P(X <= 2), X ~ Bin(8, 1/2) = 2 * 37 / 256.
+    before = [False] * 6 + [True] * 2 + [True] * 5
+    after = [True] * 6 + [False] * 2 + [True] * 5
+    assert evaluation.mcnemar_p(before, after) == pytest.approx(2 * 37 / 256)
+    with pytest.raises(ValueError, match="differ in length"):
+        evaluation.mcnemar_p([True], [])
+
+
 def _records(n: int = 40):
     """Two domains of two-choice questions whose answer a byte-level model can learn (the context ends in it)."""
     out = []
@@ -63,6 +78,7 @@ def test_per_domain_accuracy_every_round_and_round_zero(mc_run):
         assert report["eval_records"] == {"alpha": 4, "beta": 4}
         assert set(report["accuracy"]) == {"alpha", "beta"} and all(0 <= a <= 1 for a in report["accuracy"].values())
         assert report["accuracy_mean"] == pytest.approx(sum(report["accuracy"].values()) / 2)
+        assert set(report["soft_accuracy"]) == {"alpha", "beta"} and 0 < report["soft_accuracy_mean"] < 1
         assert report["eval_loss"] > 0 and report["eval_seconds"] > 0
     # A resumed run keeps the round-0 evaluation and does not repeat it.
     resumed = run_local(RunConfig.from_mapping({**mc_run, "num-rounds": 3, "resume": True}))

@@ -512,15 +512,17 @@ def handle_evaluate(rt: ClientRuntime, content: RecordDict, state: RecordDict) -
         attach_tuning(model, policy.tuning, train_config(rt.run), rt.global_tensors)
     try:
         loss, tokens = evaluation.heldout_loss(model, rt.eval_batches)
-        accuracy = evaluation.domain_accuracy(model, tokenizer(rt.run), rt.eval_records)
+        # Records cut to seq-len, the length the model trains on (long ones would dominate the time).
+        accuracy = evaluation.domain_accuracy(model, tokenizer(rt.run), rt.eval_records, max_length=rt.run.seq_len)
     finally:
         if rt.run.method != "flux":
             detach_tuning(model)
     return RecordDict(
         {
             "metrics": MetricRecord({"eval-loss": loss, "num-tokens": tokens}),
-            "accuracy": MetricRecord({d: acc for d, (acc, _) in accuracy.items()}),
-            "records": MetricRecord({d: n for d, (_, n) in accuracy.items()}),
+            "accuracy": MetricRecord({d: a.accuracy for d, a in accuracy.items()}),
+            "soft-accuracy": MetricRecord({d: a.soft for d, a in accuracy.items()}),
+            "records": MetricRecord({d: a.records for d, a in accuracy.items()}),
         }
     )
 

@@ -236,8 +236,9 @@ class FluxStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         """Pool the clients' held-out loss and per-domain accuracy; the summary is kept in ``self.evaluation`` (a
-        dict: ``eval_loss``, ``accuracy`` and ``eval_records`` per domain, ``accuracy_mean``, ``eval_failed``)."""
-        losses, accuracies, failed = [], [], {}
+        dict: ``eval_loss``, ``accuracy``, ``soft_accuracy`` and ``eval_records`` per domain, ``accuracy_mean``,
+        ``soft_accuracy_mean``, ``eval_failed``)."""
+        losses, accuracies, softs, failed = [], [], [], {}
         for msg in replies:
             client = str(msg.metadata.src_node_id)
             if msg.has_error():
@@ -251,12 +252,15 @@ class FluxStrategy(Strategy):
                 acc = msg.content["accuracy"] if "accuracy" in msg.content else {}
                 n = msg.content["records"] if "records" in msg.content else {}
                 accuracy = {d: (float(acc[d]), int(n[d])) for d in acc}
+                soft = msg.content["soft-accuracy"] if "soft-accuracy" in msg.content else {}
+                soft = {d: (float(soft[d]), int(n[d])) for d in soft}
             except (KeyError, TypeError, ValueError) as e:
                 failed[client] = f"bad evaluation reply ({type(e).__name__}: {e})"
                 log(WARNING, "round %d: bad evaluation reply from %s (%s)", server_round, client, e)
                 continue
             losses.append(loss)
             accuracies.append(accuracy)
+            softs.append(soft)
             self.state.last_sync[client] = server_round
         loss, tokens = pool_loss(losses)
         pooled = pool_accuracy(accuracies)
@@ -264,6 +268,7 @@ class FluxStrategy(Strategy):
             self.evaluation = {"eval_failed": failed} if failed else {}
             return None
         accuracy = {d: acc for d, (acc, _) in pooled.items()}
+        soft = {d: acc for d, (acc, _) in pool_accuracy(softs).items()}
         self.evaluation = {
             "eval_loss": loss,
             "accuracy": accuracy,
@@ -271,6 +276,8 @@ class FluxStrategy(Strategy):
             "accuracy_mean": mean_accuracy(accuracy),
             "eval_failed": failed,
         }
+        if soft:
+            self.evaluation.update(soft_accuracy=soft, soft_accuracy_mean=mean_accuracy(soft))
         return MetricRecord(
             {"eval-loss": loss, "num-tokens": tokens, "accuracy-mean": self.evaluation["accuracy_mean"],
              **{f"accuracy/{d}": a for d, a in accuracy.items()}}
