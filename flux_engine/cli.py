@@ -7,6 +7,7 @@
     flux-engine profile --preset tiny      # routing frequencies / importance of one client's data
     flux-engine merge --preset tiny --tune 2 --merged 6    # merge plan and its output error
     flux-engine bench --preset tiny        # one client round, timed by phase
+    flux-engine probe --task olmo:piqa     # does the demo's model learn a task? (bench/results/tasks.md)
 
 Errors (unknown preset, config typo, budget too small, malformed data, damaged checkpoint) print one line and exit
 with status 2.
@@ -269,6 +270,20 @@ def plot_accuracy(path: str, rows: Sequence[Dict[str, Any]], domains: Sequence[s
     plt.close(fig)
 
 
+def cmd_probe(args) -> int:
+    from flux_engine import probe
+
+    if args.report:
+        print(probe.report(args.report), end="")
+        return 0
+    if not args.task:
+        raise ValueError("probe needs --task SPEC (e.g. olmo:piqa) or --report FOLDER")
+    settings = probe.ProbeSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                                   test_records=args.test_records, train_records=args.train_records)  # fmt: skip
+    probe.run(args.task, args.out, settings, args.checkpoint or demo_model())
+    return 0
+
+
 def cmd_run(args) -> int:
     from flux_engine.federated.config import RunConfig
 
@@ -410,6 +425,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="bench/results", help="folder for demo.csv and demo.png")
     demo.add_argument("--state-dir", default=None, help="server checkpoints (default: a temp dir)")
     demo.set_defaults(func=cmd_demo)
+
+    pr = sub.add_parser("probe", help="which tasks the demo's model learns: accuracy before / after LoRA steps")
+    pr.add_argument("--task", action="append", default=[], help="data spec of one task (repeatable): olmo:piqa, "
+                    "bigbench:intent_recognition, olmo:mmlu/anatomy")  # fmt: skip
+    pr.add_argument("--out", default="bench/results/probe", help="folder of the per-task JSON results")
+    pr.add_argument("--report", metavar="FOLDER", help="print the markdown table of the results in FOLDER instead")
+    pr.add_argument("--checkpoint", default=None, help="model folder (default: the demo's warm-started model)")
+    pr.add_argument("--steps", type=int, default=16, help="LoRA steps (every expert)")
+    pr.add_argument("--lr", type=float, default=5e-3)
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--seq-len", type=int, default=128, help="training rows and scored records cut to this")
+    pr.add_argument("--test-records", type=int, default=200, help="held-out records per task / subtask")
+    pr.add_argument("--train-records", type=int, default=512)
+    pr.set_defaults(func=cmd_probe)
 
     run = sub.add_parser("run", help="a federation from a config file (TOML or JSON)")
     run.add_argument("--config", required=True)

@@ -537,7 +537,9 @@ def test_lm_batches_padded_rows_mask_padding():
     records = [Record(f"r/{i}", "r", None, "r", "ab" * i + "?", targets=("Z",)) for i in range(5)]
     tok = CharTokenizer(pad_token_id=None)  # padding falls back to EOS, whose real occurrences stay labelled
     batches = list(lm_batches(records, tok, seq_len=8, batch_size=2, seed=0, packed=False))
-    assert [b["input_ids"].shape for b in batches] == [(2, 8), (2, 8), (1, 8)]
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    # No column of padding only: each batch is as wide as its longest row.
+    assert [b["input_ids"].shape[1] for b in batches] == [int(b["attention_mask"].sum(1).max()) for b in batches]
     rows = []
     for b in batches:
         ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
@@ -548,6 +550,19 @@ def test_lm_batches_padded_rows_mask_padding():
     # Too long for 8 tokens (i = 3, 4): the start is dropped, the answer and EOS kept.
     texts = sorted("".join(map(chr, r[:-1])) for r in rows)
     assert texts == ["?Z", "ab?Z", "abab?Z", "babab?Z", "babab?Z"]
+
+
+def test_lm_batches_bucketed_rows_carry_less_padding():
+    records = [Record(f"r/{i}", "r", None, "r", "ab" * (i % 7) + "?", targets=("Z",)) for i in range(32)]
+    tok = CharTokenizer()
+
+    def rows_and_padding(**kw):
+        batches = list(lm_batches(records, tok, seq_len=16, batch_size=4, seed=0, packed=False, **kw))
+        rows = sorted(r[m.bool()].tolist() for b in batches for r, m in zip(b["input_ids"], b["attention_mask"]))
+        return rows, sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    (plain, plain_pad), (bucketed, bucketed_pad) = rows_and_padding(), rows_and_padding(bucket=True)
+    assert bucketed == plain and bucketed_pad < plain_pad
 
 
 def test_lm_batches_packed_stream():

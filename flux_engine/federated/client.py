@@ -108,7 +108,8 @@ def client_records(
 def client_batches(
     run: RunConfig, partition_id: int, num_partitions: int, vocab_size: int
 ) -> Tuple[List[dict], List[dict]]:
-    """``(train, eval)`` batches of ``{"input_ids", "labels", "attention_mask"}`` ``[B, seq_len]`` for one client."""
+    """``(train, eval)`` batches of ``{"input_ids", "labels", "attention_mask"}`` ``[B, T]`` (``T <= seq_len``: records
+    bucketed by length, each batch as wide as its longest row) for one client."""
     _check_data(run)
     if run.data == "synthetic":
         # Non-IID tokens: each client draws from its own skewed distribution over the vocabulary (smaller alpha,
@@ -125,7 +126,7 @@ def client_batches(
 
         mine, _ = client_records(run, partition_id, num_partitions)
         rows = list(lm_batches(mine, tokenizer(run), run.seq_len, run.batch_size, seed=run.seed, packed=False,
-                               answer_only=run.loss_on == "answer"))  # fmt: skip
+                               answer_only=run.loss_on == "answer", bucket=True))  # fmt: skip
     n_eval = max(1, round(run.eval_fraction * len(rows))) if len(rows) > 1 else 0
     return rows[n_eval:], rows[:n_eval]
 
