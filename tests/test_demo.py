@@ -88,7 +88,7 @@ def test_per_domain_accuracy_every_round_and_round_zero(mc_run):
 def test_demo_table_csv_and_png(mc_run, tmp_path):
     pytest.importorskip("flux_engine.training")
     pytest.importorskip("matplotlib")
-    from flux_engine.cli import plot_accuracy, round_rows, write_csv
+    from flux_engine.cli import mean_accuracy_line, plot_accuracy, round_rows, write_csv
 
     state = run_local(RunConfig.from_mapping({**mc_run, "num-rounds": 1}))
     rows = round_rows(state)
@@ -96,7 +96,11 @@ def test_demo_table_csv_and_png(mc_run, tmp_path):
     assert rows[0]["accepted"] == "-" and rows[1]["accepted"] == 2
     assert rows[1]["mean_acc"] == pytest.approx((rows[1]["alpha"] + rows[1]["beta"]) / 2)
     write_csv(str(tmp_path / "demo.csv"), rows)
-    plot_accuracy(str(tmp_path / "demo.png"), rows, ["alpha", "beta"])
+    plot_accuracy(str(tmp_path / "demo.png"), rows, ["alpha", "beta"], state.baseline["eval_records"])
+    a0, a1 = state.baseline["accuracy_mean"], state.history[-1]["accuracy_mean"]
+    band = evaluation.mean_band({d: (a, 4) for d, a in state.baseline["accuracy"].items()})
+    assert mean_accuracy_line(state) == f"mean accuracy: round 0 {a0:.3f} -> round 1 {a1:.3f} (95% band +-{band:.3f})"
+    assert rows[1]["mean_soft"] == state.history[-1]["soft_accuracy_mean"]
     with open(tmp_path / "demo.csv") as f:
         read = list(csv.DictReader(f))
     assert [r["round"] for r in read] == ["0", "1"] and float(read[1]["alpha"]) == rows[1]["alpha"]
