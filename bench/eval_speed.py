@@ -6,8 +6,8 @@ predicted), and the padding of the clients' training batches with and without le
 
 The records are what ``make demo`` scores (``flux_engine.cli.DEMO_*``: each domain's ``--eval-records`` test
 records, cut to ``--seq-len``) and trains on (the clients' ``samples-per-client`` records); the model is the demo's
-warm-started SmolLM2 MoE mini preset. Both scorers run on the same records in the same process, each once as a
-warm-up and then ``--repeats`` times (the best time is reported); their scores must agree.
+warm-started SmolLM2 MoE mini preset. Both scorers run on the same records in the same process, alternating,
+``--repeats`` times each (the best time is reported); their scores must agree.
 """
 
 from __future__ import annotations
@@ -29,14 +29,15 @@ from flux_engine.smollm2 import load_tokenizer
 OUT = Path(__file__).resolve().parent / "results" / "eval_speed.md"
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: allocator, thread pool
-    times = []
-    for _ in range(repeats):
+def timed(fn: Callable[[], object], repeats: int) -> tuple:
+    """``(result of the first call, best time of ``repeats`` calls)``."""
+    times, result = [], None
+    for i in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+        result = out if i == 0 else result
+    return result, min(times)
 
 
 def padding(batches: List[dict], width: Optional[int] = None) -> tuple:
@@ -64,12 +65,15 @@ def main(argv=None) -> None:
     def score(packed: bool):
         return choice_logprobs(model, tokenizer, records, args.batch_size, MC_NORMALIZE, args.seq_len, packed=packed)
 
-    old, new = score(False), score(True)
+    # Alternating, so that a change of the machine's load touches both alike.
+    old, t_old = timed(lambda: score(False), 1)
+    new, t_new = timed(lambda: score(True), 1)
+    for _ in range(args.repeats - 1):
+        t_old = min(t_old, timed(lambda: score(False), 1)[1])
+        t_new = min(t_new, timed(lambda: score(True), 1)[1])
     diff = max(abs(a - b) for x, y in zip(old, new) for a, b in zip(x, y))
     same_choice = sum(max(range(len(x)), key=x.__getitem__) == max(range(len(y)), key=y.__getitem__)
                       for x, y in zip(old, new))  # fmt: skip
-    t_old = best_time(lambda: score(False), args.repeats)
-    t_new = best_time(lambda: score(True), args.repeats)
 
     clients = partition(train, len(DEMO_DOMAINS), scheme="domain", seed=0)
     mine = [c[: defaults["samples"]] for c in clients]
