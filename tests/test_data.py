@@ -496,7 +496,8 @@ def test_packed_choices_score_as_one_sequence_per_choice(normalize, max_length):
     model = _small_moe()
     assert packs_choices(model) and not packs_choices(FixedDistribution())
     contexts = ["", "Q: ", "Is it? ", "A much longer question, cut by max_length? ", "Why"]
-    choices = [("yes", "no"), ("a", "bb", "ccc", "dddd"), ("maybe not", "x"), ("one", "two", "six")]
+    # The last choice of the fourth set is longer than max_length: it is cut to its first 11 tokens.
+    choices = [("yes", "no"), ("a", "bb", "ccc", "dddd"), ("maybe not", "x"), ("one", "two", "six", "y" * 20)]
     records = [Record(f"r/{i}", "r", None, "r", c, choices=choices[i % 4], target=0) for i, c in enumerate(contexts)]
     pairwise = choice_logprobs(model, CharTokenizer(), records, 3, normalize, max_length, packed=False)
     packed = choice_logprobs(model, CharTokenizer(), records, 2, normalize, max_length, packed=True)

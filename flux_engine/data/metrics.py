@@ -50,7 +50,8 @@ def packs_choices(model: Any) -> bool:
 
 def _record_ids(tokenizer: Tokenizer, record: Record, max_length: Optional[int]) -> Tuple[List[int], List[List[int]]]:
     """``(context ids, [choice ids, ...])``; with ``max_length``, the context loses tokens from the left until it and
-    the longest choice fit, so every choice is scored against the same context."""
+    the longest choice fit, so every choice is scored against the same context (at least one context token is
+    kept: a choice longer than ``max_length - 1`` tokens is scored on its first ``max_length - 1``)."""
     if not record.is_multiple_choice:
         raise ValueError(f"record {record.id} is not multiple-choice")
     pairs = [encode_continuation(tokenizer, record.context, choice) for choice in record.choices]
@@ -58,14 +59,15 @@ def _record_ids(tokenizer: Tokenizer, record: Record, max_length: Optional[int])
     for choice, cont in zip(record.choices, choices, strict=True):
         if not cont:
             raise ValueError(f"record {record.id}: choice {choice!r} encodes to no tokens")
-        if max_length is not None and len(cont) >= max_length:
-            raise ValueError(f"record {record.id}: choice {choice!r} alone fills max_length={max_length}")
     if not ctx:
         # The first choice token needs a position to be predicted from.
         if tokenizer.eos_token_id is None:
             raise ValueError(f"record {record.id}: empty context and no eos_token_id to stand in for it")
         ctx = [tokenizer.eos_token_id]
     if max_length is not None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a context token and a choice token), got {max_length}")
+        choices = [cont[: max_length - 1] for cont in choices]
         ctx = ctx[-(max_length - max(map(len, choices))) :]
     return ctx, choices
 
