@@ -45,8 +45,14 @@ def test_probe_task_and_report(tmp_path):
         r = dict(result, task=f"olmo:{name}", mcnemar_p=p, base=dict(result["base"], accuracy=base),
                  tuned=dict(result["tuned"], accuracy=tuned))  # fmt: skip
         probe.result_path(out, r["task"]).write_text(json.dumps(r))
-    table = probe.report(out).splitlines()
-    assert table[2].startswith("| olmo:a | 20 |") and table[2].endswith("| yes |")
-    assert table[3].startswith("| olmo:b |") and "-0.050" in table[3] and table[3].endswith("| no |")
+    for r in out.glob("*.json"):  # as probe.run records them
+        r.write_text(json.dumps(dict(json.loads(r.read_text()), provenance={"commit": "abc", "device": "CPU",
+                                                                            "torch": "2.13", "date": "today"})))
+    text = probe.report(out)
+    table = [line for line in text.splitlines() if line.startswith("| olmo:")]
+    assert table[0].startswith("| olmo:a | 20 | 16 |") and table[0].endswith("| yes |")
+    assert table[1].startswith("| olmo:b |") and "-0.050" in table[1] and table[1].endswith("| no |")
+    assert "1 of 2 tasks gain significantly (p < 0.01): olmo:a." in text
+    assert "- run at commit abc on CPU, torch 2.13" in text
     with pytest.raises(FileNotFoundError):
         probe.report(tmp_path / "empty")
