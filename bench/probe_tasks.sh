@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The task probe behind bench/results/tasks.md: one `flux-engine probe` process per candidate task (a task whose
-# result file exists is skipped, so an interrupted run resumes), then the report. ~2-4 min per task on 2 CPU cores.
-#   bash bench/probe_tasks.sh [EXTRA_PROBE_ARGS...]
+# result file exists is skipped, so an interrupted run resumes), then the report. Sized for a shared 2-core CPU: 128
+# test records per task, rows and scored records cut to the demo's seq-len 64, 16 LoRA steps of 8 rows.
+#   bash bench/probe_tasks.sh [EXTRA_PROBE_ARGS...] > bench/results/tasks.md
 set -u
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench/results/probe}
@@ -13,6 +14,7 @@ TASKS=(
   bigbench:vitaminc_fact_verification bigbench:winowhy bigbench:social_iqa
 )
 for task in "${TASKS[@]}"; do
-  "$PY" -m flux_engine.cli probe --task "$task" --out "$OUT" "$@" || echo "probe of $task failed (exit $?)" >&2
+  "$PY" -m flux_engine.cli probe --task "$task" --out "$OUT" --test-records 128 --seq-len 64 --steps 16 \
+    --batch-size 8 "$@" >&2 || echo "probe of $task failed (exit $?)" >&2
 done
 "$PY" -m flux_engine.cli probe --report "$OUT"

@@ -24,7 +24,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -214,16 +214,20 @@ def demo_model() -> str:
     return warm_start(DEMO_PRESET)
 
 
-def mean_accuracy_line(state: "ServerState") -> str:
-    """``mean accuracy: round 0 A -> round N B (95% band +-C)``: the mean over domains before training and after
-    the last evaluated round, with the 95% binomial band of round 0's mean (``evaluation.mean_band``)."""
+def mean_accuracy_line(state: "ServerState") -> Tuple[str, str]:
+    """``mean accuracy: round 0 A -> round N B (95% band +-C)`` (the mean over domains before training and after
+    the last evaluated round, with the 95% binomial band of round 0's mean, ``evaluation.mean_band``) and a sentence
+    saying whether the change is larger than the band."""
     from flux_engine.evaluation import mean_band
 
     first = state.baseline
     last = next(h for h in reversed(state.history) if "accuracy" in h)
     band = mean_band({d: (a, first["eval_records"][d]) for d, a in first["accuracy"].items()})
-    return (f"mean accuracy: round 0 {first['accuracy_mean']:.3f} -> round {last['round']} "
-            f"{last['accuracy_mean']:.3f} (95% band +-{band:.3f})")  # fmt: skip
+    a, b = first["accuracy_mean"], last["accuracy_mean"]
+    line = f"mean accuracy: round 0 {a:.3f} -> round {last['round']} {b:.3f} (95% band +-{band:.3f})"
+    verdict = (f"The mean changed by {b - a:+.3f}: "
+               + ("more than the band, learning shows." if b - a > band else "not more than the band."))  # fmt: skip
+    return line, verdict
 
 
 def cmd_demo(args) -> int:
@@ -254,7 +258,7 @@ def cmd_demo(args) -> int:
     evaluate = state.baseline.get("eval_seconds", 0.0) + sum(h.get("eval_seconds", 0.0) for h in state.history)
     timing = (f"demo: {len(DEMO_DOMAINS)} clients x {state.round} rounds in {time.perf_counter() - start:.1f} s "
               f"(training rounds {train:.1f} s, evaluations {evaluate:.1f} s), torch threads {torch.get_num_threads()}")
-    summary = mean_accuracy_line(state) if state.baseline.get("accuracy") else "mean accuracy: not evaluated"
+    summary, verdict = mean_accuracy_line(state) if state.baseline.get("accuracy") else ("mean accuracy: not evaluated", "")
     report = [
         "# `make demo`: Flux on SmolLM2-MoE, 4 clients, one learnable domain each, CPU", "",
         f"- command: `{provenance.command_line(sys.argv)}`",
@@ -268,12 +272,12 @@ def cmd_demo(args) -> int:
         f"- outputs: demo.csv, demo.png (accuracy per domain and mean vs round, 95% band of round 0's mean shaded)",
         "", "```", table(rows, list(rows[0])), timing, "```", "",
         "`mean_soft`: soft accuracy, the probability on the right choice (softmax over a record's choices of the "
-        "per-token mean log-likelihoods), averaged over records and domains.", "", summary,
+        "per-token mean log-likelihoods), averaged over records and domains.", "", verdict, "", summary,
     ]  # fmt: skip
     atomic_write(Path(paths["md"]), lambda f: f.write("\n".join(report) + "\n"))
     print(f"wrote {paths['csv']}, {paths['png']} and {paths['md']}")
     print(timing)
-    print(summary)
+    print(f"{summary}. {verdict}")
     return 0
 
 

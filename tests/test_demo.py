@@ -99,7 +99,9 @@ def test_demo_table_csv_and_png(mc_run, tmp_path):
     plot_accuracy(str(tmp_path / "demo.png"), rows, ["alpha", "beta"], state.baseline["eval_records"])
     a0, a1 = state.baseline["accuracy_mean"], state.history[-1]["accuracy_mean"]
     band = evaluation.mean_band({d: (a, 4) for d, a in state.baseline["accuracy"].items()})
-    assert mean_accuracy_line(state) == f"mean accuracy: round 0 {a0:.3f} -> round 1 {a1:.3f} (95% band +-{band:.3f})"
+    line, verdict = mean_accuracy_line(state)
+    assert line == f"mean accuracy: round 0 {a0:.3f} -> round 1 {a1:.3f} (95% band +-{band:.3f})"
+    assert verdict.endswith("learning shows." if a1 - a0 > band else "not more than the band.")
     assert rows[1]["mean_soft"] == state.history[-1]["soft_accuracy_mean"]
     with open(tmp_path / "demo.csv") as f:
         read = list(csv.DictReader(f))
