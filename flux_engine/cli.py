@@ -203,7 +203,7 @@ DEMO_DATA = "bigbench:intent_recognition+olmo:sst2,boolq,piqa"
 
 def demo_settings() -> Dict[str, Any]:
     """The demo's defaults (its command-line options), sized for < 5 min on 2 CPU cores (bench/results/demo.md)."""
-    return {"rounds": 3, "local_steps": 3, "lr": 5e-3, "seq_len": 64, "samples": 12, "eval_records": 128,
+    return {"rounds": 3, "local_steps": 4, "lr": 1e-2, "seq_len": 64, "samples": 32, "eval_records": 128,
             "budgets": "990MiB,1030MiB,1060MiB,1090MiB"}  # fmt: skip
 
 
