@@ -5,6 +5,8 @@
 #   bash bench/probe_tasks.sh [EXTRA_PROBE_ARGS...] > bench/results/tasks.md
 set -u
 PY=${PY:-.venv/bin/python}
+# One thread: on a shared, oversubscribed CPU, two-thread torch ops lose most of their time waiting for each other.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${OUT:-bench/results/probe}
 TASKS=(
   bigbench:intent_recognition olmo:sst2 olmo:boolq olmo:piqa olmo:arc_easy olmo:mrpc olmo:rte olmo:sciq
