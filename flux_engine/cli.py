@@ -1,12 +1,13 @@
 """``flux-engine``: the command line.
 
-    flux-engine demo                       # 4 clients x 3 rounds: SmolLM2-MoE on BIG-bench, accuracy curve
+    flux-engine demo                       # 4 clients x 3 rounds: SmolLM2-MoE, one domain each, accuracy curve
     flux-engine run --config run.toml      # a federation from a config file (keys: federated.config.RunConfig)
     flux-engine run --config run.toml --resume
     flux-engine experiment --config bench/configs/tta_cpu.toml   # Flux vs baselines: time-to-accuracy report
     flux-engine profile --preset tiny      # routing frequencies / importance of one client's data
     flux-engine merge --preset tiny --tune 2 --merged 6    # merge plan and its output error
     flux-engine bench --preset tiny        # one client round, timed by phase
+    flux-engine probe --task olmo:piqa     # does the demo's model learn a task? (bench/results/tasks.md)
 
 Errors (unknown preset, config typo, budget too small, malformed data, damaged checkpoint) print one line and exit
 with status 2. A federation that ran rounds but applied none of them (every client failed or was rejected) exits
@@ -21,12 +22,16 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from flux_engine.federated.config import load_config_file
 from flux_engine.federated.runner import RunFailed, federate, round_rows, table
+
+if TYPE_CHECKING:
+    from flux_engine.federated.state import ServerState
 
 EXIT_ERROR = 2
 EXIT_FAILED = 1
@@ -35,9 +40,17 @@ EXIT_FAILED = 1
 # ------------------------------------------------------------------------------------------------ federation
 
 
-# The demo: bench/runtime.py's multiple-choice domains (one per client) on its prepared llama-moe preset.
+# The demo: one domain per client, chosen from bench/results/tasks.md (flux-engine probe) among the tasks the
+# warm-started model learns in a few LoRA steps, each with enough test records for a 128-record sample.
 DEMO_PRESET = "smollm2-llama-moe-mini"
-DEMO_DOMAINS = ("vitaminc_fact_verification", "goal_step_wikihow", "social_iqa", "winowhy")
+DEMO_DOMAINS = ("intent_recognition", "sst2", "boolq", "piqa")
+DEMO_DATA = "bigbench:intent_recognition+olmo:sst2,boolq,piqa"
+
+
+def demo_settings() -> Dict[str, Any]:
+    """The demo's defaults (its command-line options), sized for < 5 min on 2 CPU cores (bench/results/demo.md)."""
+    return {"rounds": 3, "local_steps": 4, "lr": 1e-2, "seq_len": 64, "samples": 32, "eval_records": 128,
+            "budgets": "990MiB,1030MiB,1060MiB,1090MiB"}  # fmt: skip
 
 
 def demo_model() -> str:
@@ -47,18 +60,35 @@ def demo_model() -> str:
     return warm_start(DEMO_PRESET)
 
 
+def mean_accuracy_line(state: "ServerState") -> Tuple[str, str]:
+    """``mean accuracy: round 0 A -> round N B (95% band +-C)`` (the mean over domains before training and after
+    the last evaluated round, with the 95% binomial band of round 0's mean, ``evaluation.mean_band``) and a sentence
+    saying whether the change is larger than the band."""
+    from flux_engine.evaluation import mean_band
+
+    first = state.baseline
+    last = next(h for h in reversed(state.history) if "accuracy" in h)
+    band = mean_band({d: (a, first["eval_records"][d]) for d, a in first["accuracy"].items()})
+    a, b = first["accuracy_mean"], last["accuracy_mean"]
+    line = f"mean accuracy: round 0 {a:.3f} -> round {last['round']} {b:.3f} (95% band +-{band:.3f})"
+    verdict = (f"The mean changed by {b - a:+.3f}: "
+               + ("more than the band, learning shows." if b - a > band else "not more than the band."))  # fmt: skip
+    return line, verdict
+
+
 def cmd_demo(args) -> int:
+    from flux_engine import provenance
     from flux_engine.federated.config import RunConfig
+    from flux_engine.fileio import atomic_write
 
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     state_dir = args.state_dir or tempfile.mkdtemp(prefix="flux-demo-")
-    # Sized for < 5 min on 2 CPU cores (bench/results/demo.md): short sequences, a few LoRA steps per round, a
-    # small multiple-choice test sample per domain, int8 profiling (int4 is slower on the CPU reference path).
-    # The default budgets give the clients 2, 4, 5 and 6 tuning experts (B_tune) of 40 and merge the others into
-    # 8 to 13 (B_non), by the memory model of flux_engine.budget.
+    # Short sequences (evaluation cuts records to seq-len too), a few LoRA steps per round, int8 profiling (int4 is
+    # slower on the CPU reference path). The default budgets give the clients 2, 4, 5 and 6 tuning experts (B_tune)
+    # of 40 and merge the others into 8 to 13 (B_non), by the memory model of flux_engine.budget.
     run = RunConfig(
-        checkpoint=demo_model(), tokenizer="smollm2", data="bigbench:" + ",".join(DEMO_DOMAINS), partition="domain",
+        checkpoint=demo_model(), tokenizer="smollm2", data=DEMO_DATA, partition="domain",
         num_rounds=args.rounds, num_clients=len(DEMO_DOMAINS), min_clients=3, mode="lora", lora_rank=8,
         lora_alpha=16.0, lr=args.lr, local_steps=args.local_steps, batch_size=4, seq_len=args.seq_len,
         samples_per_client=args.samples, eval_fraction=0.25, eval_records=args.eval_records, profile_bits=8,
@@ -66,14 +96,34 @@ def cmd_demo(args) -> int:
     )  # fmt: skip
     state = federate(run, args.verbose)
     rows = round_rows(state)
-    csv_path, png_path = os.path.join(args.out, "demo.csv"), os.path.join(args.out, "demo.png")
-    write_csv(csv_path, rows)
-    plot_accuracy(png_path, rows, [d for d in DEMO_DOMAINS if d in rows[0]])
-    print(f"wrote {csv_path} and {png_path}")
+    paths = {k: os.path.join(args.out, f"demo.{k}") for k in ("csv", "png", "md")}
+    write_csv(paths["csv"], rows)
+    domains = [d for d in DEMO_DOMAINS if d in rows[0]]
+    plot_accuracy(paths["png"], rows, domains, state.baseline.get("eval_records", {}))
     train = sum(h["train_seconds"] for h in state.history)
     evaluate = state.baseline.get("eval_seconds", 0.0) + sum(h.get("eval_seconds", 0.0) for h in state.history)
-    print(f"demo: {len(DEMO_DOMAINS)} clients x {state.round} rounds in {time.perf_counter() - start:.1f} s "
-          f"(training rounds {train:.1f} s, evaluations {evaluate:.1f} s), torch threads {torch.get_num_threads()}")
+    timing = (f"demo: {len(DEMO_DOMAINS)} clients x {state.round} rounds in {time.perf_counter() - start:.1f} s "
+              f"(training rounds {train:.1f} s, evaluations {evaluate:.1f} s), torch threads {torch.get_num_threads()}")
+    summary, verdict = mean_accuracy_line(state) if state.baseline.get("accuracy") else ("mean accuracy: not evaluated", "")
+    report = [
+        "# `make demo`: Flux on SmolLM2-MoE, 4 clients, one learnable domain each, CPU", "",
+        f"- command: `{provenance.command_line(sys.argv)}`",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- commit: {provenance.commit()}", f"- device: {provenance.device()}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in provenance.versions().items())}",
+        f"- data: `{DEMO_DATA}`, one domain per client; {args.eval_records} held-out test records per domain "
+        f"scored every round (cut to seq-len {args.seq_len})",
+        f"- settings: {args.rounds} rounds, {args.local_steps} LoRA steps per client and round (rank 8, lr {args.lr}), "
+        f"batch 4 x seq-len {args.seq_len}, {args.samples} training records per client, budgets {args.budgets}",
+        "- outputs: demo.csv, demo.png (accuracy per domain and mean vs round, 95% band of round 0's mean shaded)",
+        "", "```", table(rows, list(rows[0])), timing, "```", "",
+        "`mean_soft`: soft accuracy, the probability on the right choice (softmax over a record's choices of the "
+        "per-token mean log-likelihoods), averaged over records and domains.", "", verdict, "", summary,
+    ]  # fmt: skip
+    atomic_write(Path(paths["md"]), lambda f: f.write("\n".join(report) + "\n"))
+    print(f"wrote {paths['csv']}, {paths['png']} and {paths['md']}")
+    print(timing)
+    print(f"{summary}. {verdict}")
     return 0
 
 
@@ -86,18 +136,26 @@ def write_csv(path: str, rows: Sequence[Dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def plot_accuracy(path: str, rows: Sequence[Dict[str, Any]], domains: Sequence[str]) -> None:
-    """Accuracy vs round (one line per domain, the mean over domains in bold) beside the held-out loss vs round."""
+def plot_accuracy(path: str, rows: Sequence[Dict[str, Any]], domains: Sequence[str],
+                  records: Optional[Dict[str, int]] = None) -> None:
+    """Accuracy vs round (one line per domain, the mean over domains in bold; with ``records`` per domain, the 95%
+    binomial band of round 0's mean shaded) beside the held-out loss vs round."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+
+    from flux_engine.evaluation import mean_band
 
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     rounds = [r["round"] for r in rows]
     for d in domains:
         acc.plot(rounds, [r[d] for r in rows], marker="o", label=d)
     acc.plot(rounds, [r["mean_acc"] for r in rows], marker="s", color="black", linewidth=2.5, label="mean")
+    if records and rows[0]["round"] == 0:
+        a0 = rows[0]["mean_acc"]
+        band = mean_band({d: (rows[0][d], records[d]) for d in domains})
+        acc.axhspan(a0 - band, a0 + band, color="gray", alpha=0.25, label=f"round 0 mean, 95% band (+-{band:.3f})")
     acc.set_ylabel("multiple-choice accuracy (held-out test records)")
     acc.legend(fontsize=8)
     loss.plot(rounds, [r["eval_loss"] for r in rows], marker="o", color="tab:red")
@@ -106,10 +164,24 @@ def plot_accuracy(path: str, rows: Sequence[Dict[str, Any]], domains: Sequence[s
         ax.set_xlabel("round (0: before federated training)")
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Flux on {DEMO_PRESET}: {len(domains)} clients, one BIG-bench domain each")
+    fig.suptitle(f"Flux on {DEMO_PRESET}: {len(domains)} clients, one domain each")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def cmd_probe(args) -> int:
+    from flux_engine import probe
+
+    if args.report:
+        print(probe.report(args.report), end="")
+        return 0
+    if not args.task:
+        raise ValueError("probe needs --task SPEC (e.g. olmo:piqa) or --report FOLDER")
+    settings = probe.ProbeSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                                   test_records=args.test_records, train_records=args.train_records)  # fmt: skip
+    probe.run(args.task, args.out, settings, args.checkpoint or demo_model())
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -241,18 +313,33 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
-        "demo", help="4 clients (one BIG-bench domain each) fine-tune the SmolLM2 MoE preset; accuracy per round"
+        "demo", help="4 clients (one learnable domain each) fine-tune the SmolLM2 MoE preset; accuracy per round"
     )
-    demo.add_argument("--rounds", type=int, default=3)
-    demo.add_argument("--local-steps", type=int, default=3, help="LoRA steps per client and round")
-    demo.add_argument("--lr", type=float, default=5e-3)
-    demo.add_argument("--seq-len", type=int, default=64, help="tokens per training row")
-    demo.add_argument("--samples", type=int, default=12, help="training records per client")
-    demo.add_argument("--eval-records", type=int, default=16, help="test records per domain scored each round")
-    demo.add_argument("--budgets", default="990MiB,1030MiB,1060MiB,1090MiB", help="memory budget per client")
-    demo.add_argument("--out", default="bench/results", help="folder for demo.csv and demo.png")
+    d = demo_settings()
+    demo.add_argument("--rounds", type=int, default=d["rounds"])
+    demo.add_argument("--local-steps", type=int, default=d["local_steps"], help="LoRA steps per client and round")
+    demo.add_argument("--lr", type=float, default=d["lr"])
+    demo.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per training row and scored record")
+    demo.add_argument("--samples", type=int, default=d["samples"], help="training records per client")
+    demo.add_argument("--eval-records", type=int, default=d["eval_records"], help="test records per domain, each round")
+    demo.add_argument("--budgets", default=d["budgets"], help="memory budget per client")
+    demo.add_argument("--out", default="bench/results", help="folder for demo.csv, demo.png and demo.md")
     demo.add_argument("--state-dir", default=None, help="server checkpoints (default: a temp dir)")
     demo.set_defaults(func=cmd_demo)
+
+    pr = sub.add_parser("probe", help="which tasks the demo's model learns: accuracy before / after LoRA steps")
+    pr.add_argument("--task", action="append", default=[], help="data spec of one task (repeatable): olmo:piqa, "
+                    "bigbench:intent_recognition, olmo:mmlu/anatomy")  # fmt: skip
+    pr.add_argument("--out", default="bench/results/probe", help="folder of the per-task JSON results")
+    pr.add_argument("--report", metavar="FOLDER", help="print the markdown table of the results in FOLDER instead")
+    pr.add_argument("--checkpoint", default=None, help="model folder (default: the demo's warm-started model)")
+    pr.add_argument("--steps", type=int, default=16, help="LoRA steps (every expert)")
+    pr.add_argument("--lr", type=float, default=5e-3)
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--seq-len", type=int, default=128, help="training rows and scored records cut to this")
+    pr.add_argument("--test-records", type=int, default=200, help="held-out records per task / subtask")
+    pr.add_argument("--train-records", type=int, default=512)
+    pr.set_defaults(func=cmd_probe)
 
     run = sub.add_parser("run", help="a federation from a config file (TOML or JSON)")
     run.add_argument("--config", required=True)
@@ -272,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", default=None, help="run config file (model, data, budgets)")
         p.add_argument("--preset", default=None)
-        p.add_argument("--data", default=None, help="synthetic | jsonl:PATH | bigbench:TASK,...")
+        p.add_argument("--data", default=None, help="synthetic | jsonl:PATH | bigbench:TASK,... | olmo:TASK,... (joined by +)")
         if name != "bench":
             p.add_argument("--bits", type=int, default=4, help="profiling precision: 4, 8, 0 = full")
         if name == "profile":

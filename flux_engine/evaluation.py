@@ -1,20 +1,24 @@
 """Held-out evaluation of a global model, the math behind the federated evaluate round: a client scores the
 global model on its data (:func:`heldout_loss`, :func:`domain_accuracy`), the server pools the clients' reports
-(:func:`pool_loss`, :func:`pool_accuracy`, :func:`mean_accuracy`).
+(:func:`pool_loss`, :func:`pool_accuracy`, :func:`mean_accuracy`); and the statistics that say whether a change of
+accuracy is more than sampling noise (:func:`binomial_band`, :func:`mean_band`, :func:`mcnemar_p`).
 
-Accuracy is multiple-choice accuracy by log-likelihood ranking (``flux_engine.data.multiple_choice_accuracy``,
-per-token mean log-probability of each choice, as ``bench/runtime.py`` reports it) on each domain's held-out test
-records.
+Accuracy is multiple-choice accuracy by log-likelihood ranking (``flux_engine.data.choice_logprobs``, per-token mean
+log-probability of each choice, as ``bench/runtime.py`` reports it) on each domain's held-out test records. Soft
+accuracy is the probability the model puts on the right choice: the softmax over a record's choices of those
+scores, at the target, averaged over records; it moves before the ranking flips, so it shows learning that
+accuracy on a few hundred records may not.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from flux_engine.data import Record, Tokenizer, multiple_choice_accuracy
+from flux_engine.data import Record, Tokenizer, choice_logprobs
 
 # Mean log-probability per choice token: summed log-probabilities favour short choices.
 MC_NORMALIZE = "mean"
@@ -48,20 +52,47 @@ def sample_test_records(
     return out
 
 
+class RecordScores(NamedTuple):
+    """Per record: whether its top-scoring choice is the target, and the probability on the target."""
+
+    correct: List[bool]
+    soft: List[float]
+
+
+def score_records(
+    model: Any, tokenizer: Tokenizer, records: Sequence[Record], batch_size: int = 16, max_length: Optional[int] = None
+) -> RecordScores:
+    """``records`` scored by :data:`MC_NORMALIZE` choice log-likelihoods; ``max_length`` cuts each record's context
+    from the left so that it and its longest choice fit (the choices are kept)."""
+    scores = choice_logprobs(model, tokenizer, records, batch_size, MC_NORMALIZE, max_length)
+    correct, soft = [], []
+    for s, rec in zip(scores, records, strict=True):
+        probs = torch.tensor(s, dtype=torch.float64).softmax(0)
+        correct.append(max(range(len(s)), key=s.__getitem__) == rec.target)
+        soft.append(float(probs[rec.target]))
+    return RecordScores(correct, soft)
+
+
+class DomainScore(NamedTuple):
+    accuracy: float
+    soft: float
+    records: int
+
+
 def domain_accuracy(
     model: Any,
     tokenizer: Tokenizer,
     records: Mapping[str, Sequence[Record]],
     batch_size: int = 16,
     max_length: Optional[int] = None,
-) -> Accuracy:
-    """Multiple-choice accuracy of ``model`` on each domain's ``records``; ``max_length`` drops context tokens from
-    the left (the choices, at the end, are kept)."""
-    return {
-        d: (multiple_choice_accuracy(model, tokenizer, recs, batch_size, MC_NORMALIZE, max_length), len(recs))
-        for d, recs in records.items()
-        if recs
-    }
+) -> Dict[str, DomainScore]:
+    """Accuracy and soft accuracy of ``model`` on each domain's ``records`` (see :func:`score_records`)."""
+    out = {}
+    for d, recs in records.items():
+        if recs:
+            r = score_records(model, tokenizer, recs, batch_size, max_length)
+            out[d] = DomainScore(sum(r.correct) / len(recs), sum(r.soft) / len(recs), len(recs))
+    return out
 
 
 def pool_loss(reports: Iterable[Tuple[float, int]]) -> Tuple[float, int]:
@@ -88,3 +119,32 @@ def pool_accuracy(reports: Iterable[Accuracy]) -> Accuracy:
 def mean_accuracy(accuracy: Mapping[str, float]) -> float:
     """Unweighted mean over domains (every domain counts once, however many records it has)."""
     return sum(accuracy.values()) / len(accuracy) if accuracy else float("nan")
+
+
+def binomial_band(p: float, n: int, z: float = 1.96) -> float:
+    """Half-width of the normal-approximation confidence band of an accuracy ``p`` measured on ``n`` records
+    (z = 1.96: 95%)."""
+    return z * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def mean_band(accuracy: Mapping[str, Tuple[float, int]], z: float = 1.96) -> float:
+    """Half-width of the band of :func:`mean_accuracy` over domains ``{domain: (accuracy, records)}``: the domains'
+    binomial variances (independent samples) summed and divided by the number of domains squared."""
+    if not accuracy:
+        return float("nan")
+    variance = sum(p * (1 - p) / n for p, n in accuracy.values()) / len(accuracy) ** 2
+    return z * math.sqrt(variance)
+
+
+def mcnemar_p(before: Sequence[bool], after: Sequence[bool]) -> float:
+    """Exact two-sided McNemar p-value that paired right/wrong outcomes on the same records did not change: the
+    records that flipped (b right -> wrong, c wrong -> right) are Binomial(b + c, 1/2) under no change."""
+    if len(before) != len(after):
+        raise ValueError(f"paired outcomes differ in length: {len(before)} and {len(after)}")
+    b = sum(x and not y for x, y in zip(before, after))
+    c = sum(y and not x for x, y in zip(before, after))
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)

@@ -25,6 +25,7 @@ from flux_engine.data import (
     lm_batches,
     load_tasks,
     multiple_choice_accuracy,
+    packs_choices,
     normalize_answer,
     partition,
     read_jsonl,
@@ -471,9 +472,10 @@ def test_sum_and_mean_normalisation_differ_when_lengths_differ():
         choice_logprobs(model, tok, [Record("g", "g", None, "g", "Q", targets=("a",))])
 
 
-def test_padding_does_not_change_scores_of_a_real_moe_model():
+def _small_moe():
     from flux_engine import MoEConfig, MoEForCausalLM
 
+    torch.manual_seed(0)
     config = MoEConfig(
         vocab_size=128,
         hidden_size=32,
@@ -485,14 +487,38 @@ def test_padding_does_not_change_scores_of_a_real_moe_model():
         num_experts_per_tok=2,
         moe_intermediate_size=32,
     )
-    model = MoEForCausalLM(config)
+    return MoEForCausalLM(config)
+
+
+def test_padding_does_not_change_scores_of_a_real_moe_model():
+    model = _small_moe()
     records = [
         Record(f"r/{i}", "r", None, "r", "Question " * (i + 1), choices=("yes", "no", "maybe not"), target=0)
         for i in range(4)
     ]
-    one = choice_logprobs(model, CharTokenizer(), records, batch_size=1, normalize="mean")
-    many = choice_logprobs(model, CharTokenizer(), records, batch_size=12, normalize="mean")
-    torch.testing.assert_close(torch.tensor(one), torch.tensor(many), atol=1e-4, rtol=1e-4)
+    for packed in (False, True):
+        one = choice_logprobs(model, CharTokenizer(), records, batch_size=1, normalize="mean", packed=packed)
+        many = choice_logprobs(model, CharTokenizer(), records, batch_size=12, normalize="mean", packed=packed)
+        torch.testing.assert_close(torch.tensor(one), torch.tensor(many), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", ["sum", "mean"])
+@pytest.mark.parametrize("max_length", [None, 12])
+def test_packed_choices_score_as_one_sequence_per_choice(normalize, max_length):
+    """The context encoded once with every choice behind it (the MoE model's packed path) gives the scores of one
+    padded sequence per (record, choice): contexts of many lengths, cut by max_length, an empty one, 2-4 choices
+    of different lengths."""
+    model = _small_moe()
+    assert packs_choices(model) and not packs_choices(FixedDistribution())
+    contexts = ["", "Q: ", "Is it? ", "A much longer question, cut by max_length? ", "Why"]
+    # The last choice of the fourth set is longer than max_length: it is cut to its first 11 tokens.
+    choices = [("yes", "no"), ("a", "bb", "ccc", "dddd"), ("maybe not", "x"), ("one", "two", "six", "y" * 20)]
+    records = [Record(f"r/{i}", "r", None, "r", c, choices=choices[i % 4], target=0) for i, c in enumerate(contexts)]
+    pairwise = choice_logprobs(model, CharTokenizer(), records, 3, normalize, max_length, packed=False)
+    packed = choice_logprobs(model, CharTokenizer(), records, 2, normalize, max_length, packed=True)
+    assert [len(s) for s in packed] == [len(r.choices) for r in records]
+    torch.testing.assert_close(torch.tensor(sum(packed, [])), torch.tensor(sum(pairwise, [])), atol=1e-5, rtol=1e-5)
+    assert choice_logprobs(model, CharTokenizer(), records, 3, normalize, max_length) == packed  # the default
 
 
 def test_works_with_a_transformers_tokenizer():
@@ -527,7 +553,9 @@ def test_lm_batches_padded_rows_mask_padding():
     records = [Record(f"r/{i}", "r", None, "r", "ab" * i + "?", targets=("Z",)) for i in range(5)]
     tok = CharTokenizer(pad_token_id=None)  # padding falls back to EOS, whose real occurrences stay labelled
     batches = list(lm_batches(records, tok, seq_len=8, batch_size=2, seed=0, packed=False))
-    assert [b["input_ids"].shape for b in batches] == [(2, 8), (2, 8), (1, 8)]
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    # No column of padding only: each batch is as wide as its longest row.
+    assert [b["input_ids"].shape[1] for b in batches] == [int(b["attention_mask"].sum(1).max()) for b in batches]
     rows = []
     for b in batches:
         ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
@@ -538,6 +566,19 @@ def test_lm_batches_padded_rows_mask_padding():
     # Too long for 8 tokens (i = 3, 4): the start is dropped, the answer and EOS kept.
     texts = sorted("".join(map(chr, r[:-1])) for r in rows)
     assert texts == ["?Z", "ab?Z", "abab?Z", "babab?Z", "babab?Z"]
+
+
+def test_lm_batches_bucketed_rows_carry_less_padding():
+    records = [Record(f"r/{i}", "r", None, "r", "ab" * (i % 7) + "?", targets=("Z",)) for i in range(32)]
+    tok = CharTokenizer()
+
+    def rows_and_padding(**kw):
+        batches = list(lm_batches(records, tok, seq_len=16, batch_size=4, seed=0, packed=False, **kw))
+        rows = sorted(r[m.bool()].tolist() for b in batches for r, m in zip(b["input_ids"], b["attention_mask"]))
+        return rows, sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    (plain, plain_pad), (bucketed, bucketed_pad) = rows_and_padding(), rows_and_padding(bucket=True)
+    assert bucketed == plain and bucketed_pad < plain_pad
 
 
 def test_lm_batches_packed_stream():

@@ -25,6 +25,21 @@ def test_pooling():
     assert evaluation.mean_accuracy({d: acc for d, (acc, _) in pooled.items()}) == 0.5625
 
 
+def test_bands_and_mcnemar():
+    assert evaluation.binomial_band(0.5, 100) == pytest.approx(1.96 * 0.05)
+    # Two domains of 100 records at 0.5: the mean's standard error is 0.05 / sqrt(2).
+    assert evaluation.mean_band({"a": (0.5, 100), "b": (0.5, 100)}) == pytest.approx(1.96 * 0.05 / math.sqrt(2))
+    assert evaluation.mcnemar_p([True] * 10, [True] * 10) == 1.0
+    # 8 records flipped right, none wrong: 2 * 0.5**8.
+    assert evaluation.mcnemar_p([False] * 8 + [True] * 4, [True] * 12) == pytest.approx(2 * 0.5**8)
+    # 6 up, 2 down: 2 * P(X <= 2), X ~ Bin(8, 1/2) = 2 * 37 / 256.
+    before = [False] * 6 + [True] * 2 + [True] * 5
+    after = [True] * 6 + [False] * 2 + [True] * 5
+    assert evaluation.mcnemar_p(before, after) == pytest.approx(2 * 37 / 256)
+    with pytest.raises(ValueError, match="differ in length"):
+        evaluation.mcnemar_p([True], [])
+
+
 def _records(n: int = 40):
     """Two domains of two-choice questions whose answer a byte-level model can learn (the context ends in it)."""
     out = []
@@ -65,6 +80,7 @@ def test_per_domain_accuracy_every_round_and_round_zero(mc_run):
         assert report["eval_records"] == {"alpha": 4, "beta": 4}
         assert set(report["accuracy"]) == {"alpha", "beta"} and all(0 <= a <= 1 for a in report["accuracy"].values())
         assert report["accuracy_mean"] == pytest.approx(sum(report["accuracy"].values()) / 2)
+        assert set(report["soft_accuracy"]) == {"alpha", "beta"} and 0 < report["soft_accuracy_mean"] < 1
         assert report["eval_loss"] > 0 and report["eval_seconds"] > 0
     # A resumed run keeps the round-0 evaluation and does not repeat it.
     resumed = run_local(RunConfig.from_mapping({**mc_run, "num-rounds": 3, "resume": True}))
@@ -74,7 +90,7 @@ def test_per_domain_accuracy_every_round_and_round_zero(mc_run):
 def test_demo_table_csv_and_png(mc_run, tmp_path):
     pytest.importorskip("flux_engine.training")
     pytest.importorskip("matplotlib")
-    from flux_engine.cli import plot_accuracy, round_rows, write_csv
+    from flux_engine.cli import mean_accuracy_line, plot_accuracy, round_rows, write_csv
 
     state = run_local(RunConfig.from_mapping({**mc_run, "num-rounds": 1}))
     rows = round_rows(state)
@@ -82,7 +98,13 @@ def test_demo_table_csv_and_png(mc_run, tmp_path):
     assert rows[0]["accepted"] == "-" and rows[1]["accepted"] == 2
     assert rows[1]["mean_acc"] == pytest.approx((rows[1]["alpha"] + rows[1]["beta"]) / 2)
     write_csv(str(tmp_path / "demo.csv"), rows)
-    plot_accuracy(str(tmp_path / "demo.png"), rows, ["alpha", "beta"])
+    plot_accuracy(str(tmp_path / "demo.png"), rows, ["alpha", "beta"], state.baseline["eval_records"])
+    a0, a1 = state.baseline["accuracy_mean"], state.history[-1]["accuracy_mean"]
+    band = evaluation.mean_band({d: (a, 4) for d, a in state.baseline["accuracy"].items()})
+    line, verdict = mean_accuracy_line(state)
+    assert line == f"mean accuracy: round 0 {a0:.3f} -> round 1 {a1:.3f} (95% band +-{band:.3f})"
+    assert verdict.endswith("learning shows." if a1 - a0 > band else "not more than the band.")
+    assert rows[1]["mean_soft"] == state.history[-1]["soft_accuracy_mean"]
     with open(tmp_path / "demo.csv") as f:
         read = list(csv.DictReader(f))
     assert [r["round"] for r in read] == ["0", "1"] and float(read[1]["alpha"]) == rows[1]["alpha"]

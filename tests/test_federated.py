@@ -179,7 +179,7 @@ def test_config_rejects_typos_and_lists_valid_keys():
         ("dtype", "int8", "dtype must name a floating-point torch dtype"),
         ("tokenizer", "gpt2", "tokenizer must be one of ('bytes', 'smollm2'), got 'gpt2'"),
         ("partition", "random", "partition must be one of ('domain', 'dirichlet', 'natural'), got 'random'"),
-        ("data", "csv:x.csv", "data must be 'synthetic', 'jsonl:PATH' or 'bigbench:TASK,...', got 'csv:x.csv'"),
+        ("data", "csv:x.csv", "data: data spec part 'csv:x.csv' of 'csv:x.csv' is not one of 'jsonl:PATH'"),
         ("budgets", "1GiB,lots", "budgets: cannot read 'lots' as a size"),
         ("aggregation", "median", "aggregation must be one of ('weighted', 'trimmed-mean', 'norm-clip')"),
         ("trim-fraction", 0.5, "trim-fraction must lie in [0.0, 0.5), got 0.5"),

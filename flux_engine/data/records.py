@@ -7,8 +7,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from flux_engine.cache import sha256_file
 from flux_engine.fileio import atomic_write
 
 
@@ -117,6 +118,11 @@ def read_jsonl(path: os.PathLike) -> List[Record]:
     return records
 
 
+def read_task_files(paths: Iterable[os.PathLike]) -> List[Record]:
+    """Records of the JSONL files in order; a record in two files (a task and one of its subtasks) is kept once."""
+    return list({r.id: r for path in paths for r in read_jsonl(path)}.values())
+
+
 def write_jsonl(path: os.PathLike, records: Iterable[Record]) -> None:
     """Writes ``records`` one JSON object per line, atomically."""
 
@@ -125,3 +131,46 @@ def write_jsonl(path: os.PathLike, records: Iterable[Record]) -> None:
             f.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
 
     atomic_write(Path(path), write)
+
+
+def _read_manifest(path: Path, source: Mapping[str, Any]) -> dict:
+    """The manifest at ``path``, or a fresh one when it is missing, unreadable or written for another ``source``."""
+    fresh = {**source, "tasks": {}}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return fresh
+    if any(manifest.get(k) != v for k, v in source.items()):
+        return fresh
+    return manifest
+
+
+def _is_cached(folder: Path, entry: Optional[dict]) -> bool:
+    if not entry:
+        return False
+    path = folder / entry["file"]
+    return path.is_file() and sha256_file(path) == entry["sha256"]
+
+
+def cached_task_files(
+    folder: Path,
+    tasks: Sequence[str],
+    source: Mapping[str, Any],
+    build: Callable[[List[str]], Dict[str, List[Record]]],
+) -> Dict[str, Path]:
+    """JSONL file of each task name in ``folder``, built by ``build(missing names) -> {name: records}`` unless
+    ``folder/manifest.json`` records it with a sha256 the file still has. ``source`` (the archive's name, sha256
+    and the record format version) is stored in the manifest; a manifest of another source is discarded, so a
+    new archive or format rebuilds every file."""
+    names = list(dict.fromkeys(tasks))
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / "manifest.json"
+    manifest = _read_manifest(manifest_path, source)
+    todo = [n for n in names if not _is_cached(folder, manifest["tasks"].get(n))]
+    if todo:
+        for name, records in build(todo).items():
+            file = name.replace("/", "__") + ".jsonl"
+            write_jsonl(folder / file, records)
+            manifest["tasks"][name] = {"file": file, "sha256": sha256_file(folder / file), "records": len(records)}
+        atomic_write(manifest_path, lambda f: json.dump(manifest, f, indent=1, sort_keys=True))
+    return {n: folder / manifest["tasks"][n]["file"] for n in names}

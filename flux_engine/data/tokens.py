@@ -62,16 +62,19 @@ def lm_batches(
     seed: int = 0,
     packed: bool = True,
     answer_only: bool = False,
+    bucket: bool = False,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Causal-LM batches of ``context + answer + EOS`` for every record, in a ``seed``-shuffled order.
 
-    Yields ``{"input_ids", "labels", "attention_mask"}``, each LongTensor ``[B, seq_len]`` with
-    ``B = batch_size`` (the last batch may be smaller). ``labels`` equal ``input_ids`` (the model shifts
-    them) and are -100 wherever ``attention_mask`` is 0.
+    Yields ``{"input_ids", "labels", "attention_mask"}``, each LongTensor ``[B, T]`` with ``B = batch_size`` (the
+    last batch may be smaller). ``labels`` equal ``input_ids`` (the model shifts them) and are -100 wherever
+    ``attention_mask`` is 0.
 
-    ``packed=True`` concatenates all documents and cuts the stream into ``seq_len`` rows (only the final row
-    is padded); ``packed=False`` gives each record its own row, keeping its last ``seq_len`` tokens, since
-    the answer at the end is what the record is about.
+    ``packed=True`` concatenates all documents and cuts the stream into ``seq_len`` rows (``T = seq_len``; only the
+    final row is padded); ``packed=False`` gives each record its own row, keeping its last ``seq_len`` tokens, since
+    the answer at the end is what the record is about, padded to the longest row of its batch (``T <= seq_len``).
+    ``bucket=True`` (unpacked): rows are sorted by length within windows of 8 batches of the shuffled order, so a
+    batch holds rows of similar length and carries little padding.
 
     ``answer_only=True``: the loss covers the answer and its EOS only (``labels`` are -100 on the context), the
     instruction-tuning loss; context and answer are then encoded apart (``encode_continuation``), exactly as
@@ -100,9 +103,17 @@ def lm_batches(
     else:
         rows = [doc[-seq_len:] for doc in docs]
         is_target = [doc[-seq_len:] for doc in targets]
+        if bucket:
+            window = 8 * batch_size
+            order = [
+                i for w in range(0, len(rows), window)
+                for i in sorted(range(w, min(w + window, len(rows))), key=lambda i: len(rows[i]))
+            ]  # fmt: skip
+            rows, is_target = [rows[i] for i in order], [is_target[i] for i in order]
     pad = pad_id(tokenizer)
+    width = seq_len if packed else None  # unpacked: as wide as the batch's longest row
     for start in range(0, len(rows), batch_size):
-        ids, mask = pad_right(rows[start : start + batch_size], pad, seq_len)
-        target, _ = pad_right([[int(f) for f in r] for r in is_target[start : start + batch_size]], 0, seq_len)
+        ids, mask = pad_right(rows[start : start + batch_size], pad, width)
+        target, _ = pad_right([[int(f) for f in r] for r in is_target[start : start + batch_size]], 0, width)
         # Masked by position, not by id: the pad id is often the EOS id, and real EOS tokens must be learned.
         yield {"input_ids": ids, "labels": ids.masked_fill((mask == 0) | (target == 0), -100), "attention_mask": mask}

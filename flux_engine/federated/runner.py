@@ -134,7 +134,8 @@ def federate(run, verbose: bool = False) -> "ServerState":
 
 def round_rows(state: "ServerState") -> List[Dict[str, Any]]:
     """One row per round (round 0: the model before training, when evaluated): clients accepted / dropped, experts
-    changed, mean train loss, held-out loss, accuracy per domain and their mean (when evaluated), seconds."""
+    changed, mean train loss, held-out loss, accuracy per domain and their mean, the mean soft accuracy
+    (probability on the right choice; when evaluated), seconds."""
     reports = ([{"round": 0, **state.baseline}] if state.baseline else []) + state.history
     domains = sorted({d for h in reports for d in h.get("accuracy", {})})
     nan = float("nan")
@@ -153,6 +154,7 @@ def round_rows(state: "ServerState") -> List[Dict[str, Any]]:
         row.update({d: h.get("accuracy", {}).get(d, nan) for d in domains})
         if domains:
             row["mean_acc"] = h.get("accuracy_mean", nan)
+            row["mean_soft"] = h.get("soft_accuracy_mean", nan)
         row["seconds"] = h.get("seconds", h.get("eval_seconds", nan))
         rows.append(row)
     return rows

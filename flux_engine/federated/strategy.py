@@ -269,8 +269,9 @@ class FluxStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         """Pool the clients' held-out loss and per-domain accuracy; the summary is kept in ``self.evaluation`` (a
-        dict: ``eval_loss``, ``accuracy`` and ``eval_records`` per domain, ``accuracy_mean``, ``eval_failed``)."""
-        losses, accuracies, failed = [], [], {}
+        dict: ``eval_loss``, ``accuracy``, ``soft_accuracy`` and ``eval_records`` per domain, ``accuracy_mean``,
+        ``soft_accuracy_mean``, ``eval_failed``)."""
+        losses, accuracies, softs, failed = [], [], [], {}
         for client, msg in self._attribute(replies, self._sent_evaluate, server_round):
             if msg.has_error():
                 failed[client] = msg.error.reason
@@ -278,7 +279,7 @@ class FluxStrategy(Strategy):
                 self.state.last_sync.pop(client, None)
                 continue
             try:
-                loss, accuracy = self._parse_evaluation(msg.content)
+                loss, accuracy, soft = self._parse_evaluation(msg.content)
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 failed[client] = f"bad evaluation reply ({_reason(e)})"
                 log(WARNING, "round %d: bad evaluation reply from %s (%s)", server_round, client, e)
@@ -286,6 +287,7 @@ class FluxStrategy(Strategy):
                 continue
             losses.append(loss)
             accuracies.append(accuracy)
+            softs.append(soft)
             self.state.last_sync[client] = server_round
         loss, tokens = pool_loss(losses)
         pooled = pool_accuracy(accuracies)
@@ -293,6 +295,7 @@ class FluxStrategy(Strategy):
             self.evaluation = {"eval_failed": failed} if failed else {}
             return None
         accuracy = {d: acc for d, (acc, _) in pooled.items()}
+        soft = {d: acc for d, (acc, _) in pool_accuracy(softs).items()}
         self.evaluation = {
             "eval_loss": loss,
             "accuracy": accuracy,
@@ -300,6 +303,8 @@ class FluxStrategy(Strategy):
             "accuracy_mean": mean_accuracy(accuracy),
             "eval_failed": failed,
         }
+        if soft:
+            self.evaluation.update(soft_accuracy=soft, soft_accuracy_mean=mean_accuracy(soft))
         return MetricRecord(
             {"eval-loss": loss, "num-tokens": tokens, "accuracy-mean": self.evaluation["accuracy_mean"],
              **{f"accuracy/{d}": a for d, a in accuracy.items()}}
@@ -469,11 +474,12 @@ class FluxStrategy(Strategy):
             raise UpdateError(f"client {client}: trained experts it was not assigned: {extra}")
         return update
 
-    def _parse_evaluation(self, content: RecordDict) -> Tuple[Tuple[float, int], Dict[str, Tuple[float, int]]]:
-        """``((eval loss, tokens), {domain: (accuracy, records)})`` of an evaluation reply; ValueError (or
-        KeyError / TypeError) for a field that is missing, of the wrong type, or out of range: a loss that is not
-        finite and >= 0, more tokens than the client's data holds (``samples-per-client`` rows of ``seq-len``), an
-        accuracy outside [0, 1] or more records than ``eval-records``."""
+    def _parse_evaluation(self, content: RecordDict):
+        """``((eval loss, tokens), {domain: (accuracy, records)}, {domain: (soft accuracy, records)})`` of an
+        evaluation reply; ValueError (or KeyError / TypeError) for a field that is missing, of the wrong type, or out
+        of range: a loss that is not finite and >= 0, more tokens than the client's data holds
+        (``samples-per-client`` rows of ``seq-len``), an accuracy outside [0, 1] or more records than
+        ``eval-records``."""
         m = _record(content, "metrics", MetricRecord)
         loss, tokens = _number(m, "eval-loss", "metrics"), _int_field(m, "num-tokens", "metrics")
         if not (math.isfinite(loss) and loss >= 0):
@@ -483,10 +489,12 @@ class FluxStrategy(Strategy):
         acc = _record(content, "accuracy", MetricRecord) if "accuracy" in content else {}
         n = _record(content, "records", MetricRecord) if "records" in content else {}
         accuracy = {d: (_number(acc, d, "accuracy"), _int_field(n, d, "records")) for d in acc}
-        for d, (a, k) in accuracy.items():
+        soft = _record(content, "soft-accuracy", MetricRecord) if "soft-accuracy" in content else {}
+        soft = {d: (_number(soft, d, "soft-accuracy"), _int_field(n, d, "records")) for d in soft}
+        for d, (a, k) in [*accuracy.items(), *soft.items()]:
             if not (0.0 <= a <= 1.0 and 0 <= k <= self.run.eval_records):
                 raise ValueError(f"domain {d!r}: accuracy {a} outside [0, 1] or {k} records outside [0, eval-records]")
-        return (loss, tokens), accuracy
+        return (loss, tokens), accuracy, soft
 
 
 def _reason(e: Exception) -> str:

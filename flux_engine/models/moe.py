@@ -381,7 +381,13 @@ class CausalLMOutput:
 
 
 def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, sliding_window: Optional[int], device) -> Optional[torch.Tensor]:
-    """Bool ``[B or 1, 1, T, T]`` mask (True = attend), or None when plain causal attention suffices."""
+    """Bool ``[B or 1, 1, T, T]`` mask (True = attend), or None when plain causal attention suffices.
+
+    ``attention_mask``: ``[B, T]`` (1 = token, 0 = padding; combined with the causal mask), or ``[B, T, T]`` (True =
+    query t attends key s) taken as it is: several continuations packed behind one shared context, each seeing the
+    context and itself only."""
+    if attention_mask is not None and attention_mask.dim() == 3:
+        return attention_mask.bool()[:, None]
     if attention_mask is None and (sliding_window is None or sliding_window >= T):
         return None
     i = torch.arange(T, device=device)
@@ -441,9 +447,14 @@ class MoEForCausalLM(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         return_routers: bool = False,
+        logits_positions: Optional[torch.Tensor] = None,
     ) -> CausalLMOutput:
         """``input_ids: [B, T]``; ``labels: [B, T]`` (shifted inside, -100 ignored); ``attention_mask: [B, T]``
-        (1 = token, 0 = padding)."""
+        (1 = token, 0 = padding) or ``[B, T, T]`` (see ``attention_mask_4d``); ``position_ids: [B, T]``.
+        ``logits_positions``: bool ``[B, T]``; when given, ``logits`` is ``[N, V]`` for those positions only (row-major
+        order; scoring needs a few positions, and the vocabulary projection is a fifth of a small model's work)."""
+        if logits_positions is not None and labels is not None:
+            raise ValueError("labels need the logits of every position; pass logits_positions or labels, not both")
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         if position_ids is None:
@@ -458,7 +469,7 @@ class MoEForCausalLM(nn.Module):
                 x, router = layer(x, cos, sin, mask)
             if router is not None:
                 routers.append(router)
-        logits = self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x if logits_positions is None else x[logits_positions]))
         out = CausalLMOutput(logits, routers=routers if return_routers else [])
         if self.config.router_aux_loss_coef > 0 and routers:
             out.aux_loss = torch.stack([load_balancing_loss(r, self.config.num_experts) for r in routers]).mean()

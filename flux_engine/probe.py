@@ -1,0 +1,180 @@
+"""Which tasks does the demo's model learn? For each candidate multiple-choice task: accuracy of the warm-started
+model on held-out test records, LoRA on every expert for a few steps on the task's training split, accuracy on the
+same records again; the majority label's share (what accuracy is when the model answers every record alike) and an
+exact McNemar p-value of the paired right/wrong outcomes say whether the change is learning or noise.
+
+    flux-engine probe --task olmo:piqa --out bench/results/probe        # one task -> probe/olmo__piqa.json
+    flux-engine probe --report bench/results/probe > bench/results/tasks.md
+
+One task per call (and per result file), so a long probe runs in resumable chunks: a task whose file exists is
+skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from flux_engine.data import Record, load_spec, lm_batches, train_test_split
+from flux_engine.evaluation import RecordScores, binomial_band, mcnemar_p, score_records
+from flux_engine.fileio import atomic_write
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    steps: int = 16
+    lr: float = 5e-3
+    rank: int = 8
+    batch_size: int = 8
+    seq_len: int = 128
+    test_records: int = 200
+    train_records: int = 512
+    seed: int = 0
+
+
+def result_path(out: os.PathLike, task: str) -> Path:
+    return Path(out) / (task.replace(":", "__").replace("/", "__") + ".json")
+
+
+def majority_share(records: Sequence[Record]) -> float:
+    """Share of the most common label: the answer text when the task's records share one set of choices (a
+    classification task), else the answer's position among the choices."""
+    shared = len({tuple(sorted(r.choices)) for r in records}) == 1
+    labels = collections.Counter(r.answer if shared else r.target for r in records)
+    return max(labels.values()) / len(records)
+
+
+def _summary(scores: RecordScores) -> Dict[str, float]:
+    n = len(scores.correct)
+    acc = sum(scores.correct) / n
+    return {"accuracy": acc, "band": binomial_band(acc, n), "soft": sum(scores.soft) / n}
+
+
+def split(task: str, settings: ProbeSettings) -> tuple:
+    """``(train, test)`` multiple-choice records of a data spec: ``test_records`` per task (the same records for
+    every setting with that count and seed), at most ``train_records`` of the rest."""
+    records = [r for r in load_spec(task) if r.is_multiple_choice]
+    if not records:
+        raise ValueError(f"{task}: no multiple-choice records")
+    train, test = train_test_split(records, test_size=settings.test_records, seed=settings.seed)
+    return train[: settings.train_records], test
+
+
+def probe_task(model: Any, tokenizer: Any, task: str, settings: ProbeSettings) -> Dict[str, Any]:
+    """Base and tuned scores of ``model`` (tuned in place: LoRA on every expert) on one task (a data spec)."""
+    from flux_engine.training import TrainConfig, train_round
+
+    train, test = split(task, settings)
+    t0 = time.perf_counter()
+    before = score_records(model, tokenizer, test, max_length=settings.seq_len)
+    score_seconds = time.perf_counter() - t0
+    batches = list(lm_batches(train, tokenizer, settings.seq_len, settings.batch_size, seed=settings.seed,
+                              packed=False, answer_only=True, bucket=True))  # fmt: skip
+    E = model.config.num_experts
+    config = TrainConfig(mode="lora", rank=settings.rank, alpha=2.0 * settings.rank, lr=settings.lr,
+                         steps=settings.steps, micro_batch_size=settings.batch_size, seed=settings.seed)  # fmt: skip
+    result = train_round(model, [list(range(E))] * len(model.moe_layers()), batches, config)
+    after = score_records(model, tokenizer, test, max_length=settings.seq_len)
+    return {
+        "task": task,
+        "settings": asdict(settings),
+        "train_records": len(train),
+        "test_records": len(test),
+        "majority_share": majority_share(test),
+        "base": _summary(before),
+        "tuned": _summary(after),
+        "mcnemar_p": mcnemar_p(before.correct, after.correct),
+        "flipped": {"right_to_wrong": sum(b and not a for b, a in zip(before.correct, after.correct)),
+                    "wrong_to_right": sum(a and not b for b, a in zip(before.correct, after.correct))},  # fmt: skip
+        "train_loss": [result.losses[0], result.losses[-1]] if result.losses else [],
+        "seconds": {"score_base": score_seconds, "train": result.seconds, "total": time.perf_counter() - t0},
+    }
+
+
+def run(tasks: Sequence[str], out: os.PathLike, settings: ProbeSettings, checkpoint: str) -> List[Path]:
+    """Probe every task without a result file in ``out`` (each from a fresh copy of the checkpoint's model);
+    returns the files written."""
+    import sys
+
+    from flux_engine import provenance
+    from flux_engine.checkpoint import load_pretrained
+    from flux_engine.smollm2 import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    written = []
+    for task in tasks:
+        path = result_path(out, task)
+        if path.exists():
+            continue
+        model = load_pretrained(checkpoint)
+        result = probe_task(model, tokenizer, task, settings)
+        result["provenance"] = {"device": provenance.device(), "commit": provenance.commit(), **provenance.versions(),
+                                "command": provenance.command_line(sys.argv), "checkpoint": checkpoint,
+                                "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                time.gmtime())}  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: json.dump(result, f, indent=1))
+        print(f"{task}: {result['base']['accuracy']:.3f} -> {result['tuned']['accuracy']:.3f} "
+              f"(p = {result['mcnemar_p']:.2g}, majority {result['majority_share']:.2f}) -> {path}")  # fmt: skip
+        written.append(path)
+    return written
+
+
+PAPER_BENCHMARKS = ("olmo:mmlu", "olmo:piqa", "olmo:arc")  # the paper's tasks among the candidates (prefixes)
+
+
+def report(folder: os.PathLike, alpha: float = 0.01) -> str:
+    """``bench/results/tasks.md``: how the results were made (settings, provenance of each run) and the table of every
+    probe result in ``folder``, significant gains first, with a count of them and what the paper's benchmarks did."""
+    results = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    if not results:
+        raise FileNotFoundError(f"no probe results (*.json) in {folder}")
+    results.sort(key=lambda r: (not _learns(r, alpha), r["mcnemar_p"], r["task"]))
+    settings = sorted({json.dumps(r["settings"], sort_keys=True) for r in results})
+    runs = sorted({(r["provenance"]["commit"], r["provenance"]["device"], r["provenance"]["torch"]) for r in results})
+    lines = [
+        "# Which tasks the demo's model learns (`flux-engine probe`)", "",
+        "Each task: the warm-started `smollm2-llama-moe-mini` (the model `make demo` fine-tunes) scored on held-out "
+        "test records (multiple choice, per-token mean log-likelihood, records cut to seq-len), then LoRA on every "
+        "expert of every MoE layer for `steps` AdamW steps on the task's training split (answer-only loss), then "
+        "scored on the same records. `majority share`: the most common label's share of the test records (answer "
+        "text for classification tasks, answer position otherwise), the accuracy of a model that answers every "
+        "record alike. McNemar: exact two-sided test on the records that flipped. Soft: mean probability on the "
+        "right choice. Band: 95% binomial half-width of the base accuracy.", "",
+        f"- command: `bash bench/probe_tasks.sh` (one `flux-engine probe --task SPEC` per task), then "
+        f"`flux-engine probe --report {folder}`",
+        *[f"- settings: `{s}`" for s in settings],
+        *[f"- run at commit {c} on {d}, torch {t}" for c, d, t in runs],
+        f"- dates: {min(r['provenance']['date'] for r in results)} to {max(r['provenance']['date'] for r in results)}",
+        "",
+        "| task | test | train | majority share | base acc | tuned acc | change | McNemar p | base soft | tuned soft | "
+        "learns (p < %g) |" % alpha,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for r in results:
+        b, t = r["base"], r["tuned"]
+        lines.append(
+            f"| {r['task']} | {r['test_records']} | {r['train_records']} | {r['majority_share']:.3f} | "
+            f"{b['accuracy']:.3f} +-{b['band']:.3f} | {t['accuracy']:.3f} | {t['accuracy'] - b['accuracy']:+.3f} | "
+            f"{r['mcnemar_p']:.2g} | {b['soft']:.3f} | {t['soft']:.3f} | {'yes' if _learns(r, alpha) else 'no'} |"
+        )
+    learners = [r["task"] for r in results if _learns(r, alpha)]
+    paper = [r for r in results if r["task"].startswith(PAPER_BENCHMARKS)]
+    moved = [r["task"] for r in paper if _learns(r, alpha)]
+    lines += [
+        "", f"{len(learners)} of {len(results)} tasks gain significantly (p < {alpha:g}): {', '.join(learners) or 'none'}.",
+        f"Of the paper's benchmarks probed ({', '.join(r['task'] for r in paper) or 'none'}): "
+        + (f"{', '.join(moved)} gain significantly." if moved else "none gains significantly in this budget."),
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _learns(result: Dict[str, Any], alpha: float) -> bool:
+    return result["mcnemar_p"] < alpha and result["tuned"]["accuracy"] > result["base"]["accuracy"]
