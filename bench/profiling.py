@@ -132,7 +132,7 @@ def _memory_child(mode: str, folder: str, batches_path: str) -> None:
     """Runs in a fresh process; prints its peak RSS and peak anonymous RSS in MiB."""
     anon = _AnonPeak()
     import flux_engine.profiling as prof
-    from flux_engine.checkpoint import load_pretrained, save_pretrained
+    from flux_engine.checkpoint import load_pretrained
 
     batches = torch.load(batches_path)
     out = {}
@@ -159,6 +159,7 @@ def _memory(mode: str, folder: str, batches_path: str) -> Dict[str, float]:
 
 def run_preset(preset: str, per_domain: int, seq_len: int, batch_size: int) -> Tuple[List[str], Dict]:
     import flux_engine.profiling as prof
+    from flux_engine import save_pretrained
 
     model, batches, data_desc = _model_and_batches(preset, per_domain, seq_len, batch_size)
     cfg = model.config
