@@ -35,6 +35,21 @@ LORA_NAMES = ("gate_up_A", "gate_up_B", "down_A", "down_B")
 AGGREGATIONS = ("weighted", "trimmed-mean", "norm-clip")
 
 
+def flat_tensors(state: Update, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """``{f"{prefix}{layer}/{expert}/{name}": tensor}`` (contiguous): an ``Update`` as safetensors keys."""
+    return {f"{prefix}{l}/{e}/{name}": t.contiguous() for (l, e), ts in state.items() for name, t in ts.items()}
+
+
+def nested_tensors(flat: Mapping[str, torch.Tensor], prefix: str = "") -> Update:
+    """The ``Update`` of ``flat_tensors``' keys that start with ``prefix`` (others ignored)."""
+    out: Update = {}
+    for key, t in flat.items():
+        if key.startswith(prefix):
+            l, e, name = key[len(prefix) :].split("/")
+            out.setdefault((int(l), int(e)), {})[name] = t
+    return out
+
+
 class UpdateError(ValueError):
     """A client update that must not be averaged; the message names the client and the expert."""
 

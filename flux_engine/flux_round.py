@@ -48,7 +48,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from flux_engine import adapters, merging, profiling, roles
-from flux_engine.aggregation import ExpertKey, Update
+from flux_engine.aggregation import Update, flat_tensors, nested_tensors
 from flux_engine.budget import BudgetPlan
 from flux_engine.fileio import atomic_write
 from flux_engine.models.moe import MoEForCausalLM
@@ -171,7 +171,6 @@ class FluxClient:
             raise ValueError(f"FluxSettings.mode {settings.mode!r} and TrainConfig.mode {train_config.mode!r} differ")
         self.base, self.plan, self.settings, self.train_config = base, plan, settings, train_config
         self.profile_batches = list(profile_batches)
-        self.num_layers = len(base.moe_layers())
         self._low: Optional[profiling.LowBitModel] = None
         self._low_tensors: Update = {}  # the global tensors folded into the low-bit copy
         # The profile the next round uses (or a ProfileHandle computing it), the global tensors it is of, its
@@ -233,8 +232,7 @@ class FluxClient:
         if not self.settings.state_dir:
             return
         os.makedirs(self.settings.state_dir, exist_ok=True)
-        flat = {f"{l}/{e}/{name}": t.contiguous() for (l, e), ts in tensors.items() for name, t in ts.items()}
-        data = st_save(flat, metadata={"keys": json.dumps(sorted([l, e] for l, e in tensors))})
+        data = st_save(flat_tensors(tensors), metadata={"keys": json.dumps(sorted([l, e] for l, e in tensors))})
         atomic_write(self._source_path(round_), lambda f: f.write(data), binary=True)
         for old in os.listdir(self.settings.state_dir):
             if old.startswith("profile-source-r") and old < os.path.basename(self._source_path(round_ - 1)):
@@ -245,12 +243,7 @@ class FluxClient:
         if not self.settings.state_dir or not os.path.exists(path):
             return None
         with open(path, "rb") as f:
-            flat = st_load(f.read())
-        out: Dict[ExpertKey, Dict[str, torch.Tensor]] = {}
-        for name, t in flat.items():
-            l, e, tname = name.split("/")
-            out.setdefault((int(l), int(e)), {})[tname] = t
-        return out
+            return nested_tensors(st_load(f.read()))
 
     def _take_profile(self, tensors: Update, round_: int) -> Tuple[profiling.ExpertProfile, float, bool]:
         """``(profile, its seconds, stale)`` for round ``round_`` (module docstring, step 1)."""
@@ -289,7 +282,8 @@ class FluxClient:
     # -- the round
 
     def _compact_for(self, tensors: Update, profile: Any, tuning: List[List[int]], kept: List[List[int]]):
-        """The round's compact model and whether it was reused (module docstring, step 2)."""
+        """The round's compact model: the last round's when nothing it depends on changed (module docstring, step
+        2)."""
         key = (id(profile), [sorted(t) for t in tuning], [sorted(k) for k in kept])
         s = self.settings
         if self._compact is not None and s.mode == "lora":

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from flux_engine.aggregation import ExpertKey, Update, UtilityTable
+from flux_engine.aggregation import ExpertKey, Update, UtilityTable, flat_tensors, nested_tensors
 from flux_engine.fileio import atomic_write, fsync_dir
 
 MANIFEST = "latest.json"
@@ -61,11 +61,7 @@ class ServerState:
     # ------------------------------------------------------------------------------------------ (de)serialise
 
     def to_bytes(self) -> bytes:
-        tensors = {
-            f"global/{l}/{e}/{name}": t.contiguous()
-            for (l, e), ts in self.global_tensors.items()
-            for name, t in ts.items()
-        }
+        tensors = flat_tensors(self.global_tensors, "global/")
         clients = sorted(self.utilities.tables)
         for i, c in enumerate(clients):
             tensors[f"utility/{i}"] = self.utilities.tables[c]
@@ -95,10 +91,7 @@ class ServerState:
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["flux_server_state"])
         state = cls(meta["num_layers"], meta["num_experts"], round=meta["round"], config=meta["config"])
-        for name, t in tensors.items():
-            if name.startswith("global/"):
-                _, l, e, tname = name.split("/")
-                state.global_tensors.setdefault((int(l), int(e)), {})[tname] = t
+        state.global_tensors = nested_tensors(tensors, "global/")
         state.updated_round = {(l, e): r for l, e, r in meta["updated_round"]}
         for i, c in enumerate(meta["utility_clients"]):
             state.utilities.tables[c] = tensors[f"utility/{i}"]
