@@ -312,3 +312,49 @@ def plan_budget(
         tuning_terms=dict(tuning_expert_terms(config, settings)),
         arithmetic=arithmetic,
     )
+
+
+def phase_peaks(
+    config: MoEConfig,
+    settings: TrainSettings,
+    B_tune: int,
+    B_non: int,
+    budget_bytes: int,
+    profile_settings: Optional[TrainSettings] = None,
+) -> Dict[str, Dict[str, int]]:
+    """Predicted peak bytes of each phase of a client's round, by term, for ``(B_tune, B_non)``.
+
+    - ``profile``: the profiling copy (``profile_settings.profile_bits``, its ``dtype`` for what is not quantised)
+      plus one forward's activations without gradients (one layer's intermediates at a time for
+      ``batch_size x seq_len`` tokens: the checkpointed ``activation_bytes`` less the kept layer inputs and logits)
+      plus one MoE layer's expert stacks dequantised to that dtype (the grouped MLP's reference tier dequantises a
+      layer's stack at once) and the workspace.
+    - ``compact``: the compact model's weights (non-expert weights, ``B_tune + B_non`` experts in ``settings.dtype``)
+      plus one MoE layer's unmerged experts (the merge streams one layer at a time) and the workspace.
+    - ``train``: ``memory_breakdown`` (weights, LoRA state, activations, workspace).
+    """
+    b = dtype_bytes(settings.dtype)
+    layer_experts = config.num_experts * expert_parameters(config)
+    workspace = int(settings.workspace_bytes + settings.workspace_fraction * budget_bytes)
+    out: Dict[str, Dict[str, int]] = OrderedDict()
+    if profile_settings is not None:
+        p = profile_settings
+        one_layer = TrainSettings(dtype=p.dtype, batch_size=p.batch_size, seq_len=p.seq_len,
+                                  activation_checkpointing=True, lora_rank=None)  # fmt: skip
+        # No LM head (profiling stops at the last MoE layer) and no kept layer inputs (no backward pass).
+        tokens, pb = p.batch_size * p.seq_len, dtype_bytes(p.dtype)
+        kept_inputs = tokens * (config.num_layers * config.hidden_size * pb + config.vocab_size * (pb + 4))
+        out["profile"] = OrderedDict([
+            (f"profiling copy (int{p.profile_bits} experts)", profiling_copy_bytes(config, p)),
+            (f"forward activations ({p.batch_size}x{p.seq_len}, one layer)", activation_bytes(config, one_layer) - kept_inputs),
+            ("one MoE layer's experts dequantised", layer_experts * dtype_bytes(p.dtype)),
+            ("workspace", workspace),
+        ])  # fmt: skip
+    out["compact"] = OrderedDict([
+        ("non-expert weights", non_expert_parameters(config) * b),
+        (f"experts ({B_tune} tuning + {B_non} merged)", (B_tune + B_non) * expert_parameters(config) * b),
+        ("one MoE layer's unmerged experts", layer_experts * b),
+        ("workspace", workspace),
+    ])  # fmt: skip
+    out["train"] = memory_breakdown(config, settings, B_tune, B_non, budget_bytes)
+    return out

@@ -18,7 +18,7 @@
 #                   needing flwr or gguf skip with their reason -> tests.log;
 #   perf     [100]  bench/gpu_perf.py, the short performance table -> perf.md (rewritten per row), perf.log;
 #   native   [ 50]  once the build is done: tests/test_native.py, the C++ and CUDA tiers -> appended to tests.log;
-#   memory   [200]  bench/gpu_memory.py, deepseek-moe-16b capped at 24 GiB, with its own --time-limit-s
+#   memory   [200]  bench/memory.py, deepseek-moe-16b capped at 24 GiB, with its own --time-limit-s
 #                   -> memory.md, memory.log.
 # A stage's limit shrinks to what is left of the whole budget (570 s) minus what the later stages need, so the
 # call ends in time; a stage that fails or times out is recorded and the next one runs. $OUT (default ./gpu_out)
@@ -180,7 +180,7 @@ mem_args=(--presets deepseek-moe-16b --time-limit-s 170 --reserve-s 0)
 [ $REHEARSE = 1 ] && mem_args=(--presets deepseek-moe-16b --dry-run --time-limit-s 20 --reserve-s 0 --steps 1 --profile-seqs 1)
 # Its report (memory.md, written when the preset ends; also printed into memory.log) is copied into $OUT; the
 # JSON beside it stays behind (8 files).
-run memory 200 5 "$OUT/memory.log" "$PY" bench/gpu_memory.py --out "$WORK/report/memory.md" --workdir "$WORK/memory" \
+run memory 200 5 "$OUT/memory.log" "$PY" bench/memory.py --out "$WORK/report/memory.md" --workdir "$WORK/memory" \
   "${mem_args[@]}"
 [ -f "$WORK/report/memory.md" ] && cp "$WORK/report/memory.md" "$OUT/memory.md"
 

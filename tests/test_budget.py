@@ -129,3 +129,22 @@ def test_profiling_copy_counted_in_the_plan():
     with_copy = plan_budget(cfg, int(1.6 * MiB), _settings(profile_bits=4))
     assert any(k.startswith("profiling copy") for k in with_copy.breakdown)
     assert with_copy.B_tune + with_copy.B_non <= without.B_tune + without.B_non
+
+
+def test_phase_peaks_terms():
+    """Each phase's predicted peak, term by term: training is memory_breakdown; the compact build holds the compact
+    model plus one layer's unmerged experts; profiling holds the low-bit copy plus one layer dequantised."""
+    from flux_engine import budget, presets
+
+    config = presets.get("deepseek-moe-16b")
+    settings = budget.TrainSettings(dtype="bfloat16", batch_size=1, seq_len=512, activation_checkpointing=True)
+    prof = budget.TrainSettings(dtype="float32", batch_size=1, seq_len=512, profile_bits=4)
+    peaks = budget.phase_peaks(config, settings, 100, 200, 20 << 30, prof)
+    assert peaks["train"] == budget.memory_breakdown(config, settings, 100, 200, 20 << 30)
+    expert = 3 * 2048 * 1408
+    compact = list(peaks["compact"].values())
+    assert compact[1] == 300 * expert * 2 and compact[2] == 64 * expert * 2
+    assert compact[0] == budget.non_expert_parameters(config) * 2
+    profile = list(peaks["profile"].values())
+    assert profile[0] == budget.profiling_copy_bytes(config, prof) and profile[2] == 64 * expert * 4
+    assert 512 * 2048 * 4 < profile[1] < 512 * 100_000 * 4  # one layer's intermediates in fp32, not all 28

@@ -1,4 +1,4 @@
-"""bench/gpu_memory.py: its pure helpers and its streamed, per-layer compact-model build."""
+"""bench/memory.py: its pure helpers and its streamed, per-layer compact-model build."""
 
 import importlib.util
 import os
@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_memory.py")
+_PATH = os.path.join(os.path.dirname(__file__), "..", "bench", "memory.py")
 
 
 @pytest.fixture(scope="module")
 def gm():
-    spec = importlib.util.spec_from_file_location("bench_gpu_memory", _PATH)
+    spec = importlib.util.spec_from_file_location("bench_memory", _PATH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -90,10 +90,54 @@ def test_run_preset_search_recovers_from_oom(gm, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "train_round", train_round)
     args = argparse.Namespace(seq_len=32, steps=2, search_steps=1, profile_seqs=2, seed=0, workdir=str(tmp_path),
-                              reuse_checkpoint=False, keep_checkpoints=False, activation_checkpointing=False)
-    res = gm.run_preset("deepseek-moe-16b", args, torch.device("cpu"), time.monotonic() + 60)
+                              remove_checkpoints=True, activation_checkpointing=False)
+    res = gm.run_preset("deepseek-moe-16b", args, torch.device("cpu"), time.monotonic() + 600)  # never the limit: a loaded CPU must not stop the search
     assert res["search"]["largest_fit"] == 20 and res["search"]["smallest_oom"] == 21
     assert res["train_oom"] is None and len(res["losses"]) == 2
     text = gm.render([res], {"device": "cpu"}, cuda=False, cap_gib=24)
     assert "Largest B_tune that fits: 20" in text and "not measured" in text
     assert not os.listdir(tmp_path)  # checkpoint folder removed
+
+
+def test_capped_cpu_pipeline_on_shrunk_shapes(gm, tmp_path):
+    """CPU mode: every phase in a fresh process under a kernel-enforced cap, measured against budget.phase_peaks,
+    the summary line in its fixed form; a search try installs drawn experts of the try's shapes."""
+    import json
+    import re
+
+    out = tmp_path / "memory.md"
+    rc = gm.main(["--out", str(out), "--shrink", "--presets", "deepseek-moe-16b:2", "--seq-len", "32",
+                  "--profile-seqs", "1", "--workdir", str(tmp_path / "w")])  # fmt: skip
+    assert rc == 0
+    text = out.read_text()
+    assert re.search(r"^deepseek-moe-16b: peak \d+\.\d GiB under a 2 GiB cap \(full bf16 model \d+\.\d GB\), "
+                     r"B_tune 48$", text, re.M)  # fmt: skip
+    for row in ("| profile: forward (fp32 compute) |", "| compact: stream + merge one layer at a time |",
+                "| train: 1 LoRA step(s) |"):  # fmt: skip
+        assert row in text
+    res = json.loads((tmp_path / "memory.json").read_text())["results"][0]
+    assert res["phases"]["train"]["losses"] and res["checkpoint"]["layout"] == "deepseek"
+    assert set(res["predicted"]) == {"profile", "compact", "train"}
+    # The checkpoint folder is kept for the next run, which reuses it.
+    assert os.path.isdir(tmp_path / "w" / "deepseek-moe-16b-shrunk")
+    cap = gm.Cap(2 << 30, "test")
+    try:
+        spec = json.loads((tmp_path / "w" / "deepseek-moe-16b.train.spec.json").read_text())
+        r = gm.run_phase(cap, "checkpoint", spec, str(tmp_path / "w"), "again")
+        assert r["checkpoint"]["reused"]
+        r = gm.run_phase(cap, "try", dict(spec, B_tune=5, B_non=6, steps=1), str(tmp_path / "w"), "try5")
+        assert r["physical_experts"] == 5 + 6 and len(r["losses"]) == 1
+    finally:
+        cap.close()
+
+
+def test_cap_kills_a_phase_over_it(gm, tmp_path):
+    cap = gm.Cap(64 << 20, "tiny")  # less than the interpreter with torch imported
+    try:
+        if cap.path is None:
+            pytest.skip(f"no writable memory cgroup here ({cap.mechanism})")
+        spec = {"preset": "deepseek-moe-16b", "shrink": True, "folder": str(tmp_path), "seq_len": 8, "seed": 0}
+        r = gm.run_phase(cap, "baseline", spec, str(tmp_path), "tiny")
+        assert r["over_cap"]
+    finally:
+        cap.close()
