@@ -32,9 +32,10 @@ Compute seconds = FLOPs / (peak x ``utilisation``), or tokens / ``measured_token
 (``bench/gpu_memory.py``); memory-bound work = bytes / (DRAM bandwidth x ``mem_efficiency``); host -> GPU copies
 = bytes / (PCIe x ``pcie_efficiency``); network = 8 x bytes / bits per second.
 
-Memory feasibility comes from the project's own plans on the real config (``budget.plan_budget`` for Flux with its
-int4 profiling copy, ``baselines.fedavg_lora_memory`` / ``plan_residency`` / ``fmq_memory`` / ``plan_kept``): a
-method whose plan does not fit the budget is **infeasible** and gets no round time. FedAvg-LoRA is the
+Memory feasibility comes from the project's own plans on the real config (``structure.method_plans``:
+``budget.plan_budget`` for Flux with its int4 profiling copy, ``baselines.fedavg_lora_memory`` / ``plan_residency``
+/ ``fmq_memory`` / ``plan_kept``): a method whose plan does not fit the budget is **infeasible** and gets no round
+time. FedAvg-LoRA is the
 unconstrained upper bound: its time is shown even where it does not fit, marked infeasible, and never ranked.
 
 Per method, one client's round (``t_e`` = bytes of one expert's weights in the weight dtype, ``N = L E``, ``steps``
@@ -67,16 +68,12 @@ since the last sync is received).
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field, fields, replace
-from types import SimpleNamespace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
-
-from flux_engine import baselines, budget, presets, timemodel
+from flux_engine import budget, timemodel
 from flux_engine.models.config import MoEConfig
+from flux_engine.structure import MethodPlan, method_plans
 
 GiB = 1 << 30
 METHODS = ("flux", "fedavg-lora", "fmd", "fmq", "fmes")
@@ -254,78 +251,6 @@ def p_touched(config: MoEConfig, tokens: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory plans on the declared card
-
-
-REGIME = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*@\s*([0-9.]+)\s*GiB\s*$")
-
-
-def parse_regime(spec: str) -> Tuple[str, float]:
-    """``"deepseek-moe-16b@24GiB"`` -> ``("deepseek-moe-16b", 24.0)``; the preset must exist."""
-    m = REGIME.match(spec)
-    if m is None:
-        raise ValueError(f"{spec!r} is not of the form PRESET@<budget>GiB (e.g. deepseek-moe-16b@24GiB)")
-    presets.get(m[1])
-    gib = float(m[2])
-    if not gib > 0:
-        raise ValueError(f"{spec!r}: the budget must be > 0 GiB")
-    return m[1], gib
-
-
-@dataclass
-class MethodPlan:
-    """A method's memory plan for the real shape on the card: feasible or not (``reason``), bytes used, and the
-    structure it implies (``B_tune`` / ``B_non`` for Flux, ``resident`` for FMD, ``kept`` for FMES, ``bits``)."""
-
-    method: str
-    feasible: bool
-    used_bytes: int
-    budget_bytes: int
-    reason: str = ""
-    structure: Dict[str, int] = field(default_factory=dict)
-
-    def text(self) -> str:
-        s = ", ".join(f"{k} {v}" for k, v in self.structure.items())
-        used = f"{self.used_bytes / GiB:.2f} of {self.budget_bytes / GiB:.2f} GiB"
-        return (f"{used}{'; ' + s if s else ''}" if self.feasible else f"INFEASIBLE: {self.reason}")
-
-
-def _uniform_profile(config: MoEConfig) -> SimpleNamespace:
-    """A routing-frequency profile that ranks nothing (the counts FMD / FMES keep do not depend on it)."""
-    return SimpleNamespace(freq=torch.ones(len(config.moe_layer_indices), config.num_experts))
-
-
-def method_plans(config: MoEConfig, params: HardwareParams, fmq_bits: int = 4) -> Dict[str, MethodPlan]:
-    """Every method's plan on ``params``' budget (module docstring)."""
-    s, B = params.settings(), params.budget_bytes
-    N = len(config.moe_layer_indices) * config.num_experts
-    out: Dict[str, MethodPlan] = {}
-    try:
-        plan = budget.plan_budget(config, B, replace(s, profile_bits=4))
-        out["flux"] = MethodPlan("flux", True, plan.used_bytes, B, structure={"B_tune": plan.B_tune,
-                                                                            "B_non": plan.B_non, "experts": N})
-    except budget.BudgetError as e:
-        out["flux"] = MethodPlan("flux", False, B + e.missing_bytes, B, f"{e.missing_bytes / GiB:.2f} GiB short")
-    m = baselines.fedavg_lora_memory(config, s, B)
-    out["fedavg-lora"] = MethodPlan("fedavg-lora", m.fits, m.total, B,
-                                    "" if m.fits else f"needs {m.total / GiB:.2f} GiB", {"experts": N})
-    try:
-        r = baselines.plan_residency(config, _uniform_profile(config), B, s)
-        out["fmd"] = MethodPlan("fmd", True, r.memory.total, B, structure={"resident": r.num_resident, "experts": N})
-    except budget.BudgetError as e:
-        out["fmd"] = MethodPlan("fmd", False, B + e.missing_bytes, B, f"{e.missing_bytes / GiB:.2f} GiB short")
-    m = baselines.fmq_memory(config, s, B, fmq_bits)
-    out["fmq"] = MethodPlan("fmq", m.fits, m.total, B, "" if m.fits else f"int{fmq_bits} needs {m.total / GiB:.2f} GiB",
-                            {"bits": fmq_bits, "experts": N})  # fmt: skip
-    try:
-        k = baselines.plan_kept(config, _uniform_profile(config), B, s)
-        out["fmes"] = MethodPlan("fmes", True, k.memory.total, B, structure={"kept": k.num_kept, "experts": N})
-    except budget.BudgetError as e:
-        out["fmes"] = MethodPlan("fmes", False, B + e.missing_bytes, B, f"{e.missing_bytes / GiB:.2f} GiB short")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Network structure measured in the learning runs
 
 
@@ -483,8 +408,8 @@ def params_from(p: HardwareParams, **changes) -> HardwareParams:
 def table(config: MoEConfig, p: HardwareParams, rounds: int = 10,
           nets: Optional[Mapping[str, NetworkStructure]] = None) -> str:  # fmt: skip
     """Markdown: per method its plan and the mean modelled seconds per round over ``rounds`` rounds by term."""
-    plans = method_plans(config, p)
-    lines = ["| method | memory plan | train | PCIe (all / visible) | dequant | merge | profiling (visible) | "
+    plans = method_plans(config, p.budget_bytes, p.settings())
+    lines = ["| method | memory plan | train | PCIe (all / visible) | dequant | merge | setup, profiling (visible) | "
              "network (down + up) | mean round (s) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for m in METHODS:

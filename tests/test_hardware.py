@@ -5,7 +5,7 @@ import math
 import pytest
 
 from flux_engine import hardware as hw
-from flux_engine import presets, timemodel
+from flux_engine import presets, structure, timemodel
 from flux_engine.models.config import MoEConfig
 
 
@@ -37,11 +37,11 @@ def test_forward_flops_by_hand():
 def test_p_touched_and_regimes():
     c = small_config()  # k/E = 1/2
     assert hw.p_touched(c, 2) == pytest.approx(0.75)
-    assert hw.parse_regime("deepseek-moe-16b@24GiB") == ("deepseek-moe-16b", 24.0)
-    assert hw.parse_regime(" llama-moe-3.5b @ 12GiB ") == ("llama-moe-3.5b", 12.0)
+    assert structure.parse_regime("deepseek-moe-16b@24GiB") == ("deepseek-moe-16b", 24.0)
+    assert structure.parse_regime(" llama-moe-3.5b @ 12GiB ") == ("llama-moe-3.5b", 12.0)
     for bad in ("deepseek-moe-16b", "deepseek-moe-16b@24GB", "nope@24GiB", "deepseek-moe-16b@0GiB"):
         with pytest.raises(ValueError):
-            hw.parse_regime(bad)
+            structure.parse_regime(bad)
 
 
 def test_params_are_checked_and_described():
@@ -60,7 +60,8 @@ def test_params_are_checked_and_described():
 
 
 def test_deepseek_on_a_24gib_card_plans():
-    plans = hw.method_plans(presets.get("deepseek-moe-16b"), hw.HardwareParams(device="rtx4090"))
+    p24 = hw.HardwareParams(device="rtx4090")
+    plans = structure.method_plans(presets.get("deepseek-moe-16b"), p24.budget_bytes, p24.settings())
     assert not plans["fedavg-lora"].feasible  # 16B params in bf16 alone exceed 24 GiB
     assert "INFEASIBLE" in plans["fedavg-lora"].text()
     for m in ("flux", "fmd", "fmq", "fmes"):
@@ -68,7 +69,7 @@ def test_deepseek_on_a_24gib_card_plans():
     assert 0 < plans["flux"].structure["B_tune"] < 27 * 64
     assert 0 < plans["fmd"].structure["resident"] < 27 * 64
     # A budget below the fixed terms makes every method infeasible, reported, not assumed to fit.
-    tiny = hw.method_plans(presets.get("deepseek-moe-16b"), hw.HardwareParams(budget_gib=2))
+    tiny = structure.method_plans(presets.get("deepseek-moe-16b"), 2 << 30, p24.settings())
     assert not any(p.feasible for p in tiny.values())
 
 
@@ -77,13 +78,13 @@ def test_fmd_pcie_and_fmq_dequant_by_hand():
     N, t_e = 4, 3 * 4 * 4 * 2  # one MoE layer of 4 experts, 3 H I bf16 weights each
     p = hw.HardwareParams(local_steps=3, batch_size=1, seq_len=1, utilisation=1.0, pcie_efficiency=1.0,
                           pcie_gbytes_per_s=1e-9, mem_efficiency=1.0)  # 1 B/s: seconds = bytes
-    plan = hw.MethodPlan("fmd", True, 0, 1, structure={"resident": 1, "experts": N})
+    plan = structure.MethodPlan("fmd", True, 0, 1, structure={"resident": 1, "experts": N})
     first, later = hw.round_terms(c, "fmd", plan, p)
     P = 1 - (1 - 2 / 4) ** 1
     assert later.pcie == pytest.approx(3 * 2 * (N - 1) * P * t_e)
     # round 1 adds loading the resident expert and the first profile (every expert streamed, then a forward)
     assert first.setup >= (1 + N) * t_e
-    q = hw.MethodPlan("fmq", True, 0, 1, structure={"bits": 4, "experts": N})
+    q = structure.MethodPlan("fmq", True, 0, 1, structure={"bits": 4, "experts": N})
     assert hw.round_terms(c, "fmq", q, p)[1].dequant == 0.0  # fused
     unfused = hw.params_from(p, fmq_fused=False)
     from flux_engine.budget import quantized_expert_bytes
@@ -104,7 +105,7 @@ def test_overlap_hides_pcie_up_to_the_training_time():
 
 def test_network_structure_and_round_times():
     c = small_config()
-    plan = hw.MethodPlan("flux", True, 0, 1, structure={"B_tune": 1, "B_non": 1, "experts": 4})
+    plan = structure.MethodPlan("flux", True, 0, 1, structure={"B_tune": 1, "B_non": 1, "experts": 4})
     net = hw.structural_network("flux", plan, clients=2, rounds=3)
     assert net.rounds[0]["0"] == (1.0, 0.25) and net.rounds[1]["1"] == (0.5, 0.25)
     e = hw.lora_expert_bytes(c, 8)
@@ -119,3 +120,33 @@ def test_network_structure_and_round_times():
     assert slow.download == pytest.approx(0.5 * 4 * e) and slow.upload == pytest.approx(0.25 * 4 * e)
     assert rts[2].end == pytest.approx(sum(r.duration for r in rts))
     assert math.isfinite(rts[-1].end)
+
+
+def test_structure_matching_carries_the_real_fractions_over():
+    from flux_engine.budget import TrainSettings
+
+    small = presets.get("smollm2-llama-moe-mini")  # 5 MoE layers x 8 experts, top-2
+    s = TrainSettings(dtype="float32", lora_rank=8, batch_size=4, seq_len=64)
+    m = structure.match("deepseek-moe-16b@24GiB", small, s)
+    real = m.real
+    N, n = 27 * 64, 40
+    assert not real["fedavg-lora"].feasible and real["flux"].feasible and real["fmes"].feasible
+    assert m.B_tune == max(1, min(n - 1, round(real["flux"].structure["B_tune"] / N * n)))
+    assert m.B_non == max(5, min(n - m.B_tune, round(real["flux"].structure["B_non"] / N * n)))
+    assert m.kept == max(10, min(n, round(real["fmes"].structure["kept"] / N * n)))
+    assert m.fmq_bits == 4
+    text = m.describe()
+    assert "deepseek-moe-16b@24GiB" in text and f"-> {m.B_tune}/{n}" in text and "INFEASIBLE" in text
+    plan = structure.matched_budget_plan(small, m, s)
+    assert (plan.B_tune, plan.B_non) == (m.B_tune, m.B_non) and plan.used_bytes == plan.budget_bytes
+
+
+def test_run_keys_structure_from_and_stop_after():
+    from flux_engine.federated.config import ConfigError, RunConfig
+
+    r = RunConfig(structure_from="deepseek-moe-16b@24GiB", num_rounds=10, stop_after=3)
+    assert r.last_round == 3 and RunConfig(num_rounds=10).last_round == 10
+    with pytest.raises(ConfigError, match="structure-from"):
+        RunConfig(structure_from="deepseek-moe-16b@24")
+    with pytest.raises(ConfigError, match="stop-after"):
+        RunConfig(stop_after=-1)
