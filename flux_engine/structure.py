@@ -134,11 +134,14 @@ class Matched:
 
 
 def match(spec: str, small: MoEConfig, settings: budget.TrainSettings, fmq_bits: int = 4) -> Matched:
-    """The counts for ``small`` from the regime ``spec``; the real plans use bf16 and ``settings``' LoRA rank and
-    batch. A method infeasible in the regime keeps the count of its unconstrained form (every expert)."""
+    """The counts for ``small`` from the regime ``spec``; the real plans use bf16, ``settings``' LoRA rank and
+    batch and the default workspace. A method infeasible in the regime keeps the count of its unconstrained form (every expert)."""
     name, gib = parse_regime(spec)
     real = presets.get(name)
-    plans = method_plans(real, int(gib * GiB), replace(settings, dtype="bfloat16"), fmq_bits)
+    # The card's settings: bf16, the run's LoRA rank and batch, the default workspace (hardware.HardwareParams).
+    card = budget.TrainSettings(dtype="bfloat16", lora_rank=settings.lora_rank, batch_size=settings.batch_size,
+                                seq_len=settings.seq_len)  # fmt: skip
+    plans = method_plans(real, int(gib * GiB), card, fmq_bits)
     N = len(real.moe_layer_indices) * real.num_experts
     L, E, k = len(small.moe_layer_indices), small.num_experts, small.num_experts_per_tok
     n = L * E
