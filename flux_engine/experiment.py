@@ -26,11 +26,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from flux_engine import baselines, provenance, timemodel
 from flux_engine.federated.config import METHODS, ConfigError, RunConfig, load_config_file
 from flux_engine.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from flux_engine import tta
 
 ABLATIONS = ("flux-no-stale", "flux-uniform-budgets", "flux-freq-merge", "flux-fixed-eps", "flux-no-exploration")
 
