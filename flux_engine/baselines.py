@@ -561,13 +561,16 @@ def plan_kept(
     budget_bytes: int,
     settings: Optional[TrainSettings] = None,
     allocation: str = "global",
+    num_kept: Optional[int] = None,
 ) -> KeptPlan:
     """The experts FMES keeps: as many LoRA tuning experts as the budget holds after the fixed terms
     (``B = (budget - fixed) // per tuning expert``, at most ``L * E``), at least ``k`` (experts per token) in every
     layer so top-k never needs a dropped expert. ``allocation="global"``: each layer's top-``k`` by frequency, then
     the most frequent remaining ``(layer, expert)`` pairs over all layers (maximises the routed share kept);
     ``"uniform"``: ``B / L`` per layer (remainder to the shallowest layers), each layer's most frequent ones. Either
-    way a layer keeps its most frequent experts. ``BudgetError`` when ``L * k`` tuning experts do not fit."""
+    way a layer keeps its most frequent experts. ``BudgetError`` when ``L * k`` tuning experts do not fit.
+    ``num_kept``: keep this many instead of what the budget holds (structure matching, ``flux_engine.structure``;
+    at least ``L * k``, at most ``L * E``), the memory still reported against ``budget_bytes``."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     settings = settings or TrainSettings()
@@ -575,7 +578,7 @@ def plan_kept(
     c_t = sum(tuning_expert_terms(config, settings).values())
     fixed = _fixed_terms(config, settings, budget_bytes)
     avail = int(budget_bytes) - sum(fixed.values())
-    B = min(L * E, max(avail, 0) // c_t)
+    B = min(L * E, max(avail, 0) // c_t) if num_kept is None else min(L * E, max(int(num_kept), L * k))
     if B < L * k:
         missing = L * k * c_t - avail
         raise BudgetError(
@@ -664,12 +667,13 @@ def fmes(
     settings: Optional[TrainSettings] = None,
     allocation: str = "global",
     inplace: bool = False,
+    num_kept: Optional[int] = None,
 ) -> Policy:
-    """Keep the most frequent experts the budget holds (``plan_kept``), drop the rest (``drop_experts``); every
-    kept expert is a tuning expert."""
+    """Keep the most frequent experts the budget holds (``plan_kept``; ``num_kept`` overrides the count), drop the
+    rest (``drop_experts``); every kept expert is a tuning expert."""
     settings = settings or TrainSettings()
     t0 = time.perf_counter()
-    plan = plan_kept(model.config, profile, budget_bytes, settings, allocation)
+    plan = plan_kept(model.config, profile, budget_bytes, settings, allocation, num_kept)
     compact = drop_experts(model, plan.kept, inplace)
     seconds = time.perf_counter() - t0
     info = {"kept_experts": plan.num_kept, "allocation": allocation, "kept": plan.kept}
@@ -690,7 +694,7 @@ def make_policy(
     **options: Any,
 ) -> Policy:
     """One entry point for a baseline client: ``method`` in ``BASELINES``. ``fmd`` and ``fmes`` need ``profile``
-    (options: ``staging_experts`` / ``allocation``, ``inplace``); ``fmq`` options ``bits``, ``group_size``,
+    (options: ``staging_experts`` / ``allocation``, ``inplace``, ``num_kept``); ``fmq`` options ``bits``, ``group_size``,
     ``inplace``. (Flux's round is ``flux_engine.flux_round``.)"""
     if method not in BASELINES:
         raise ValueError(f"method must be one of {BASELINES}, got {method!r}")

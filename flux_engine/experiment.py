@@ -22,13 +22,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import statistics
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from flux_engine import baselines, provenance, timemodel
 from flux_engine.federated.config import METHODS, ConfigError, RunConfig, load_config_file
 from flux_engine.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from flux_engine import tta
 
 ABLATIONS = ("flux-no-stale", "flux-uniform-budgets", "flux-freq-merge", "flux-fixed-eps", "flux-no-exploration")
 
@@ -59,6 +64,14 @@ class ExperimentConfig:
     csv: str = ""
     png: str = ""  # "": the CSV's path with .png
     markdown: str = ""
+    # Two-factor TTA (flux_engine.tta): with ``regimes`` ("PRESET@<n>GiB:device", e.g.
+    # "deepseek-moe-16b@24GiB:rtx4090"), every method runs once per seed with the regime's structure
+    # (``structure-from``; FedAvg-LoRA and FMQ need none and are shared by the regimes, FMD takes FedAvg-LoRA's
+    # curve), rounds to the target are measured and round seconds modelled (flux_engine.hardware).
+    regimes: List[str] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=list)  # [] = the run's own seed
+    target_gain: float = 0.8  # target = start + gain x (final - start) of FedAvg-LoRA
+    chunk_minutes: float = 9.0  # wall-clock one invocation trains for before it writes the report and stops
 
     def __post_init__(self) -> None:
         known = set(METHODS)
@@ -75,6 +88,21 @@ class ExperimentConfig:
             raise ConfigError("[experiment] network-gbps and pcie-gbytes-per-s must be > 0")
         if self.fixed_eps > 1.0:
             raise ConfigError(f"[experiment] fixed-eps must be <= 1 (or < 0: off), got {self.fixed_eps}")
+        for spec in self.regimes:
+            from flux_engine import hardware, structure
+
+            reg, _, dev = spec.partition(":")
+            try:
+                structure.parse_regime(reg)
+                hardware.device(dev)
+            except ValueError as e:
+                raise ConfigError(f"[experiment] regimes: {spec!r}: {e} (form PRESET@<n>GiB:device)") from None
+        if self.regimes and not {"flux", "fedavg-lora"} <= set(self.methods):
+            raise ConfigError("[experiment] regimes need the methods flux and fedavg-lora (the target's reference)")
+        if not (0.0 < self.target_gain < 1.0 and self.chunk_minutes > 0):
+            raise ConfigError("[experiment] target-gain must lie in (0, 1) and chunk-minutes be > 0")
+        if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"[experiment] seeds must be distinct and >= 0, got {self.seeds}")
         if self.reference not in self.method_names():
             names = self.method_names()
             raise ConfigError(f"[experiment] reference {self.reference!r} is not among the methods {names}")
@@ -271,6 +299,8 @@ def run_experiment(path: str, resume: bool = False, verbose: bool = False, argv:
                    log=print) -> List[PresetResult]:  # fmt: skip
     """Run the experiment of ``path`` and write its outputs; returns one result per preset."""
     raw, exp = load(path)
+    if exp.regimes:
+        return run_regimes(path, raw, exp, resume, verbose, argv, log)
     presets = exp.presets or [raw.get("preset", RunConfig.preset)]
     results = []
     started = datetime.now().astimezone().isoformat(timespec="seconds")
@@ -385,3 +415,213 @@ def report(results: Sequence[PresetResult], exp: ExperimentConfig, config_path: 
         csv_path, png_path = exp.outputs(r.preset, len(results) > 1)
         body += [report_section(r, exp, csv_path, png_path, exp.markdown), ""]
     return "\n".join(head + body)
+
+
+# ------------------------------------------------------------------------------------------------ two-factor TTA
+
+
+@dataclass
+class LearningRun:
+    """One learning run of the two-factor experiment: which regime it serves ("" = shared), seed, method, run."""
+
+    regime: str
+    seed: int
+    method: str
+    run: RunConfig
+
+
+def learning_runs(raw: Mapping[str, Any], exp: ExperimentConfig) -> List[LearningRun]:
+    """Every run, in the order they are worked through: regime by regime, the methods of every seed before the
+    ablations of every seed, method by method. Methods
+    without a structure (FedAvg-LoRA, FMQ) run once per seed for every regime; FMD is not run (FedAvg-LoRA's
+    curve)."""
+    base = RunConfig.from_mapping(raw)
+    if not base.checkpoint and exp.warm_start:
+        from flux_engine.pretrain import warm_start
+
+        base = dataclasses.replace(base, checkpoint=warm_start(base.preset))
+    out, seen = [], set()
+    names = [n for n in exp.method_names() if n != "fmd"]
+    groups = ([n for n in names if n not in ABLATIONS], [n for n in names if n in ABLATIONS])
+    for spec in exp.regimes:
+        reg = spec.partition(":")[0]
+        for group, seed in [(g, s) for g in groups for s in exp.seeds or [base.seed]]:
+            for name in group:
+                shared = name in ("fedavg-lora", "fmq")
+                folder = os.path.join(base.state_dir, base.preset, "shared" if shared else reg, f"seed{seed}", name)
+                if folder in seen:
+                    continue
+                seen.add(folder)
+                run = method_run(dataclasses.replace(base, seed=seed, structure_from="" if shared else reg), name,
+                                 exp, folder)  # fmt: skip
+                out.append(LearningRun("" if shared else reg, seed, name, run))
+    return out
+
+
+def _state(run: RunConfig) -> Any:
+    from flux_engine.federated.state import ServerState
+
+    return ServerState.load(run.state_dir) if os.path.exists(os.path.join(run.state_dir, "latest.json")) else None
+
+
+def advance(runs: Sequence[LearningRun], minutes: float, verbose: bool = False, log=print) -> int:
+    """Train unfinished runs in order for about ``minutes`` of wall-clock (a run continues from its checkpoint;
+    rounds per call are what the time left holds at the run's slowest round so far, at least one). Returns the
+    rounds trained."""
+    from flux_engine.federated.runner import federate
+
+    deadline = time.monotonic() + 60.0 * minutes
+    done = 0
+    for lr in runs:
+        while True:
+            state = _state(lr.run)
+            have = state.round if state is not None else 0
+            if have >= lr.run.num_rounds:
+                break
+            left = deadline - time.monotonic()
+            per = max((h.get("seconds", 0.0) for h in state.history), default=0.0) if state is not None else 0.0
+            if left <= 0 or (per and left < per):
+                return done
+            n = max(1, int(left // per)) if per else 1
+            stop = min(lr.run.num_rounds, have + n)
+            log(f"== {lr.regime or 'shared'} seed {lr.seed} {lr.method}: rounds {have + 1}..{stop} of "
+                f"{lr.run.num_rounds} ==")  # fmt: skip
+            federate(dataclasses.replace(lr.run, resume=state is not None, stop_after=stop), verbose)
+            done += stop - have
+    return done
+
+
+def _tta_run(lr: LearningRun, state: Any, small: Any) -> "tta.Run":
+    from flux_engine import hardware, tta
+
+    run = lr.run
+    n = len(small.moe_layer_indices) * small.num_experts
+    net = hardware.NetworkStructure.from_history(state.history, hardware.lora_expert_bytes(small, run.lora_rank), n)
+    secs = [float(t["train_seconds"]) + float(t["explore_seconds"]) for h in state.history
+            for t in h.get("clients", {}).values()]  # fmt: skip
+    return tta.Run(lr.method, lr.seed, tta.accuracy_curve(state), state.round, run.num_rounds,
+                   net if state.history else None, sum(secs) / len(secs) if secs else 0.0,
+                   run.local_steps * run.batch_size * run.seq_len)  # fmt: skip
+
+
+def run_regimes(path: str, raw: Mapping[str, Any], exp: ExperimentConfig, resume: bool, verbose: bool,
+                argv: Sequence[str], log=print) -> List[Any]:  # fmt: skip
+    """Train for ``chunk-minutes`` (``--resume``: continue; without it the first chunk must find no run started),
+    then write the report from whatever has finished."""
+    runs = learning_runs(raw, exp)
+    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    if not resume and any(_state(lr.run) is not None for lr in runs):
+        raise ConfigError(f"{runs[0].run.state_dir}: runs already started here: pass --resume to continue them")
+    advance(runs, exp.chunk_minutes, verbose, log)
+    text = regimes_report(runs, exp, path, argv, started)
+    if exp.markdown:
+        atomic_write(exp.markdown, lambda f: f.write(text))
+        log(f"wrote {exp.markdown}")
+    else:
+        log(text)
+    return []
+
+
+def regimes_report(runs: Sequence[LearningRun], exp: ExperimentConfig, config_path: str, argv: Sequence[str],
+                   started: str) -> str:  # fmt: skip
+    """The two-factor report (flux_engine.tta), from the runs' checkpoints."""
+    import torch
+
+    from flux_engine import hardware, structure, tta
+    from flux_engine.federated.client import model_config, train_settings
+
+    first = runs[0].run
+    small = model_config(first)
+    base = hardware.HardwareParams(local_steps=first.local_steps, batch_size=first.batch_size,
+                                   seq_len=first.seq_len, profile_rows=first.profile_samples,
+                                   lora_rank=first.lora_rank, clients=first.num_clients)  # fmt: skip
+    loaded = {}
+    for lr in runs:
+        state = _state(lr.run)
+        if state is not None:
+            loaded[(lr.regime, lr.seed, lr.method)] = (lr, _tta_run(lr, state, small))
+    cmd = provenance.command_line(["flux-engine", *argv])
+    lines = [
+        "# Time to accuracy in the regime Flux is for: measured rounds x modelled round time",
+        "",
+        f"- command: `{cmd}` (repeated until every run has finished; each call trains about "
+        f"{exp.chunk_minutes:g} min, then rewrites this report)",
+        f"- config: `{config_path}`",
+        f"- started: {started}; finished: {datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- device (learning runs): {provenance.device()}; commit: {provenance.commit()}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in provenance.versions().items()),
+        f"- learning runs: {first.preset} ({first.checkpoint or 'seeded random weights'}), data `{first.data}`, "
+        f"partition {first.partition}, {first.num_clients} clients, {first.num_rounds} rounds, {first.local_steps} "
+        f"local steps of {first.batch_size} x {first.seq_len}, lr {first.lr}, LoRA r {first.lora_rank}, "
+        f"{first.eval_records} test records per domain, seeds {exp.seeds or [first.seed]}; torch threads "
+        f"{torch.get_num_threads()}",
+        f"- target per seed: start + {exp.target_gain:g} x (final - start) of FedAvg-LoRA's mean held-out "
+        "accuracy (the unconstrained reference); R_m = first round >= 1 at or above it; FMD = FedAvg-LoRA's curve",
+        "- rounds are **measured** (CPU, small preset, structure matched); round seconds are **modelled** "
+        "(flux_engine.hardware: the formulas are in its docstring, every parameter is printed below)",
+        "",
+    ]
+    for spec in exp.regimes:
+        reg_spec, _, dev = spec.partition(":")
+        reg = tta.regime(reg_spec, dev, base)
+        per_seed: Dict[int, Dict[str, Any]] = {}
+        missing = []
+        for lr in runs:
+            if lr.regime not in ("", reg_spec):
+                continue
+            got = loaded.get((lr.regime, lr.seed, lr.method))
+            if got is None or not got[1].finished:
+                missing.append(f"{lr.method} seed {lr.seed}" + ("" if got is None else
+                                                                  f" ({got[1].rounds_done}/{lr.run.num_rounds})"))
+            if got is not None:
+                per_seed.setdefault(lr.seed, {})[lr.method] = got[1]
+        results = [tta.seed_result(reg, s, rs, exp.target_gain) for s, rs in sorted(per_seed.items())]
+        m = structure.match(reg_spec, small, train_settings(first), first.fmq_bits)
+        nets = {k: v.net for k, v in per_seed.get(min(per_seed), {}).items()} if per_seed else {}
+        if "fedavg-lora" in nets:
+            nets["fmd"] = nets["fedavg-lora"]
+        lines += [f"## {reg_spec} on {hardware.device(dev).name}", "", "```", reg.params.describe(), "",
+                  m.describe(), "```", "",
+                  f"Modelled seconds per client-round by term (mean over {first.num_rounds} rounds; network from the "
+                  "first seed's measured runs where they exist):", "",
+                  hardware.table(reg.config, reg.params, first.num_rounds, nets), ""]  # fmt: skip
+        methods = [m_ for m_ in exp.method_names()]
+        lines += ["Rounds to the target per seed (- : not reached in the rounds run; blank: not measured):", "",
+                  "| seed | target | " + " | ".join(methods) + " | note |",
+                  "| --- | ---: |" + " ---: |" * len(methods) + " --- |"]  # fmt: skip
+        for r in results:
+            cells = [("-" if r.target is not None and m_ in r.rounds and r.rounds[m_] is None
+                      else str(r.rounds.get(m_, ""))) for m_ in methods]  # fmt: skip
+            t = f"{r.target:.4f}" if r.target is not None else "-"
+            lines.append(f"| {r.seed} | {t} | " + " | ".join(c if c != "None" else "" for c in cells) + f" | {r.note} |")
+        lines += ["", "Spread of R_m over seeds: " + "; ".join(f"{m_} {tta.spread(results, m_)}" for m_ in methods),
+                  ""]  # fmt: skip
+        lines += ["| Flux vs | round-time ratio | rounds ratio | speedup (product) | break-even R_flux / R_b | "
+                  "seeds | plan |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+        versus = [b for b in ("fmd", "fmq", "fmes", "fedavg-lora") if b in methods] + \
+            [a for a in methods if a.startswith("flux-")]
+        for b in versus:
+            f = tta.factors(results, b) if not b.startswith("flux-") else tta.factors(results, "flux", flux=b)
+            plan = reg.plans["flux" if b.startswith("flux") else b]
+            label = b + (" (unranked: the unconstrained bound)" if b == "fedavg-lora" else "")
+            if b.startswith("flux-"):
+                label = f"{b} (ablation: its speedup over flux)"
+            fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+            lines.append(f"| {label} | {fmt(f.round_time_ratio)} | {fmt(f.rounds_ratio)} | {fmt(f.speedup)} | "
+                         f"{fmt(f.round_time_ratio)} | {f.seeds} | {plan.text() if not plan.feasible else 'fits'} |")
+        lines.append("")
+        for b in ("fmd", "fmq", "fmes"):
+            lines.append(f"speedup vs {b}: {tta.factors(results, b).text()}")
+        finals = {m_: [rs[m_].curve[-1] for rs in per_seed.values() if m_ in rs and rs[m_].finished]
+                  for m_ in methods}  # fmt: skip
+        lines += ["", "Final mean accuracy, median over finished seeds: " + ", ".join(
+            f"{m_} {statistics.median(v):.4f}" for m_, v in finals.items() if v) or "not measured", ""]
+        if per_seed:
+            lines += ["Sensitivity (tornado): the speedups (median over seeds) with one parameter moved, R_m held "
+                      "at the measured values:", "", tta.tornado(reg, per_seed, exp.target_gain), ""]
+        if missing:
+            lines += [f"**Not measured yet** ({len(missing)} runs): " + ", ".join(missing) + ". Resume with "
+                      f"`flux-engine experiment --config {config_path} --resume` (repeat until none is left).", ""]
+    lines += ["## FLOP model vs measured CPU step times (sanity check)", "",
+              tta.calibration(small, [r for _, r in loaded.values()], first.seq_len, first.lora_rank, {}), ""]
+    return "\n".join(lines)

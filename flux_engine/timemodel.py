@@ -159,12 +159,14 @@ class TimeModel:
 
     ``network_bps``: bits/s of each client's link (download and upload unless ``uplink_bps`` is set);
     ``pcie_bytes_per_s``: host -> GPU bytes/s for offloaded experts; ``stale_profiling``: default for clients whose
-    ``ClientRound.stale`` is None (False: the "no stale profiling" ablation)."""
+    ``ClientRound.stale`` is None (False: the "no stale profiling" ablation); ``pcie_overlap``: fetches overlap the
+    local training (prefetch of the next layer's experts), so only ``max(0, PCIe - train)`` counts."""
 
     network_bps: float = NETWORK_BPS
     uplink_bps: Optional[float] = None
     pcie_bytes_per_s: float = PCIE_BYTES_PER_S
     stale_profiling: bool = True
+    pcie_overlap: bool = False
 
     def __post_init__(self) -> None:
         for name in ("network_bps", "pcie_bytes_per_s"):
@@ -201,7 +203,7 @@ class TimeModel:
             profile_hidden=hidden,
             merge=c.merge_seconds,
             train=c.train_seconds,
-            pcie=self.pcie_seconds(c.pcie_bytes),
+            pcie=max(0.0, self.pcie_seconds(c.pcie_bytes) - (c.train_seconds if self.pcie_overlap else 0.0)),
             upload=self.upload_seconds(c.upload_bytes, c.network_bps),
         )
 
@@ -245,8 +247,9 @@ class TimeModel:
             f"{self.network_bps / 1e9:g} Gbit/s",
             f"  upload = bytes the client trained, fp32 * 8 / {up / 1e9:g} Gbit/s",
             "  PCIe fetches (offloading, FMD) = bytes of non-resident routed experts / "
-            f"{self.pcie_bytes_per_s / 1e9:g} GB/s, once per forward and once per backward pass per layer, on the "
-            "critical path (no prefetch overlap)",
+            f"{self.pcie_bytes_per_s / 1e9:g} GB/s, once per forward and once per backward pass per layer, "
+            + ("overlapping the local training (prefetch): only max(0, PCIe - train) counts" if self.pcie_overlap
+               else "on the critical path (no prefetch overlap)"),
             ("  stale profiling ON: only max(0, profiling - the client's idle window) counts, the window running from "
              "the start of its previous upload to the end of this round's download (upload + wait for the slowest "
              "client + aggregation + download); a client's first round counts it all"

@@ -41,7 +41,7 @@ def make_server_app(run: Optional[RunConfig] = None, on_round: Optional[Callable
                 )
             # Clients may have restarted too: the first round after a restart sends everyone the full state.
             state.last_sync.clear()
-        FluxStrategy(model_config(cfg), cfg, state, on_round).start(grid)
+        FluxStrategy(model_config(cfg), cfg, state, on_round).start(grid, num_rounds=cfg.last_round)
 
     return app
 

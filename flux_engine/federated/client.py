@@ -161,6 +161,17 @@ def train_settings(run: RunConfig) -> budget.TrainSettings:
     )
 
 
+def client_plan(run: RunConfig, config, budget_bytes: int) -> budget.BudgetPlan:
+    """The client's budget plan: from its budget, or with ``structure-from`` the real shape's fractions
+    (``structure.matched_budget_plan``)."""
+    if run.structure_from:
+        from flux_engine import structure
+
+        m = structure.match(run.structure_from, config, train_settings(run), run.fmq_bits)
+        return structure.matched_budget_plan(config, m, train_settings(run))
+    return budget.plan_budget(config, budget_bytes, train_settings(run))
+
+
 @dataclass
 class ClientRuntime:
     run: RunConfig
@@ -232,7 +243,7 @@ def runtime(context: Context, run: Optional[RunConfig] = None) -> ClientRuntime:
             # switch their requires_grad off in the shared base.
             _BASES[context.run_id] = build_model(run).requires_grad_(False)
         base = _BASES[context.run_id]
-        plan = budget.plan_budget(base.config, run.budget_for(pid, context.node_config), train_settings(run))
+        plan = client_plan(run, base.config, run.budget_for(pid, context.node_config))
         train, ev = client_batches(run, pid, num, base.config.vocab_size)
         records = client_records(run, pid, num)[1] if run.eval_records and run.data != "synthetic" else {}
         _RUNTIMES[key] = ClientRuntime(run, pid, base, plan, train, ev, records, num_layers=len(base.moe_layers()))
@@ -373,9 +384,17 @@ def baseline_policy(rt: ClientRuntime) -> Any:
     profile = first_profile(rt) if run.method in PROFILING_METHODS else None
     options = {"fmq": {"bits": run.fmq_bits, "inplace": True}, "fmes": {"allocation": run.fmes_allocation,
                "inplace": True}, "fmd": {"staging_experts": run.fmd_staging_experts or None}}  # fmt: skip
+    if run.structure_from and run.method == "fmes":
+        from flux_engine import structure
+
+        options["fmes"]["num_kept"] = structure.match(run.structure_from, rt.base.config, train_settings(run)).kept
     t0 = time.perf_counter()
     model = round_copy(rt.base)
-    rt.policy = baselines.make_policy(run.method, model, budget_bytes=rt.plan.budget_bytes,
+    budget_bytes = rt.plan.budget_bytes
+    if run.structure_from and run.method == "fmd":
+        # Matched structure: FMD's math is FedAvg-LoRA's; every expert resident (its PCIe time is modelled apart).
+        budget_bytes = baselines.fedavg_lora_memory(model.config, train_settings(run), 0).total
+    rt.policy = baselines.make_policy(run.method, model, budget_bytes=budget_bytes,
                                       settings=train_settings(run), profile=profile,
                                       **options.get(run.method, {}))  # fmt: skip
     rt.policy_seconds = time.perf_counter() - t0

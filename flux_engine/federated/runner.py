@@ -61,7 +61,7 @@ def preflight(run) -> List[Any]:
     (``BudgetError``), the data (client 0's partition) and, with ``resume``, the server checkpoint. Returns the
     budget plans."""
     from flux_engine import budget
-    from flux_engine.federated.client import client_batches, model_config, train_settings
+    from flux_engine.federated.client import client_batches, client_plan, model_config, train_settings
     from flux_engine.federated.config import ConfigError
     from flux_engine.federated.state import ServerState
 
@@ -77,7 +77,9 @@ def preflight(run) -> List[Any]:
     for pid in range(run.num_clients):
         need, settings = run.budget_for(pid, {}), train_settings(run)
         try:
-            plans.append(budget.plan_budget(config, need, settings))
+            plans.append(client_plan(run, config, need))
+            if run.structure_from:
+                continue  # the real shape's fractions, not the budget, set what FMD / FMES keep
             if run.method == "fmd":
                 baselines.plan_residency(config, uniform, need, settings, run.fmd_staging_experts or None)
             elif run.method == "fmes":
@@ -109,7 +111,7 @@ def federate(run, verbose: bool = False) -> "ServerState":
         from flux_engine.federated.state import ServerState
 
         start = ServerState.load(run.state_dir).round
-    bar = _Progress(max(run.num_rounds - start, 0), "rounds")
+    bar = _Progress(max(run.last_round - start, 0), "rounds")
 
     def on_round(report: Dict[str, Any]) -> None:
         bar.update(f"round {report['round']} accepted {len(report['accepted'])} dropped {len(report['dropped'])}")

@@ -1,0 +1,247 @@
+"""Time to accuracy as two factors (FLUX_DESIGN.md section 8): rounds to the target MEASURED on small presets (several
+seeds, structure matched to a regime, ``flux_engine.structure``) x round seconds MODELLED for the real shape on a
+declared card (``flux_engine.hardware``).
+
+Per regime (``PRESET@<n>GiB`` on a device) and seed ``s``:
+
+- target: ``start + gain x (final - start)`` of the unconstrained reference (FedAvg-LoRA; ``gain`` 0.8), with
+  ``start`` its mean held-out accuracy before training (round 0) and ``final`` after its last round; a reference
+  that did not learn (``final <= start``) gives no target for that seed;
+- ``R_m``: the first round >= 1 whose mean accuracy reaches the target (FMD: FedAvg-LoRA's, the same math);
+- ``TTA_m = sum_{r <= R_m} t_m(r)``, ``t_m`` modelled with the network bytes the run measured;
+- speedup of Flux over ``b``: ``TTA_b / TTA_flux = (round-time ratio) x (rounds ratio)`` with round-time ratio
+  ``(TTA_b / R_b) / (TTA_flux / R_flux)`` and rounds ratio ``R_b / R_flux``; break-even: Flux still wins while
+  ``R_flux / R_b`` stays below the round-time ratio.
+
+The report gives per method the spread of ``R_m`` over seeds, the factors, their product (medians over seeds), the
+break-even ratio, an infeasible method's reason, and a tornado table: each speedup at the nominal parameters and
+with one parameter at a time moved low / high, the measured ``R_m`` held fixed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from flux_engine import hardware, structure
+from flux_engine.models.config import MoEConfig
+
+REFERENCE = "fedavg-lora"
+RANKED = ("fmd", "fmq", "fmes")
+
+
+def mean_accuracy(entry: Mapping[str, Any]) -> float:
+    acc = entry.get("accuracy") or {}
+    return sum(acc.values()) / len(acc) if acc else math.nan
+
+
+def accuracy_curve(state: Any) -> List[float]:
+    """Mean held-out accuracy at round 0, 1, ... of a server state (NaN where a round was not evaluated)."""
+    return [mean_accuracy(state.baseline)] + [mean_accuracy(h) for h in state.history]
+
+
+def target(reference: Sequence[float], gain: float = 0.8) -> Optional[float]:
+    """``start + gain x (final - start)`` of the reference's curve; None when it did not learn."""
+    start, final = reference[0], reference[-1]
+    if len(reference) < 2 or math.isnan(start) or math.isnan(final) or final <= start:
+        return None
+    return start + gain * (final - start)
+
+
+def rounds_to(curve: Sequence[float], tgt: float) -> Optional[int]:
+    """First round >= 1 whose accuracy reaches ``tgt``."""
+    return next((r for r, a in enumerate(curve) if r >= 1 and not math.isnan(a) and a >= tgt), None)
+
+
+@dataclass
+class Run:
+    """One finished (or partial) learning run: its curve, rounds done of planned, and network structure."""
+
+    method: str
+    seed: int
+    curve: List[float]
+    rounds_done: int
+    rounds_planned: int
+    net: Optional[hardware.NetworkStructure] = None
+    train_seconds: float = 0.0  # measured CPU seconds of local training, mean per client-round (calibration)
+    tokens: int = 0  # training tokens per client-round
+
+    @property
+    def finished(self) -> bool:
+        return self.rounds_done >= self.rounds_planned
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    target: Optional[float]
+    rounds: Dict[str, Optional[int]]  # R_m (None: not reached / not measured)
+    tta: Dict[str, Optional[float]]  # modelled seconds to the target
+    note: str = ""
+
+
+@dataclass
+class Regime:
+    spec: str  # PRESET@<n>GiB
+    device: str
+    params: hardware.HardwareParams
+    config: MoEConfig
+    plans: Dict[str, structure.MethodPlan] = field(default_factory=dict)
+
+
+def regime(spec: str, device: str, base: hardware.HardwareParams) -> Regime:
+    from flux_engine import presets
+
+    name, gib = structure.parse_regime(spec)
+    p = hardware.params_from(base, device=device, budget_gib=gib)
+    config = presets.get(name)
+    return Regime(spec, device, p, config, structure.method_plans(config, p.budget_bytes, p.settings()))
+
+
+def modelled_tta(reg: Regime, method: str, R: Optional[int], net: hardware.NetworkStructure,
+                 params: Optional[hardware.HardwareParams] = None,
+                 plans: Optional[Mapping[str, structure.MethodPlan]] = None) -> Optional[float]:  # fmt: skip
+    """``sum_{r <= R} t_m(r)`` (None: not reached, or the method infeasible)."""
+    p = params or reg.params
+    plan = (plans or reg.plans)[method.split("-")[0] if method.startswith("flux") else method]
+    if R is None or not plan.feasible:
+        return None
+    return hardware.round_times(reg.config, plan.method, plan, p, net, R)[-1].end
+
+
+def seed_result(reg: Regime, seed: int, runs: Mapping[str, Run], gain: float,
+                params: Optional[hardware.HardwareParams] = None,
+                plans: Optional[Mapping[str, structure.MethodPlan]] = None) -> SeedResult:  # fmt: skip
+    """R_m and TTA_m of every method of one seed (FMD takes FedAvg-LoRA's curve and network)."""
+    runs = dict(runs)
+    if REFERENCE in runs and "fmd" not in runs:
+        runs["fmd"] = Run("fmd", seed, **{k: getattr(runs[REFERENCE], k) for k in
+                                          ("curve", "rounds_done", "rounds_planned", "net")})  # fmt: skip
+    ref = runs.get(REFERENCE)
+    if ref is None or not ref.finished:
+        return SeedResult(seed, None, {}, {}, f"{REFERENCE} not finished: no target")
+    tgt = target(ref.curve, gain)
+    if tgt is None:
+        return SeedResult(seed, None, {}, {}, f"{REFERENCE} did not learn (final <= start): no target")
+    rounds, ttas = {}, {}
+    for m, run in runs.items():
+        R = rounds_to(run.curve, tgt)
+        rounds[m] = R if (R is not None or run.finished) else None
+        ttas[m] = modelled_tta(reg, m, R, run.net, params, plans) if run.net is not None else None
+    return SeedResult(seed, tgt, rounds, ttas)
+
+
+@dataclass
+class Factors:
+    """Flux over one baseline, medians over the seeds where both reached the target."""
+
+    baseline: str
+    round_time_ratio: Optional[float]
+    rounds_ratio: Optional[float]
+    speedup: Optional[float]
+    seeds: int
+    reason: str = ""
+
+    def text(self) -> str:
+        return "not measured" if self.speedup is None else f"{self.speedup:.2f}"
+
+
+def factors(results: Sequence[SeedResult], baseline: str, flux: str = "flux") -> Factors:
+    rt, rr, sp = [], [], []
+    for s in results:
+        Rf, Rb = s.rounds.get(flux), s.rounds.get(baseline)
+        Tf, Tb = s.tta.get(flux), s.tta.get(baseline)
+        if None in (Rf, Rb, Tf, Tb) or not Tf:
+            continue
+        rt.append((Tb / Rb) / (Tf / Rf))
+        rr.append(Rb / Rf)
+        sp.append(Tb / Tf)
+    if not sp:
+        why = [s.note for s in results if s.note] or ["no seed where both reached the target with a feasible plan"]
+        return Factors(baseline, None, None, None, 0, why[0])
+    med = statistics.median
+    return Factors(baseline, med(rt), med(rr), med(sp), len(sp))
+
+
+def spread(results: Sequence[SeedResult], method: str) -> str:
+    vals = [s.rounds.get(method) for s in results if s.target is not None]
+    if not vals:
+        return "not measured"
+    got = sorted(v for v in vals if v is not None)
+    miss = len(vals) - len(got)
+    core = (f"median {statistics.median(got):g}, {got[0]}-{got[-1]}" if got else "none reached")
+    return core + (f", {miss} of {len(vals)} seeds not reached" if miss else "")
+
+
+# ------------------------------------------------------------------------------------------------ sensitivity
+
+
+def tornado_cases(p: hardware.HardwareParams) -> List[Tuple[str, Dict[str, Any], Dict[str, Any]]]:
+    """``(parameter, low changes, high changes)``: at least 8 parameters, each moved on its own."""
+    return [
+        ("utilisation", {"utilisation": 0.2}, {"utilisation": 0.6}),
+        ("PCIe efficiency", {"pcie_efficiency": 0.6}, {"pcie_efficiency": 0.95}),
+        ("network", {"network_bps": 100e6}, {"network_bps": 10e9}),
+        ("DRAM efficiency", {"mem_efficiency": 0.6}, {"mem_efficiency": 0.95}),
+        ("FMD prefetch overlap", {"fmd_overlap": False}, {"fmd_overlap": True}),
+        ("FMQ dequantisation", {"fmq_fused": False}, {"fmq_fused": True}),
+        ("local steps", {"local_steps": max(1, p.local_steps // 2)}, {"local_steps": p.local_steps * 4}),
+        ("profiled rows", {"profile_rows": max(1, p.profile_rows // 2)}, {"profile_rows": p.profile_rows * 8}),
+        ("budget (GiB)", {"budget_gib": 16.0}, {"budget_gib": 32.0}),
+        ("batch", {"batch_size": max(1, p.batch_size // 2)}, {"batch_size": p.batch_size * 4}),
+    ]
+
+
+def _fmt(changes: Mapping[str, Any]) -> str:
+    def one(k: str, v: Any) -> str:
+        if k == "network_bps":
+            return f"{v / 1e6:g} Mbit/s"
+        if isinstance(v, bool):
+            return {"fmd_overlap": "overlap" if v else "no overlap", "fmq_fused": "fused" if v else "unfused"}[k]
+        return f"{v:g}"
+
+    return ", ".join(one(k, v) for k, v in changes.items())
+
+
+def tornado(reg: Regime, per_seed_runs: Mapping[int, Mapping[str, Run]], gain: float,
+            baselines: Sequence[str] = RANKED) -> str:  # fmt: skip
+    """Markdown: each speedup (median over seeds) at nominal and with one parameter moved; R_m held."""
+    def speedups(p: hardware.HardwareParams) -> List[str]:
+        plans = reg.plans
+        if (p.budget_gib, p.batch_size) != (reg.params.budget_gib, reg.params.batch_size):
+            plans = structure.method_plans(reg.config, p.budget_bytes, p.settings())
+        res = [seed_result(reg, s, runs, gain, p, plans) for s, runs in per_seed_runs.items()]
+        return [factors(res, b).text() for b in baselines]
+
+    head = "| parameter | low | high | " + " | ".join(f"vs {b} low / high" for b in baselines) + " |"
+    lines = [head, "| --- | --- | --- |" + " --- |" * len(baselines)]
+    nominal = speedups(reg.params)
+    lines.append("| (nominal) | - | - | " + " | ".join(nominal) + " |")
+    for name, lo, hi in tornado_cases(reg.params):
+        a = speedups(hardware.params_from(reg.params, **lo))
+        b = speedups(hardware.params_from(reg.params, **hi))
+        lines.append(f"| {name} | {_fmt(lo)} | {_fmt(hi)} | " + " | ".join(f"{x} / {y}" for x, y in zip(a, b)) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def calibration(small: MoEConfig, runs: Sequence[Run], seq_len: int, rank: int,
+                lora_share: Mapping[str, float]) -> str:  # fmt: skip
+    """Markdown: per method the FLOP model's train FLOPs of a client-round on the small model, the measured CPU
+    seconds, and the implied FLOP/s: one machine, one FLOP/s if the FLOP model counts the work right."""
+    lines = ["| method | tokens per client-round | modelled train FLOPs | measured CPU s | implied GFLOP/s |",
+             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    by: Dict[str, List[Run]] = {}
+    for r in runs:
+        if r.train_seconds > 0 and r.tokens > 0:
+            by.setdefault(r.method, []).append(r)
+    for m, rs in by.items():
+        tokens = statistics.median(r.tokens for r in rs)
+        secs = statistics.median(r.train_seconds for r in rs)
+        fl = hardware.train_flops(small, int(tokens), seq_len, rank, lora_share.get(m, 1.0))
+        lines.append(f"| {m} | {tokens:.0f} | {fl:.3g} | {secs:.2f} | {fl / secs / 1e9:.1f} |")
+    return "\n".join(lines) if by else "not measured (no finished learning run)"

@@ -1,0 +1,36 @@
+"""Two-factor time to accuracy (flux_engine.tta): target, rounds to it, factors, with hand-computed values."""
+
+import pytest
+
+from flux_engine import hardware, tta
+
+
+def test_target_and_rounds():
+    ref = [0.40, 0.45, 0.50, 0.55, 0.60]
+    t = tta.target(ref, 0.8)
+    assert t == pytest.approx(0.40 + 0.8 * 0.20)  # 0.56: round 0 never meets it
+    assert tta.rounds_to(ref, t) == 4
+    assert tta.rounds_to([0.6, 0.5, 0.57], t) == 2  # round 0 does not count
+    assert tta.rounds_to([0.4, 0.5], t) is None
+    assert tta.target([0.5, 0.5]) is None and tta.target([0.5, 0.4]) is None  # no learning: no target
+
+
+def test_factors_multiply_to_the_speedup():
+    # Flux: 2 rounds in 10 s; FMD: 4 rounds in 60 s -> round-time ratio (60/4)/(10/2) = 3, rounds ratio 2, speedup 6.
+    s = tta.SeedResult(0, 0.5, {"flux": 2, "fmd": 4, "fmq": None}, {"flux": 10.0, "fmd": 60.0, "fmq": None})
+    f = tta.factors([s], "fmd")
+    assert (f.round_time_ratio, f.rounds_ratio, f.speedup) == pytest.approx((3.0, 2.0, 6.0))
+    assert f.text() == "6.00"
+    assert tta.factors([s], "fmq").text() == "not measured"
+    s2 = tta.SeedResult(1, 0.5, {"flux": 1, "fmd": 4}, {"flux": 4.0, "fmd": 40.0})  # speedup 10
+    s3 = tta.SeedResult(2, 0.5, {"flux": 4, "fmd": 4}, {"flux": 20.0, "fmd": 60.0})  # speedup 3
+    assert tta.factors([s, s2, s3], "fmd").speedup == pytest.approx(6.0)  # median over seeds
+    assert tta.spread([s, s2, s3], "flux") == "median 2, 1-4"
+
+
+def test_tornado_moves_at_least_eight_parameters():
+    cases = tta.tornado_cases(hardware.HardwareParams())
+    assert len(cases) >= 8
+    for _, lo, hi in cases:
+        hardware.params_from(hardware.HardwareParams(), **lo)
+        hardware.params_from(hardware.HardwareParams(), **hi)
