@@ -29,7 +29,7 @@ attention core a forward and two backward products (3x), the LoRA factors forwar
 ``B_tune / (L E)`` for Flux (uniform routing).
 
 Compute seconds = FLOPs / (peak x ``utilisation``), or tokens / ``measured_tokens_per_s`` where a GPU measured it
-(``bench/gpu_memory.py``); memory-bound work = bytes / (DRAM bandwidth x ``mem_efficiency``); host -> GPU copies
+(``bench/memory.py --device cuda``); memory-bound work = bytes / (DRAM bandwidth x ``mem_efficiency``); host -> GPU copies
 = bytes / (PCIe x ``pcie_efficiency``); network = 8 x bytes / bits per second.
 
 Memory feasibility comes from the project's own plans on the real config (``structure.method_plans``:
