@@ -61,7 +61,7 @@ import torch.nn as nn
 from flux_engine import ops
 from flux_engine.fileio import atomic_write
 from flux_engine.models import MoEForCausalLM
-from flux_engine.models.moe import Attention, DenseMLP, MoEMLP, attention_mask_4d, materialize, rope_cos_sin
+from flux_engine.models.moe import Attention, DenseMLP, MoEMLP, layer_masks, materialize, rope_cos_sin
 from flux_engine.ops.quantize import QuantizedTensor
 from flux_engine.ops.quantized_grouped_mlp import quantized_grouped_mlp
 from flux_engine.ops.received_attention import received_attention
@@ -526,10 +526,8 @@ def _moe_step(low: LowBitModel, mlp: MoEMLP, li: int, h: torch.Tensor, ra: torch
     onehot.scatter_(1, ids.long(), True)
     acc.hits[li].append((onehot & keep.bool()[:, None]).view(B, T, E).any(dim=1))
     le = low.experts[mlp.layer]
-    if isinstance(le.gate_up, QuantizedTensor):
-        y = quantized_grouped_mlp(flat, le.gate_up, le.down, weights, ids, low.expert_maps[mlp.layer])
-    else:
-        y = ops.grouped_mlp(flat, le.gate_up, le.down, weights, ids, low.expert_maps[mlp.layer])
+    run = quantized_grouped_mlp if isinstance(le.gate_up, QuantizedTensor) else ops.grouped_mlp
+    y = run(flat, le.gate_up, le.down, weights, ids, low.expert_maps[mlp.layer], **mlp.experts.form_kwargs())
     if mlp.shared_expert is not None:
         shared = mlp.shared_expert(flat)
         if mlp.shared_expert_gate is not None:
@@ -574,9 +572,9 @@ def _run(low: LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, An
         acc.tokens += mask.sum()
         x = model.model.embed_tokens(input_ids)
         positions = torch.arange(T, device=device).expand(B, T)
-        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
-        attn_mask = attention_mask_4d(am, T, config.sliding_window, device)
-        for layer in model.model.layers[: last + 1]:
+        cos, sin = rope_cos_sin(positions, config, x.dtype)
+        masks = layer_masks(config, am, T, device)
+        for layer, attn_mask in zip(model.model.layers[: last + 1], masks):
             attn = layer.self_attn
             attn.capture_qk = layer.is_moe
             try:
