@@ -6,7 +6,8 @@ layout of qwen2_moe / olmoe / deepseek in transformers < 5, keyed as PEFT writes
 (``base_model.model.<module>.lora_A.weight``). Our gate_up LoRA shares one ``A`` between gate and up, so it is
 written as ``gate_proj: (A, B[:I])`` and ``up_proj: (A, B[I:])`` and read back exactly; adapters with different gate
 and up ``A``s (or only one of them) are read as one gate_up LoRA of concatenated rank (``A = [A_g; A_u]``,
-``B = blockdiag(B_g, B_u)``), still exact.
+``B = blockdiag(B_g, B_u)``), still exact. gpt-oss interleaves gate and up rows (row ``2i`` gate, ``2i + 1`` up): its
+``gate_proj`` / ``up_proj`` factors are ``B``'s even / odd rows (``gate_up_rows``).
 
 In memory adapters are ``Dict[ExpertKey, Dict[str, Tensor]]`` as in ``training.TrainResult.trained``
 (``gate_up_A [r, H]``, ``gate_up_B [2I, r]``, ``down_A [r, I]``, ``down_B [H, r]``), applied with one ``scale``.
@@ -81,13 +82,13 @@ def save_peft_adapter(
     ranks = {_adapter_rank(key, t) for key, t in adapters.items()}
     if len(ranks) != 1:
         raise ValueError(f"PEFT's adapter_config has one rank r; these adapters have ranks {sorted(ranks)}")
-    I = config.moe_intermediate_size
+    gate_rows, up_rows = gate_up_rows(config)
     tensors: Dict[str, torch.Tensor] = {}
     for (l, e), t in sorted(adapters.items()):
         pairs = []
         if "gate_up_A" in t:
             A, B = t["gate_up_A"], t["gate_up_B"]
-            pairs += [("gate_proj", A, B[:I]), ("up_proj", A, B[I:])]
+            pairs += [("gate_proj", A, B[gate_rows]), ("up_proj", A, B[up_rows])]
         if "down_A" in t:
             pairs.append(("down_proj", t["down_A"], t["down_B"]))
         if not pairs:
@@ -174,18 +175,30 @@ def _read_factors(path: str, config: MoEConfig) -> Dict[ExpertKey, Dict[str, Dic
     return found
 
 
-def _gate_up(gate: Optional[Dict[str, torch.Tensor]], up: Optional[Dict[str, torch.Tensor]], I: int):
+def gate_up_rows(config: MoEConfig) -> Tuple[slice, slice]:
+    """The rows of an expert's gate_up ``[2I, .]`` holding the gate and the up projection: the halves, or the even
+    and odd rows when they are interleaved (gpt-oss)."""
+    I = config.moe_intermediate_size
+    if config.expert_interleaved:
+        return slice(0, 2 * I, 2), slice(1, 2 * I, 2)
+    return slice(0, I), slice(I, 2 * I)
+
+
+def _gate_up(gate: Optional[Dict[str, torch.Tensor]], up: Optional[Dict[str, torch.Tensor]], config: MoEConfig):
     """One gate_up LoRA ``(A [r, H], B [2I, r])`` equal to separate gate and up LoRAs (either may be absent)."""
+    rows = gate_up_rows(config)
     if gate is not None and up is not None and torch.equal(gate["A"], up["A"]):
-        return gate["A"], torch.cat([gate["B"], up["B"]])
-    parts = [(p, half) for p, half in ((gate, 0), (up, 1)) if p is not None]
+        B = torch.empty(2 * config.moe_intermediate_size, gate["A"].shape[0])
+        B[rows[0]], B[rows[1]] = gate["B"], up["B"]
+        return gate["A"], B
+    parts = [(p, r) for p, r in zip((gate, up), rows) if p is not None]
     A = torch.cat([p["A"] for p, _ in parts])
-    B = torch.zeros(2 * I, A.shape[0])
+    B = torch.zeros(2 * config.moe_intermediate_size, A.shape[0])
     col = 0
-    for p, half in parts:
-        r = p["A"].shape[0]
-        B[half * I : (half + 1) * I, col : col + r] = p["B"]
-        col += r
+    for p, r in parts:
+        rank = p["A"].shape[0]
+        B[r, col : col + rank] = p["B"]
+        col += rank
     return A, B
 
 
@@ -198,8 +211,7 @@ def load_peft_adapter(path: PathLike, config: MoEConfig) -> PeftAdapter:
     for key, projs in sorted(found.items()):
         t: Dict[str, torch.Tensor] = {}
         if "gate_proj" in projs or "up_proj" in projs:
-            I = config.moe_intermediate_size
-            t["gate_up_A"], t["gate_up_B"] = _gate_up(projs.get("gate_proj"), projs.get("up_proj"), I)
+            t["gate_up_A"], t["gate_up_B"] = _gate_up(projs.get("gate_proj"), projs.get("up_proj"), config)
         if "down_proj" in projs:
             t["down_A"], t["down_B"] = projs["down_proj"]["A"], projs["down_proj"]["B"]
         adapters[key] = t

@@ -90,7 +90,7 @@ def load_pretrained(
         tensors = model_tensors(model)
         for key, source in read_tensors(found, plan):
             if isinstance(source, MXFP4Weight):
-                source = source.dequantize(tensors[plan[key].param].dtype)
+                source = source.to(dtype=tensors[plan[key].param].dtype).dequantize()
             check_finite(key, source, found[key].file)
             copy_into(tensors, plan[key], source)
             del source  # one source tensor alive at a time
@@ -245,14 +245,19 @@ def read_tensors(found: Dict[str, TensorInfo], plan: Dict[str, Entry]) -> Iterat
     for key, tensor in stream(found, wanted):
         blocks_key = blocks_of.get(key, key)
         entry = plan[blocks_key]
-        if not entry.mxfp4:
-            yield key, tensor.transpose(-1, -2) if entry.transposed else tensor
-        elif blocks_key not in held:
+        if entry.mxfp4 and blocks_key not in held:
             held[blocks_key] = tensor
-        else:
+            del tensor
+            continue
+        if entry.mxfp4:
             other = held.pop(blocks_key)
-            pair = (tensor, other) if key == blocks_key else (other, tensor)
-            yield blocks_key, MXFP4Weight(*pair)
+            out = MXFP4Weight(*((tensor, other) if key == blocks_key else (other, tensor)))
+            del other
+        else:
+            out = tensor.transpose(-1, -2) if entry.transposed else tensor
+        del tensor  # the caller's copy is the only reference: one source tensor alive at a time
+        yield blocks_key, out
+        del out
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -31,10 +31,12 @@ _CHUNK_ELEMENTS = 1 << 22
 
 @dataclass(frozen=True)
 class MXFP4Weight:
-    """A packed MXFP4 weight (see the module docstring); ``shape`` is the decoded ``[..., N, K]``."""
+    """A packed MXFP4 weight (see the module docstring); ``shape`` is the decoded ``[..., N, K]``, ``dtype`` what
+    ``rows`` / ``dequantize`` decode to."""
 
     blocks: torch.Tensor
     scales: torch.Tensor
+    dtype: torch.dtype = torch.bfloat16
 
     def __post_init__(self) -> None:
         b, s = self.blocks, self.scales
@@ -49,11 +51,19 @@ class MXFP4Weight:
     def shape(self) -> torch.Size:
         return torch.Size((*self.scales.shape[:-1], self.scales.shape[-1] * GROUP))
 
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "MXFP4Weight":
+        """The packed weight on ``device``, decoding to ``dtype`` (still packed)."""
+        return MXFP4Weight(self.blocks.to(device), self.scales.to(device), dtype or self.dtype)
+
     def nbytes(self) -> int:
         return self.blocks.numel() + self.scales.numel()
 
-    def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows ``[start, stop)`` of the weight flattened to ``[R, K]``, decoded to ``dtype``: ``[stop - start, K]``."""
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the weight flattened to ``[R, K]``, decoded: ``[stop - start, K]``."""
         G = self.scales.shape[-1]
         blocks = self.blocks.reshape(-1, G, GROUP // 2)[start:stop]
         scales = self.scales.reshape(-1, G)[start:stop]
@@ -62,16 +72,16 @@ class MXFP4Weight:
         values = lut[codes].reshape(*scales.shape, GROUP)
         # 2^(s - 127) is exact in float32 for every s but 0 and 255 (no subnormal / NaN scales in practice).
         values = torch.ldexp(values, scales.to(torch.int32).sub(_SCALE_BIAS).unsqueeze(-1).float())
-        return values.reshape(scales.shape[0], G * GROUP).to(dtype)
+        return values.reshape(scales.shape[0], G * GROUP).to(self.dtype)
 
-    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The whole weight ``[..., N, K]`` in ``dtype``, decoded in row chunks."""
+    def dequantize(self) -> torch.Tensor:
+        """The whole weight ``[..., N, K]``, decoded in row chunks."""
         K = self.shape[-1]
         R = math.prod(self.shape[:-1])
-        out = torch.empty(R, K, dtype=dtype, device=self.blocks.device)
+        out = torch.empty(R, K, dtype=self.dtype, device=self.blocks.device)
         step = max(1, _CHUNK_ELEMENTS // K)
         for i in range(0, R, step):
-            out[i : i + step] = self.rows(i, min(i + step, R), dtype)
+            out[i : i + step] = self.rows(i, min(i + step, R))
         return out.view(self.shape)
 
 
