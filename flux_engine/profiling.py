@@ -42,7 +42,10 @@ folds the new global adapters of the experts that changed and re-quantises those
 Padding (``attention_mask`` 0) is neither counted nor part of received attention (padded queries are dropped
 and the mean over queries divides by the row's real tokens), and a batch's trailing columns of padding are cut
 before the forward (``_trim_padding``). Limitation: received attention assumes plain causal
-attention (a sliding window is ignored there).
+attention (a sliding window and attention sinks, gpt-oss, are ignored there; the forward itself uses both).
+
+MXFP4 checkpoints (gpt-oss): each expert stack is read packed and repacked to ``bits`` one row chunk at a time
+(``checkpoint.mxfp4.MXFP4Weight.rows``), never decoded whole; the result equals quantizing the dequantised model.
 """
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ def _busiest(model, counts):
     return [torch.argsort(-f, stable=True)[:n].tolist() for f, n in zip(freq, counts)]
 
 
-def test_merge_averages_expert_biases_like_the_weights(tiny):
+def test_merge_averages_expert_biases_like_the_weights(tiny, tmp_path):
     prof = profiling.profile(tiny, _batches(), bits=None)
     merged = merging.merge(tiny, prof, [[0, 1], [2], [], [3]], budgets=[2, 3, 2, 4], weighting="freq")
     for l, (mlp, new) in enumerate(zip(tiny.moe_layers(), merged.moe_layers())):
@@ -287,6 +287,12 @@ def test_merge_averages_expert_biases_like_the_weights(tiny):
                 want = torch.einsum("m,m...->...", w, getattr(mlp.experts, name)[members].double()).float()
                 torch.testing.assert_close(getattr(new.experts, name)[p], want, rtol=1e-6, atol=1e-7)
     assert merged.moe_layers()[0].experts.down_proj_bias.shape[0] == 4  # 2 tuning + 2 merged
+    # A merged gpt-oss model is saved in the native layout only, and reloads to the same model.
+    with pytest.raises(ValueError, match="merged"):
+        save_pretrained(merged, tmp_path / "hf", layout="gpt_oss")
+    save_pretrained(merged, tmp_path / "native", layout="flux_moe")
+    ids = _batches(1, 5)[0]["input_ids"]
+    torch.testing.assert_close(load_pretrained(tmp_path / "native")(ids).logits, merged(ids).logits, rtol=0, atol=0)
     err = merging.merge_output_error(tiny, merged, _batches(1, 3)[0]["input_ids"])
     assert all(math.isfinite(e) for e in err) and max(err) > 0, err
 
