@@ -315,31 +315,61 @@ def test_sparse_lora_and_full_tuning_leave_biases_frozen(tiny, mode):
     assert set(res.trained) == {(l, e) for l, ids in enumerate(tuning) for e in ids}
 
 
-def test_peft_export_of_interleaved_experts(tiny, tmp_path):
-    """gate_up rows are interleaved in gpt-oss: the exported gate_proj / up_proj factors are the even / odd rows,
-    and folding the read-back adapter gives the model the trained one computes."""
+def _trained_lora(tiny, alpha=8.0):
     import copy
 
     model = copy.deepcopy(tiny)
-    tuning = _busiest(model, [1, 1, 0, 0])
-    res = train_round(model, tuning, _batches(), TrainConfig(rank=4, alpha=8.0, lr=5e-2, steps=2))
+    tuning = _busiest(model, [2, 1, 0, 1])
+    res = train_round(model, tuning, _batches(), TrainConfig(rank=4, alpha=alpha, lr=5e-2, steps=2))
+    return model, res
+
+
+def test_peft_export_is_what_peft_puts_on_transformers_gpt_oss(tiny, tmp_path):
+    """gpt-oss adapters are written as PEFT's target_parameters LoRA of the stacked experts: read back exactly, and
+    PeftModel.from_pretrained on transformers' GptOssForCausalLM computes what the trained model computes."""
+    model, res = _trained_lora(tiny)
     save_peft_adapter(tmp_path / "a", res.trained, model.config, alpha=8.0)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert cfg["target_modules"] == []
+    back = load_peft_adapter(tmp_path / "a", model.config)
+    assert set(back.adapters) == set(res.trained) and back.scale == 2.0
+    for key, tensors in res.trained.items():
+        for name, v in tensors.items():
+            torch.testing.assert_close(back.adapters[key][name], v, rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    save_pretrained(tiny, tmp_path / "base", layout="gpt_oss")
+    hf = GptOssForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager").float()
+    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "a").eval()
+    ids = _batches(1, 4)[0]["input_ids"]
+    with torch.no_grad():
+        ours, ref = model(ids).logits, hf(input_ids=ids).logits
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_per_expert_peft_export_of_interleaved_experts(tiny, tmp_path):
+    """The per-expert PEFT layout (families with expert modules) splits interleaved gate/up rows: gate_proj / up_proj
+    get B's even / odd rows, and folding the read-back adapter gives the model the trained one computes."""
+    import copy
+
+    model, res = _trained_lora(tiny)
+    config = model.config.replace(metadata={})  # not gpt-oss by name: the per-expert layout
+    save_peft_adapter(tmp_path / "a", res.trained, config, alpha=8.0)
     from safetensors.torch import load_file
 
     t = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
-    e = tuning[0][0]
-    B = res.trained[(0, e)]["gate_up_B"]
-    gate_B = t[f"base_model.model.model.layers.0.mlp.experts.{e}.gate_proj.lora_B.weight"]
-    torch.testing.assert_close(gate_B, B[0::2], rtol=0, atol=0)
-    back = load_peft_adapter(tmp_path / "a", model.config)
+    (l, e), tensors = sorted(res.trained.items())[0]
+    prefix = f"base_model.model.model.layers.{config.moe_layer_indices[l]}.mlp.experts.{e}"
+    torch.testing.assert_close(t[f"{prefix}.gate_proj.lora_B.weight"], tensors["gate_up_B"][0::2], rtol=0, atol=0)
+    torch.testing.assert_close(t[f"{prefix}.up_proj.lora_B.weight"], tensors["gate_up_B"][1::2], rtol=0, atol=0)
+    back = load_peft_adapter(tmp_path / "a", config)
     for key, tensors in res.trained.items():
         for name, v in tensors.items():
             torch.testing.assert_close(back.adapters[key][name], v, rtol=0, atol=0)
     ids = _batches(1, 4)[0]["input_ids"]
-    trained_logits = model(ids).logits
     folded = copy.deepcopy(tiny)
     merge_adapters(folded, back.adapters, back.scale)
-    torch.testing.assert_close(folded(ids).logits, trained_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(folded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_plan_for_gpt_oss_20b_on_24_gib(capsys):
