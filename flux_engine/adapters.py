@@ -15,7 +15,9 @@ gpt-oss has no per-expert modules in transformers (only the stacked ``mlp.expert
 adapter (``_stacked_tensors``); ``PeftModel.from_pretrained`` puts them on ``GptOssForCausalLM`` as they are.
 
 In memory adapters are ``Dict[ExpertKey, Dict[str, Tensor]]`` as in ``training.TrainResult.trained``
-(``gate_up_A [r, H]``, ``gate_up_B [2I, r]``, ``down_A [r, I]``, ``down_B [H, r]``), applied with one ``scale``.
+(``gate_up_A [r, H]``, ``gate_up_B [2I, r]``, ``down_A [r, I]``, ``down_B [H, r]``), applied with one ``scale``;
+trained bias deltas (``gate_up_bias``, ``down_bias``: ``training.TrainConfig.train_biases``) fold into the model
+(``merge_adapters``) but have no PEFT LoRA equivalent and are refused by ``save_peft_adapter``.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ def save_peft_adapter(
     atomically (a staging folder renamed into place). ``target_modules`` lists exactly the exported modules."""
     if not adapters:
         raise ValueError("no adapters to save")
+    biased = sorted(key for key, t in adapters.items() if set(t) & {"gate_up_bias", "down_bias"})
+    if biased:
+        raise ValueError(f"experts {biased[:3]} carry trained bias deltas, which PEFT's LoRA format cannot hold; fold "
+                         "them into the model (merge_adapters) and save it with checkpoint.save_pretrained")  # fmt: skip
     ranks = {_adapter_rank(key, t) for key, t in adapters.items()}
     if len(ranks) != 1:
         raise ValueError(f"PEFT's adapter_config has one rank r; these adapters have ranks {sorted(ranks)}")
@@ -347,9 +353,14 @@ def merge_adapters(model: nn.Module, adapters: ExpertState, scale: float, skip: 
             raise ValueError(f"adapter for expert {(l, e)}: the model has {len(layers)} MoE layers")
         check_owns(model, l, e)
         ex = layers[l].experts
-        for W, target in zip(ex.physical_weights(int(ex.expert_map[e])), ("gate_up", "down")):
+        views = ex.physical_tensors(int(ex.expert_map[e]))
+        for target in LORA_TARGETS:
+            W = views[f"{target}_proj"]
             if f"{target}_A" in t:
                 W.copy_(fold_lora(W, t, target, scale))
+            if f"{target}_bias" in t:  # a trained bias delta (TrainConfig.train_biases)
+                b = views[f"{target}_proj_bias"]
+                b.copy_((b.float() + t[f"{target}_bias"].to(b.device, torch.float32)).to(b.dtype))
 
 
 def merge_lora(model: nn.Module) -> None:

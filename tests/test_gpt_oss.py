@@ -315,6 +315,40 @@ def test_sparse_lora_and_full_tuning_leave_biases_frozen(tiny, mode):
     assert set(res.trained) == {(l, e) for l, ids in enumerate(tuning) for e in ids}
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_biases_train_when_asked(tiny, mode, tmp_path):
+    """``train_biases``: LoRA trains per-expert bias deltas (folded by merge_lora, refused by the PEFT export), full
+    mode the tuned experts' biases; either way the folded model computes what the trained one did."""
+    import copy
+
+    from flux_engine.adapters import merge_lora
+    from flux_engine.training import detach_tuning
+
+    model = copy.deepcopy(tiny)
+    tuning = _busiest(model, [2, 1, 0, 0])
+    res = train_round(model, tuning, _batches(), TrainConfig(mode=mode, rank=4, lr=5e-2, steps=3, train_biases=True))
+    for (l, e), t in res.trained.items():
+        assert {"gate_up_bias", "down_bias"} <= set(t)
+        base = tiny.moe_layers()[l].experts.down_proj_bias[e]
+        moved = t["down_bias"] if mode == "lora" else t["down_bias"] - base
+        assert moved.abs().max() > 0  # the biases trained
+    ids = _batches(1, 4)[0]["input_ids"]
+    trained_logits = model(ids).logits
+    if mode == "lora":
+        with pytest.raises(ValueError, match="bias deltas"):
+            save_peft_adapter(tmp_path / "a", res.trained, model.config, alpha=16.0)
+        merge_lora(model)
+    else:
+        detach_tuning(model)
+    torch.testing.assert_close(model(ids).logits, trained_logits, rtol=1e-4, atol=1e-5)
+    untouched = [(l, e) for l in range(4) for e in range(8) if e not in tuning[l]]
+    for l, e in untouched:
+        b0, b1 = tiny.moe_layers()[l].experts.gate_up_proj_bias[e], model.moe_layers()[l].experts.gate_up_proj_bias[e]
+        assert torch.equal(b0, b1)
+    with pytest.raises(ValueError, match="no biases"):
+        train_round(MoEForCausalLM(presets.get("tiny")), [[0], [1]], _batches(), TrainConfig(train_biases=True))
+
+
 def _trained_lora(tiny, alpha=8.0):
     import copy
 
@@ -380,14 +414,15 @@ def test_plan_for_gpt_oss_20b_on_24_gib(capsys):
     assert "B_tune" in out and "B_non" in out and "memory budget 24.00 GiB" in out
 
 
-def test_tiny_gpt_oss_runs_a_flux_federation_of_two_rounds(tmp_path):
+@pytest.mark.parametrize("mode, explore", [("lora", "train"), ("full", "zo")])
+def test_tiny_gpt_oss_runs_a_flux_federation_of_two_rounds(tmp_path, mode, explore):
     pytest.importorskip("flwr")
     from flux_engine.federated.config import RunConfig
     from flux_engine.federated.simulation import run_local
 
     cfg = {
-        "preset": "gpt-oss-tiny", "mode": "lora", "num-clients": 2, "min-clients": 2, "num-rounds": 2,
-        "budgets": "4MiB,4MiB", "workspace": "0", "lora-rank": 4, "batch-size": 4, "seq-len": 32,
+        "preset": "gpt-oss-tiny", "mode": mode, "explore-mode": explore, "num-clients": 2, "min-clients": 2, "num-rounds": 2,
+        "budgets": "6MiB,6MiB", "workspace": "0", "lora-rank": 4, "batch-size": 4, "seq-len": 32,
         "samples-per-client": 8, "local-steps": 2, "lr": 1e-2, "state-dir": str(tmp_path / "state"),
     }  # fmt: skip
     state = run_local(RunConfig.from_mapping(cfg))

@@ -191,10 +191,13 @@ class ExpertLoRAAdapter(nn.Module):
     ``gate_up_A [S, r, H]``, ``gate_up_B [S, 2I, r]``, ``down_A [S, r, I]``, ``down_B [S, H, r]``; the update of
     slot s is ``scale * B_s A_s`` with ``scale = alpha / rank`` (PEFT's convention). Factors are fp32 whatever the
     base dtype: they are the optimizer's master weights and the kernels accumulate in fp32 anyway.
+
+    ``biases`` (experts with biases only, when asked): trainable bias deltas ``gate_up_bias [S, 2I]`` /
+    ``down_bias [S, H]`` (fp32, zero at first), added to the slot's expert biases; otherwise the biases stay frozen.
     """
 
     def __init__(self, slots: torch.Tensor, hidden_size: int, intermediate_size: int, rank: int, alpha: float,
-                 targets: Sequence[str] = LORA_TARGETS):  # fmt: skip
+                 targets: Sequence[str] = LORA_TARGETS, biases: bool = False):  # fmt: skip
         super().__init__()
         check_lora_settings(rank, targets)
         self.register_buffer("slots", slots.to(torch.int32))
@@ -208,10 +211,24 @@ class ExpertLoRAAdapter(nn.Module):
             B = nn.Parameter(torch.zeros(S, fan_out, rank, device=dev)) if present else None
             self.register_parameter(f"{name}_A", A)
             self.register_parameter(f"{name}_B", B)
+            self.register_parameter(f"{name}_bias", nn.Parameter(torch.zeros(S, fan_out, device=dev)) if biases else None)
 
     @property
     def targets(self) -> Tuple[str, ...]:
         return tuple(t for t in LORA_TARGETS if getattr(self, f"{t}_A") is not None)
+
+    @property
+    def bias_names(self) -> Tuple[str, ...]:
+        """The trainable bias deltas (``gate_up_bias``, ``down_bias``), none unless asked for."""
+        return tuple(f"{t}_bias" for t in LORA_TARGETS if getattr(self, f"{t}_bias") is not None)
+
+    def biased(self, name: str, base: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+        """``base [E_phys, D]`` (the layer's bias that delta ``name`` adapts) with this adapter's deltas added at the
+        slots' physical experts (fp32 sum, base's dtype); differentiable in the deltas."""
+        delta = getattr(self, name)
+        owners = torch.nonzero(self.slots >= 0).flatten()
+        physical = expert_map.long()[owners]
+        return base.float().index_add(0, physical, delta[self.slots.long()[owners]]).to(base.dtype)
 
     @torch.no_grad()
     def reset_slot(self, slot: int, generator: Optional[torch.Generator] = None) -> None:
@@ -223,6 +240,8 @@ class ExpertLoRAAdapter(nn.Module):
             nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
             A[slot].copy_(init)
             getattr(self, f"{t}_B")[slot].zero_()
+        for name in self.bias_names:
+            getattr(self, name)[slot].zero_()
 
     def as_op(self) -> ExpertLoRA:
         return ExpertLoRA(self.slots, self.gate_up_A, self.gate_up_B, self.down_A, self.down_B, self.scale)
@@ -305,10 +324,10 @@ class Experts(nn.Module):
         return t["gate_up_proj"], t["down_proj"]
 
     @torch.no_grad()
-    def split_tuned(self, physical: Sequence[int], train_biases: bool = False) -> None:
+    def split_tuned(self, physical: Sequence[int]) -> None:
         """Move the given physical experts (in this order) into full-size ``tuned_*`` stacks, which become physical
         ``[0, S_t)``; the others stay, frozen, in the base stacks (copies: the frozen stacks never get a gradient
-        buffer). The tuned weights are trainable, the tuned biases only with ``train_biases``."""
+        buffer). The tuned weights are trainable, the tuned biases frozen (``requires_grad_`` them to train them)."""
         if self.has_tuning:
             raise ValueError("tuning experts are already attached")
         E, chosen = self.num_physical, set(physical)
@@ -317,8 +336,7 @@ class Experts(nn.Module):
         tuned, rest = torch.tensor(order[: len(physical)], device=dev), torch.tensor(order[len(physical):], device=dev)
         for name in self.stacks:
             w = getattr(self, name)
-            trainable = name in EXPERT_WEIGHTS or train_biases
-            setattr(self, f"tuned_{name}", nn.Parameter(w.index_select(0, tuned), requires_grad=trainable))
+            setattr(self, f"tuned_{name}", nn.Parameter(w.index_select(0, tuned), requires_grad=name in EXPERT_WEIGHTS))
             setattr(self, name, nn.Parameter(w.index_select(0, rest), requires_grad=False))
         new_of_old = torch.empty(E, dtype=torch.long, device=dev)
         new_of_old[torch.tensor(order, device=dev)] = torch.arange(E, device=dev)
@@ -355,9 +373,13 @@ class Experts(nn.Module):
         )  # fmt: skip
 
     def form_kwargs(self) -> Dict[str, Any]:
-        """The ``form`` / ``gate_up_bias`` / ``down_bias`` keywords of ``ops.grouped_mlp`` for the base stacks."""
-        gate_up_bias, down_bias = (getattr(self, name, None) for name in EXPERT_BIASES)
-        return {"form": self.form, "gate_up_bias": gate_up_bias, "down_bias": down_bias}
+        """The ``form`` / ``gate_up_bias`` / ``down_bias`` keywords of ``ops.grouped_mlp`` for the base stacks (with
+        a LoRA adapter's trained bias deltas added, when it has them)."""
+        biases = {f"{t}_bias": getattr(self, f"{t}_proj_bias", None) for t in LORA_TARGETS}
+        if self.lora is not None:
+            for name in self.lora.bias_names:
+                biases[name] = self.lora.biased(name, biases[name], self.expert_map)
+        return {"form": self.form, **biases}
 
 
 def materialize(model: nn.Module, device: torch.device, skip: Callable[[str], bool] = lambda name: False) -> None:
