@@ -197,10 +197,6 @@ def _triton_lacks(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tu
                   down_bias):  # fmt: skip
     if tuned is not None and isinstance(gate_up, QuantizedTensor):
         return "full-size tuned experts over a packed base"
-    if form != SILU:
-        return f"the expert form {form} yet"
-    if gate_up_bias is not None or down_bias is not None:
-        return "expert biases yet"
     return None
 
 
@@ -209,7 +205,10 @@ def _grouped_mlp_triton(x, gate_up, down, topk_weights, topk_ids, expert_map, lo
                         down_bias):  # fmt: skip
     from flux_engine.triton_kernels.grouped_mlp_autograd import grouped_mlp as kernel
 
-    return kernel(x, gate_up, down, topk_weights, topk_ids, expert_map, lora=lora, tuned=tuned)
+    return kernel(
+        x, gate_up, down, topk_weights, topk_ids, expert_map, lora=lora, tuned=tuned, form=form,
+        gate_up_bias=gate_up_bias, down_bias=down_bias,
+    )  # fmt: skip
 
 
 def _check_lora(lora: ExpertLoRA, num_original: int, H: int, I: int, form: ExpertForm) -> None:
