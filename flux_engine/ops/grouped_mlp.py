@@ -16,7 +16,7 @@ Two ways to train the tuning experts (FLUX_DESIGN.md section 5, "Local tuning"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from flux_engine.ops._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    check_value,
 )
 from flux_engine.ops.expert_form import SILU, ExpertForm
 from flux_engine.ops.permute import permute_reference
@@ -69,7 +70,7 @@ class ExpertLoRA:
         """
         slots = self.slots.long()
         if expert_map is None:
-            _assert(_slots_unique(slots, self.num_slots), "lora.slots: a LoRA slot is given to several experts")
+            check_value(_slots_unique(slots, self.num_slots), "lora.slots: a LoRA slot is given to several experts")
             return slots
         emap = expert_map.long()
         hi = torch.full((num_experts,), -1, dtype=torch.long, device=slots.device).scatter_reduce(0, emap, slots, "amax")
@@ -77,11 +78,11 @@ class ExpertLoRA:
             0, emap, slots, "amin"
         )
         used = torch.zeros(num_experts, dtype=torch.bool, device=slots.device).index_fill(0, emap, True)
-        _assert(
+        check_value(
             ((hi == lo) | ~used).all(),
             "lora.slots: a physical expert shared by several original experts has a LoRA slot on only some of them",
         )
-        _assert(_slots_unique(hi, self.num_slots), "lora.slots: a LoRA slot is given to several physical experts")
+        check_value(_slots_unique(hi, self.num_slots), "lora.slots: a LoRA slot is given to several physical experts")
         return hi
 
 
@@ -104,14 +105,6 @@ class TunedExperts:
     @property
     def num_experts(self) -> int:
         return self.gate_up.shape[0]
-
-
-def _assert(ok: torch.Tensor, message: str) -> None:
-    """A value check that never synchronises with a GPU (see ``_checks``)."""
-    if ok.device.type == "cuda":
-        torch._assert_async(ok, message)
-    elif not bool(ok):
-        raise ValueError(message)
 
 
 def _slots_unique(physical_slots: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -197,10 +190,6 @@ def _triton_lacks(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tu
                   down_bias):  # fmt: skip
     if tuned is not None and isinstance(gate_up, QuantizedTensor):
         return "full-size tuned experts over a packed base"
-    if form != SILU:
-        return f"the expert form {form} yet"
-    if gate_up_bias is not None or down_bias is not None:
-        return "expert biases yet"
     return None
 
 
@@ -209,7 +198,10 @@ def _grouped_mlp_triton(x, gate_up, down, topk_weights, topk_ids, expert_map, lo
                         down_bias):  # fmt: skip
     from flux_engine.triton_kernels.grouped_mlp_autograd import grouped_mlp as kernel
 
-    return kernel(x, gate_up, down, topk_weights, topk_ids, expert_map, lora=lora, tuned=tuned)
+    return kernel(
+        x, gate_up, down, topk_weights, topk_ids, expert_map, lora=lora, tuned=tuned, form=form,
+        gate_up_bias=gate_up_bias, down_bias=down_bias,
+    )  # fmt: skip
 
 
 def _check_lora(lora: ExpertLoRA, num_original: int, H: int, I: int, form: ExpertForm) -> None:
@@ -397,6 +389,8 @@ def grouped_mlp(
     if expert_map is not None:
         check_ids_in_range("expert_map", expert_map, E_phys)
     check_ids_in_range("topk_ids", topk_ids, num_original)
+    if torch.compiler.is_compiling():
+        return _traced(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, form, gate_up_bias, down_bias)
     return _op.run(
         device, x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, form=form,
         gate_up_bias=gate_up_bias, down_bias=down_bias,
@@ -404,3 +398,149 @@ def grouped_mlp(
 
 
 grouped_mlp.op = _op
+
+
+# ------------------------------------------------------------------------------------------- under torch.compile
+# Dynamo cannot trace the tiers (the reference loops over experts with host-known row counts; the Triton tier
+# plans launches on the host), so a traced call becomes one opaque custom op, ``flux_engine::grouped_mlp``, whose
+# implementation runs the usual dispatch eagerly. Its backward is a second op that recomputes the forward with
+# autograd and differentiates it: the tiers keep one definition of their math, at the price of one more forward.
+# Structured arguments travel flattened: every tensor its own (optional) argument, the rest as scalars.
+
+_GRAPH_TENSORS = (
+    "x", "gate_up", "down", "topk_weights", "topk_ids", "expert_map", "gate_up_bias", "down_bias", "tuned_gate_up",
+    "tuned_down", "tuned_gate_up_bias", "tuned_down_bias", "lora_slots", "lora_gate_up_A", "lora_gate_up_B",
+    "lora_down_A", "lora_down_B", "q_gate_up_data", "q_gate_up_scales", "q_gate_up_zeros", "q_down_data",
+    "q_down_scales", "q_down_zeros",
+)  # fmt: skip
+_PACKED_META = 5  # per packed stack: bits, group_size, the 3-D shape
+
+
+def _flatten(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, form, gate_up_bias, down_bias):
+    """``(tensors, scalars)``: the op's arguments in ``_GRAPH_TENSORS`` order and its non-tensor ones."""
+    packed = isinstance(gate_up, QuantizedTensor)
+    quantized = [q for q in (gate_up, down) if packed]
+    t = [x, None if packed else gate_up, None if packed else down, topk_weights, topk_ids, expert_map, gate_up_bias,
+         down_bias]  # fmt: skip
+    t += [tuned.gate_up, tuned.down, tuned.gate_up_bias, tuned.down_bias] if tuned is not None else [None] * 4
+    t += [lora.slots, lora.gate_up_A, lora.gate_up_B, lora.down_A, lora.down_B] if lora is not None else [None] * 5
+    t += [v for q in quantized for v in (q.data, q.scales, q.zeros)] or [None] * 6
+    meta = [v for q in quantized for v in (q.bits, q.group_size, *q.shape)]
+    scalars = dict(
+        q_meta=meta, q_dtype=gate_up.dtype if packed else None, lora_scale=float(lora.scale) if lora is not None else 1.0,
+        activation=form.activation, gated=form.gated, interleaved=form.interleaved, limit=form.limit, alpha=form.alpha,
+    )  # fmt: skip
+    return t, scalars
+
+
+def _unflatten(tensors, q_meta, q_dtype, lora_scale, activation, gated, interleaved, limit, alpha):
+    """``_op.run``'s ``(args, kwargs)`` from ``_flatten``'s output."""
+    a = dict(zip(_GRAPH_TENSORS, tensors))
+    gate_up, down = a["gate_up"], a["down"]
+    if q_meta:
+        stacks = []
+        for i, name in enumerate(("gate_up", "down")):
+            bits, group, *shape = q_meta[i * _PACKED_META : (i + 1) * _PACKED_META]
+            data, scales, zeros = (a[f"q_{name}_{f}"] for f in ("data", "scales", "zeros"))
+            stacks.append(QuantizedTensor(data, scales, zeros, bits, group, torch.Size(shape), q_dtype))
+        gate_up, down = stacks
+    tuned = None
+    if a["tuned_gate_up"] is not None:
+        tuned = TunedExperts(a["tuned_gate_up"], a["tuned_down"], a["tuned_gate_up_bias"], a["tuned_down_bias"])
+    lora = None
+    if a["lora_slots"] is not None:
+        factors = (a[f"lora_{n}"] for n in ("gate_up_A", "gate_up_B", "down_A", "down_B"))
+        lora = ExpertLoRA(a["lora_slots"], *factors, lora_scale)
+    form = ExpertForm(activation, gated, interleaved, limit, alpha)
+    args = (a["x"], gate_up, down, a["topk_weights"], a["topk_ids"], a["expert_map"], lora, tuned)
+    return args, dict(form=form, gate_up_bias=a["gate_up_bias"], down_bias=a["down_bias"])
+
+
+def _run_flat(tensors, scalars):
+    args, kwargs = _unflatten(tensors, **scalars)
+    return _op.run(args[0].device, *args, **kwargs)
+
+
+_T = Optional[torch.Tensor]
+
+
+@torch.library.custom_op("flux_engine::grouped_mlp", mutates_args=())
+def _graph_op(
+    x: torch.Tensor, gate_up: _T, down: _T, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_map: _T,
+    gate_up_bias: _T, down_bias: _T, tuned_gate_up: _T, tuned_down: _T, tuned_gate_up_bias: _T, tuned_down_bias: _T,
+    lora_slots: _T, lora_gate_up_A: _T, lora_gate_up_B: _T, lora_down_A: _T, lora_down_B: _T, q_gate_up_data: _T,
+    q_gate_up_scales: _T, q_gate_up_zeros: _T, q_down_data: _T, q_down_scales: _T, q_down_zeros: _T,
+    q_meta: List[int], q_dtype: Optional[torch.dtype], lora_scale: float, activation: str, gated: bool,
+    interleaved: bool, limit: Optional[float], alpha: float,
+) -> torch.Tensor:  # fmt: skip
+    tensors, scalars = _split_graph_args(locals())
+    return _run_flat(tensors, scalars)
+
+
+@_graph_op.register_fake
+def _(x, *args, **kwargs):
+    return torch.empty_like(x)
+
+
+def _split_graph_args(named: dict):
+    """``(tensors, scalars)`` of the graph ops' arguments given by name."""
+    return [named[n] for n in _GRAPH_TENSORS], {k: v for k, v in named.items() if k not in _GRAPH_TENSORS}
+
+
+@torch.library.custom_op("flux_engine::grouped_mlp_backward", mutates_args=())
+def _graph_backward_op(
+    grad: torch.Tensor, needs: List[bool], x: torch.Tensor, gate_up: _T, down: _T, topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor, expert_map: _T, gate_up_bias: _T, down_bias: _T, tuned_gate_up: _T, tuned_down: _T,
+    tuned_gate_up_bias: _T, tuned_down_bias: _T, lora_slots: _T, lora_gate_up_A: _T, lora_gate_up_B: _T,
+    lora_down_A: _T, lora_down_B: _T, q_gate_up_data: _T, q_gate_up_scales: _T, q_gate_up_zeros: _T, q_down_data: _T,
+    q_down_scales: _T, q_down_zeros: _T, q_meta: List[int], q_dtype: Optional[torch.dtype], lora_scale: float,
+    activation: str, gated: bool, interleaved: bool, limit: Optional[float], alpha: float,
+) -> List[torch.Tensor]:  # fmt: skip
+    """Gradients of ``<grad, grouped_mlp(...)>`` wrt the tensors with ``needs[i]`` (empty tensors for the others)."""
+    named = dict(locals())
+    tensors, scalars = _split_graph_args(named)
+    del scalars["grad"], scalars["needs"]
+    # A custom op's implementation runs below autograd; the recomputation needs it back (keys re-admitted for this
+    # block only).
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
+        with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False), torch.enable_grad():
+            leaves = [t.detach().requires_grad_() if n else t for t, n in zip(tensors, needs)]
+            out = _run_flat(leaves, scalars)
+            wrt = [t for t, n in zip(leaves, needs) if n]
+            grads = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True) if wrt else ())
+    result = []
+    for t, n in zip(leaves, needs):
+        g = next(grads) if n else grad.new_empty(0)
+        result.append(torch.zeros_like(t) if g is None else g)  # None: unused by this call (allow_unused)
+    return result
+
+
+@_graph_backward_op.register_fake
+def _(grad, needs, *tensors_and_scalars, **kwargs):
+    named = dict(zip(("grad", "needs", *_GRAPH_TENSORS), (grad, needs, *tensors_and_scalars)))
+    return [torch.empty_like(named[n]) if need else grad.new_empty(0) for n, need in zip(_GRAPH_TENSORS, needs)]
+
+
+def _graph_setup(ctx, inputs, output):
+    tensors = inputs[: len(_GRAPH_TENSORS)]
+    ctx.scalars = inputs[len(_GRAPH_TENSORS) :]
+    ctx.needs = [t is not None and t.requires_grad for t in tensors]
+    ctx.present = [t is not None for t in tensors]
+    ctx.save_for_backward(*(t for t in tensors if t is not None))
+
+
+def _graph_backward(ctx, grad):
+    saved = iter(ctx.saved_tensors)
+    tensors = [next(saved) if p else None for p in ctx.present]
+    grads = _graph_backward_op(grad, ctx.needs, *tensors, *ctx.scalars)
+    return (*(g if n else None for g, n in zip(grads, ctx.needs)), *(None,) * len(ctx.scalars))
+
+
+_graph_op.register_autograd(_graph_backward, setup_context=_graph_setup)
+
+
+def _traced(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, form, gate_up_bias, down_bias):
+    """``grouped_mlp`` as one ``flux_engine::grouped_mlp`` node of the traced graph."""
+    tensors, scalars = _flatten(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, form, gate_up_bias,
+                                down_bias)  # fmt: skip
+    return _graph_op(*tensors, **scalars)
