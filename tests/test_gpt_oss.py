@@ -90,12 +90,15 @@ def test_yarn_frequencies_match_transformers(truncate):
         assert scale == pytest.approx(ref_scale, rel=1e-12) and scale > 1
 
 
-def test_logits_and_gradients_match_transformers(hf_folder):
+@pytest.mark.parametrize("tier", ["reference", "triton"])
+def test_logits_and_gradients_match_transformers(hf_folder, tier, force_tier):
     """fp32, a random tiny config, the HF state dict through the project's checkpoint path: logits and the gradient
-    of every parameter within 1e-4 (relative to the tensor's scale)."""
+    of every parameter within 1e-4 (relative to the tensor's scale), with the experts on either kernel tier
+    (Triton interpreted on a CPU)."""
+    force_tier(tier, torch.device("cpu"))
     hf, folder = hf_folder
     model = load_pretrained(folder, dtype=torch.float32).train()
-    hf.train()
+    hf.train().zero_grad(set_to_none=True)  # the module-scoped reference is shared by both tiers
     ids = _ids()
     w = torch.randn(2, T, V, generator=torch.Generator().manual_seed(2))
     ours, ref = model(ids).logits, hf(ids).logits
