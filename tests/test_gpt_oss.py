@@ -220,6 +220,33 @@ def test_mxfp4_checkpoint_repacks_to_int4_for_profiling(hf_folder, tmp_path, mon
     assert int(p1.counts.sum()) == 4 * 3 * T * 2  # every layer, token and slot counted
 
 
+def test_shipped_config_format_and_bad_mxfp4_tensors_are_named(hf_folder, tmp_path):
+    """The config.json gpt-oss-20b ships (transformers 4.55: ``rope_scaling`` + top-level ``rope_theta``,
+    ``experts_per_token``, ``quantization_config``) reads as the v5 one does; a damaged MXFP4 pair is an error
+    naming the key."""
+    from flux_engine.checkpoint import CheckpointError
+
+    hf, _ = hf_folder
+    _write_mxfp4_checkpoint(hf, tmp_path / "mx")
+    config = json.loads((tmp_path / "mx" / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config.update(rope_theta=params.pop("rope_theta"), rope_scaling=params, experts_per_token=2)
+    config.pop("num_experts_per_tok")
+    write_json(str(tmp_path / "mx" / "config.json"), config)
+    c = load_pretrained(tmp_path / "mx").config
+    assert c.rope_theta == 150000.0 and c.rope_scaling["factor"] == 8.0 and c.num_experts_per_tok == 2
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted((tmp_path / "mx").glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        key = "model.layers.2.mlp.experts.down_proj_scales"
+        if key in tensors:
+            tensors[key] = tensors[key][..., :-1].contiguous()  # one group short
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="down_proj_scales"):
+        load_pretrained(tmp_path / "mx")
+
+
 # ------------------------------------------------------------------------------------------------ presets, budget
 
 
@@ -409,12 +436,18 @@ def test_per_expert_peft_export_of_interleaved_experts(tiny, tmp_path):
     torch.testing.assert_close(folded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_plan_for_gpt_oss_20b_on_24_gib(capsys):
+def test_plan_for_gpt_oss_20b_on_24_gib(capsys, hf_folder):
     from flux_engine.cli import main
 
-    main(["plan", "--preset", "gpt-oss-20b", "--budget", "24GiB", "--frozen-experts", "mxfp4"])
+    assert main(["plan", "--preset", "gpt-oss-20b", "--budget", "24GiB", "--frozen-experts", "mxfp4"]) == 0
     out = capsys.readouterr().out
     assert "B_tune" in out and "B_non" in out and "memory budget 24.00 GiB" in out
+    assert "merged experts (24, mxfp4)" in out  # at least one merged expert per MoE layer
+    _, folder = hf_folder  # a checkpoint's config.json is enough
+    assert main(["plan", "--checkpoint", str(folder), "--budget", "300MiB", "--profile-bits", "-1"]) == 0
+    assert "-> B_tune = " in capsys.readouterr().out
+    assert main(["plan", "--preset", "gpt-oss-20b", "--budget", "2GiB"]) == 2  # too small: one line, status 2
+    assert "short of the minimum" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode, explore", [("lora", "train"), ("full", "zo")])
