@@ -8,7 +8,10 @@ The memory model (bytes, all terms printed by ``BudgetPlan.describe()``):
   model has expert biases, gpt-oss), stored as ``frozen_experts`` says: the weight dtype (default), ``int4``
   (``profiling``'s packed group-wise format: 4-bit codes plus an fp32 scale per group) or ``mxfp4`` (gpt-oss's
   checkpoint format: 4-bit codes plus one byte per 32 values); biases stay in the weight dtype. In LoRA mode the
-  frozen base weights of the tuning experts are stored the same way (QLoRA-style).
+  frozen base weights of the tuning experts are stored the same way (QLoRA-style). What computes on them: int4
+  stacks are ``ops.QuantizedTensor`` bases the grouped MLP reads packed (LoRA included); MXFP4 is the memory a
+  gpt-oss checkpoint's experts take as shipped, which the runtime dequantises on load or repacks to int4
+  (``checkpoint.mxfp4``), so an ``mxfp4`` plan is the bound such a kernel would reach, not today's runtime.
 - **tuning experts**: ``B_tune`` experts, each its base weights plus
   - LoRA mode (``lora_rank > 0``): LoRA factors on gate_up and down (``r * (2H + 3I)`` parameters), kept in fp32,
     their fp32 gradients and optimizer state (AdamW: two fp32 moments; SGD: none);
