@@ -353,13 +353,13 @@ def merge_adapters(model: nn.Module, adapters: ExpertState, scale: float, skip: 
             raise ValueError(f"adapter for expert {(l, e)}: the model has {len(layers)} MoE layers")
         check_owns(model, l, e)
         ex = layers[l].experts
-        views = ex.physical_tensors(int(ex.expert_map[e]))
-        for target in LORA_TARGETS:
-            W = views[f"{target}_proj"]
+        p = int(ex.expert_map[e])
+        for W, target in zip(ex.physical_weights(p), LORA_TARGETS):
             if f"{target}_A" in t:
                 W.copy_(fold_lora(W, t, target, scale))
+        for target in LORA_TARGETS:
             if f"{target}_bias" in t:  # a trained bias delta (TrainConfig.train_biases)
-                b = views[f"{target}_proj_bias"]
+                b = ex.physical_tensors(p)[f"{target}_proj_bias"]
                 b.copy_((b.float() + t[f"{target}_bias"].to(b.device, torch.float32)).to(b.dtype))
 
 
