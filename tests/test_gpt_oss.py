@@ -140,6 +140,23 @@ def test_bf16_forward_and_backward_track_fp32(hf_folder):
         assert p.grad is not None and torch.isfinite(p.grad.float()).all() and p.grad.abs().max() > 0
 
 
+def test_whole_model_compiles_without_graph_breaks():
+    """Sinks, sliding and full layers, YaRN and the biased clamped experts trace under torch.compile(fullgraph=True)
+    and compute what eager does, gradients included."""
+    torch.manual_seed(0)
+    model = MoEForCausalLM(presets.get("gpt-oss-tiny"))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).logits
+    ref.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    out.square().mean().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_padded_batches_match_transformers(hf_folder):
     hf, folder = hf_folder
     model = load_pretrained(folder, dtype=torch.float32)
