@@ -11,6 +11,11 @@ By default an op runs the first tier in its preference list that can run on the 
 such tier, or whose tier cannot run here, raises ``BackendUnavailableError`` instead of silently
 falling back, so a forced run really measures what it says.
 
+Under ``torch.compile`` (``torch.compiler.is_compiling()``) every op runs its reference: plain torch that dynamo
+traces and the compiler's backend fuses, never a graph break on a native or Triton launcher (the grouped MLP
+instead becomes one opaque custom op that dispatches as usual; see ``ops.grouped_mlp``). The forced tier applies to
+eager calls.
+
 A tier may also handle only some calls of its op (the triton grouped MLP has no LoRA yet): it registers an
 ``unsupported`` check, and dispatch with the call's arguments (``Op.run``) skips it for those calls, or raises
 ``BackendUnavailableError`` naming what it lacks when that tier is forced.
@@ -140,8 +145,10 @@ class Op:
         """The implementation to run for inputs on ``device``.
 
         With ``call = (args, kwargs)`` of the op, tiers whose ``unsupported`` check rejects that call are
-        skipped (forced: raise); without it only the device decides.
+        skipped (forced: raise); without it only the device decides. While dynamo traces: the reference.
         """
+        if torch.compiler.is_compiling():
+            return self.impls["reference"]
         tier = forced_tier()
         if tier is not None:
             if tier not in self.impls:

@@ -4,7 +4,14 @@ The memory model (bytes, all terms printed by ``BudgetPlan.describe()``):
 
 - **non-expert weights**: every parameter except the routed experts (embeddings, LM head unless tied, attention,
   norms, routers, dense MLPs, shared experts), in the weight dtype. Counted exactly from a meta-device model.
-- **merged experts**: ``B_non`` frozen experts of ``3 * H * I`` weights each, in the weight dtype.
+- **merged experts**: ``B_non`` frozen experts of ``3 * H * I`` weights each (plus ``2I + H`` biases when the
+  model has expert biases, gpt-oss), stored as ``frozen_experts`` says: the weight dtype (default), ``int4``
+  (``profiling``'s packed group-wise format: 4-bit codes plus an fp32 scale per group) or ``mxfp4`` (gpt-oss's
+  checkpoint format: 4-bit codes plus one byte per 32 values); biases stay in the weight dtype. In LoRA mode the
+  frozen base weights of the tuning experts are stored the same way (QLoRA-style). What computes on them: int4
+  stacks are ``ops.QuantizedTensor`` bases the grouped MLP reads packed (LoRA included); MXFP4 is the memory a
+  gpt-oss checkpoint's experts take as shipped, which the runtime dequantises on load or repacks to int4
+  (``checkpoint.mxfp4``), so an ``mxfp4`` plan is the bound such a kernel would reach, not today's runtime.
 - **tuning experts**: ``B_tune`` experts, each its base weights plus
   - LoRA mode (``lora_rank > 0``): LoRA factors on gate_up and down (``r * (2H + 3I)`` parameters), kept in fp32,
     their fp32 gradients and optimizer state (AdamW: two fp32 moments; SGD: none);
@@ -48,6 +55,7 @@ from flux_engine.models.config import MoEConfig
 MiB = 1 << 20
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float64": 8}
 OPTIMIZERS = ("adamw", "sgd")
+EXPERT_FORMATS = ("dtype", "int4", "mxfp4")  # how frozen expert weights are stored (module docstring)
 
 
 def dtype_bytes(dtype: Union[str, torch.dtype]) -> int:
@@ -83,10 +91,13 @@ class TrainSettings:
     # at profile_dense_bits (None: full precision).
     profile_bits: Optional[int] = None
     profile_dense_bits: Optional[int] = 8
+    frozen_experts: str = "dtype"  # storage of frozen expert weights: one of EXPERT_FORMATS
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.frozen_experts not in EXPERT_FORMATS:
+            raise ValueError(f"frozen_experts must be one of {EXPERT_FORMATS}, got {self.frozen_experts!r}")
         dtype_bytes(self.dtype)
         if self.batch_size < 1 or self.seq_len < 1:
             raise ValueError("batch_size and seq_len must be >= 1")
@@ -119,8 +130,27 @@ def non_expert_parameters(config: MoEConfig) -> int:
 
 
 def expert_parameters(config: MoEConfig) -> int:
-    """Weights of one routed expert: ``3 * H * I``."""
-    return 3 * config.hidden_size * config.moe_intermediate_size
+    """Parameters of one routed expert: ``3 * H * I`` weights, plus ``2I + H`` biases when it has them."""
+    return 3 * config.hidden_size * config.moe_intermediate_size + _expert_bias_parameters(config)
+
+
+def _expert_bias_parameters(config: MoEConfig) -> int:
+    return (2 * config.moe_intermediate_size + config.hidden_size) if config.expert_bias else 0
+
+
+def expert_storage_bytes(config: MoEConfig, fmt: str, dtype: Union[str, torch.dtype]) -> int:
+    """Bytes of one frozen routed expert stored as ``fmt`` (``EXPERT_FORMATS``), biases in ``dtype``."""
+    b = dtype_bytes(dtype)
+    if fmt == "dtype":
+        return expert_parameters(config) * b
+    weights = 3 * config.hidden_size * config.moe_intermediate_size
+    if fmt == "int4":
+        packed = quantized_expert_bytes(config, 4)
+    elif fmt == "mxfp4":
+        packed = weights // 2 + math.ceil(weights / 32)  # FP4 codes + one E8M0 scale per 32 values
+    else:
+        raise ValueError(f"expert format must be one of {EXPERT_FORMATS}, got {fmt!r}")
+    return packed + _expert_bias_parameters(config) * b
 
 
 def quantized_bytes(rows: int, K: int, bits: int, group_size: Optional[int] = None) -> int:
@@ -166,7 +196,7 @@ def profiling_copy_bytes(config: MoEConfig, settings: TrainSettings) -> int:
 
 
 def merged_expert_bytes(config: MoEConfig, settings: TrainSettings) -> int:
-    return expert_parameters(config) * dtype_bytes(settings.dtype)
+    return expert_storage_bytes(config, settings.frozen_experts, settings.dtype)
 
 
 def tuning_expert_terms(config: MoEConfig, settings: TrainSettings) -> Dict[str, int]:
@@ -175,7 +205,8 @@ def tuning_expert_terms(config: MoEConfig, settings: TrainSettings) -> Dict[str,
     n = expert_parameters(config)
     states = 2 if settings.optimizer == "adamw" else 0
     terms = OrderedDict(weights=n * b)
-    if settings.lora:
+    if settings.lora:  # the base weights are frozen: stored like the merged experts
+        terms["weights"] = merged_expert_bytes(config, settings)
         H, I, r = config.hidden_size, config.moe_intermediate_size, int(settings.lora_rank)
         n_lora = r * (2 * H + 3 * I)
         terms["lora_params_fp32"] = n_lora * 4
@@ -247,7 +278,8 @@ def memory_breakdown(config: MoEConfig, settings: TrainSettings, B_tune: int, B_
     if settings.profile_bits is not None:
         fmt = f"int{settings.profile_bits} experts" if settings.profile_bits else "full precision"
         out[f"profiling copy ({fmt})"] = profiling_copy_bytes(config, settings)
-    out[f"merged experts ({B_non})"] = B_non * merged_expert_bytes(config, settings)
+    stored = "" if settings.frozen_experts == "dtype" else f", {settings.frozen_experts}"
+    out[f"merged experts ({B_non}{stored})"] = B_non * merged_expert_bytes(config, settings)
     mode = f"LoRA r={settings.lora_rank}" if settings.lora else "full"
     out[f"tuning experts ({B_tune}, weights)"] = B_tune * terms["weights"]
     out[f"tuning grads+optimizer ({mode}, {settings.optimizer})"] = B_tune * (sum(terms.values()) - terms["weights"])

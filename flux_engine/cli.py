@@ -6,6 +6,7 @@
     flux-engine experiment --config bench/configs/tta_cpu.toml   # Flux vs baselines: time-to-accuracy report
     flux-engine profile --preset tiny      # routing frequencies / importance of one client's data
     flux-engine merge --preset tiny --tune 2 --merged 6    # merge plan and its output error
+    flux-engine plan --preset gpt-oss-20b --budget 24GiB   # a client's memory plan: B_tune, B_non, every term
     flux-engine bench --preset tiny        # one client round, timed by phase
     flux-engine probe --task olmo:piqa     # does the demo's model learn a task? (bench/results/tasks.md)
 
@@ -306,6 +307,35 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """A client's memory plan (``budget.plan_budget``): B_tune, B_non and every term, for a preset or a checkpoint's
+    config, without building the model."""
+    from flux_engine import budget, presets
+    from flux_engine.checkpoint.safetensors_io import parse_size
+
+    if (args.preset is None) == (args.checkpoint is None):
+        raise ValueError("plan needs exactly one of --preset or --checkpoint")
+    if args.preset is not None:
+        config = presets.get(args.preset)
+    else:
+        from flux_engine.checkpoint import get_layout, read_config
+        from flux_engine.checkpoint.safetensors_io import CONFIG_FILE, read_json
+
+        path = os.path.join(args.checkpoint, CONFIG_FILE)
+        raw = read_json(path)
+        config = read_config(get_layout(raw.get("model_type"), path), raw, path)
+    settings = budget.TrainSettings(
+        dtype=args.dtype, lora_rank=args.lora_rank if args.mode == "lora" else 0, batch_size=args.batch_size,
+        seq_len=args.seq_len, activation_checkpointing=args.activation_checkpointing,
+        profile_bits=None if args.profile_bits < 0 else args.profile_bits, frozen_experts=args.frozen_experts,
+    )  # fmt: skip
+    name = args.preset or args.checkpoint
+    print(f"{name}: {len(config.moe_layer_indices)} MoE layers x {config.num_experts} experts, "
+          f"{settings.frozen_experts} frozen experts, {args.mode} tuning")  # fmt: skip
+    print(budget.plan_budget(config, parse_size(args.budget), settings).describe())
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -351,6 +381,22 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--config", required=True)
     exp.add_argument("--resume", action="store_true", help="reuse finished methods, continue unfinished ones")
     exp.set_defaults(func=cmd_experiment)
+
+    pl = sub.add_parser("plan", help="a client's memory plan: B_tune and B_non for a memory budget")
+    pl.add_argument("--preset", default=None)
+    pl.add_argument("--checkpoint", default=None, help="model folder (its config.json only is read)")
+    pl.add_argument("--budget", required=True, help="client memory, e.g. 24GiB")
+    pl.add_argument("--mode", choices=("lora", "full"), default="lora")
+    pl.add_argument("--lora-rank", type=int, default=8)
+    pl.add_argument("--dtype", default="bfloat16")
+    pl.add_argument("--batch-size", type=int, default=1)
+    pl.add_argument("--seq-len", type=int, default=1024)
+    pl.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    pl.add_argument("--frozen-experts", choices=("dtype", "int4", "mxfp4"), default="dtype",
+                    help="storage of merged experts and of LoRA's frozen base weights")  # fmt: skip
+    pl.add_argument("--profile-bits", type=int, default=4, help="profiling copy kept between rounds: 4, 8, 0 = full, "
+                    "-1 = none")  # fmt: skip
+    pl.set_defaults(func=cmd_plan)
 
     for name, func, help_ in (
         ("profile", cmd_profile, "profile one client's data"),

@@ -461,7 +461,7 @@ def merge(
     """The compact model: per MoE layer, the tuning experts (``tuning_experts``: per-layer lists of original ids or
     a bool ``[L, E]`` mask) keep their own physical experts, untouched; the non-tuning experts are clustered into
     ``budgets[l]`` merged experts (``budgets`` an int total goes through ``layer_budgets``) and each cluster becomes
-    ``sum_e alpha_e / sum alpha * W_e`` (Eq. 2; ``weighting``: ``freq_attn`` alpha = f*a, ``freq`` alpha = f,
+    ``sum_e alpha_e / sum alpha * W_e`` (Eq. 2, expert biases alike; ``weighting``: ``freq_attn`` alpha = f*a, ``freq`` alpha = f,
     ``uniform``). The expert weight stacks are replaced by new, smaller parameters (the old ones are dropped), and
     ``expert_map`` and ``config.physical_experts`` are updated. ``inplace=False`` works on a deep copy.
     Returns ``(model, plan)``.
@@ -478,21 +478,18 @@ def merge(
             raise ValueError("merge a model without LoRA or tuned experts attached (detach_tuning first)")
         old_map = ex.expert_map.long()
         alpha = merge_alphas(profile, l, weighting)
-        gu, dn = ex.gate_up_proj, ex.down_proj
-        new_gu = torch.empty((len(plan.groups[l]),) + tuple(gu.shape[1:]), dtype=gu.dtype, device=gu.device)
-        new_dn = torch.empty((len(plan.groups[l]),) + tuple(dn.shape[1:]), dtype=dn.dtype, device=dn.device)
-        for p, members in enumerate(plan.groups[l]):
-            phys = old_map[members]
-            if len(members) == 1:
-                new_gu[p] = gu[phys[0]]
-                new_dn[p] = dn[phys[0]]
-                continue
-            w = merge_weights(alpha[members]).to(device=gu.device)
-            new_gu[p] = torch.einsum("m,mij->ij", w, gu[phys].double()).to(gu.dtype)
-            new_dn[p] = torch.einsum("m,mij->ij", w, dn[phys].double()).to(dn.dtype)
-        ex.gate_up_proj = nn.Parameter(new_gu, requires_grad=gu.requires_grad)
-        ex.down_proj = nn.Parameter(new_dn, requires_grad=dn.requires_grad)
-        del gu, dn
+        for name in ex.stacks:  # weights and, when the experts have them, biases (gpt-oss): merged alike
+            old = getattr(ex, name)
+            new = torch.empty((len(plan.groups[l]),) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
+            for p, members in enumerate(plan.groups[l]):
+                phys = old_map[members]
+                if len(members) == 1:
+                    new[p] = old[phys[0]]
+                else:
+                    w = merge_weights(alpha[members]).to(device=old.device)
+                    new[p] = torch.einsum("m,m...->...", w, old[phys].double()).to(old.dtype)
+            setattr(ex, name, nn.Parameter(new, requires_grad=old.requires_grad))
+            del old
         ex.expert_map = plan.expert_maps[l].to(ex.expert_map.device)
     # MoEMLP/Attention modules share the model's config object: update it in place.
     model.config.physical_experts = plan.physical_experts

@@ -2,7 +2,7 @@
 experiment models (weights built by ``flux_engine.models.from_dense``) and a tiny model for tests.
 
 Sources of the published shapes: the models' own config.json files (LLaMA-MoE-v1-3.5B 4/16, deepseek-moe-16b-base,
-Mixtral-8x7B-v0.1, Qwen3-30B-A3B, OLMoE-1B-7B-0924).
+Mixtral-8x7B-v0.1, Qwen3-30B-A3B, OLMoE-1B-7B-0924, gpt-oss-20b).
 """
 
 from __future__ import annotations
@@ -143,6 +143,73 @@ def _olmoe_1b_7b() -> MoEConfig:
     )
 
 
+def _gpt_oss(**shape) -> MoEConfig:
+    """gpt-oss's architecture (transformers ``GptOssConfig``): experts with biases, interleaved gate/up and the
+    clamped SwiGLU (limit 7, alpha 1.702); a biased router (softmax over the top k); q/k/v/o biases and a learned
+    sink per head; sliding-window (even layers) and full attention alternating; YaRN RoPE (factor 32 over 4096
+    original positions, beta 32/1, untruncated)."""
+    num_layers = shape["num_layers"]
+    fields = dict(
+        rms_norm_eps=1e-5,
+        rope_theta=150000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},  # fmt: skip
+        max_position_embeddings=131072,
+        sliding_window=128,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        attention_bias=True,
+        attention_output_bias=True,
+        attention_sinks=True,
+        router_bias=True,
+        norm_topk_prob=True,
+        expert_bias=True,
+        expert_interleaved=True,
+        swiglu_limit=7.0,
+        swiglu_alpha=1.702,
+    )
+    fields.update(shape)
+    return MoEConfig(**fields)
+
+
+def _gpt_oss_20b() -> MoEConfig:
+    # openai/gpt-oss-20b config.json: 24 layers, hidden 2880, 32 experts top-4 of 2880, 64 q / 8 kv heads of 64,
+    # vocabulary 201088; 20.91e9 parameters (the model card's 21B).
+    return _gpt_oss(
+        vocab_size=201088,
+        hidden_size=2880,
+        num_layers=24,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=64,
+        intermediate_size=2880,
+        num_experts=32,
+        num_experts_per_tok=4,
+        moe_intermediate_size=2880,
+        metadata={"preset": "gpt-oss-20b", "source_model_type": "gpt_oss"},
+    )
+
+
+def _gpt_oss_tiny() -> MoEConfig:
+    # The gpt-oss architecture at test size: 4 layers (sliding window 8 on layers 0 and 2), 8 experts top-2.
+    return _gpt_oss(
+        vocab_size=256,
+        hidden_size=64,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        sliding_window=8,
+        max_position_embeddings=512,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},  # fmt: skip
+        metadata={"preset": "gpt-oss-tiny", "source_model_type": "gpt_oss"},
+    )
+
+
 def _smollm2_llama_moe(moe_layers: List[int], name: str) -> Callable[[], MoEConfig]:
     """SmolLM2 upcycled: the FFNs of ``moe_layers`` become 8 experts (full-size copies), top-2, with 10% of each
     copy's neurons re-initialised (Drop-Upcycling). Measured on the mini variant (``python -m flux_engine.pretrain``):
@@ -199,6 +266,8 @@ _PRESETS: Dict[str, Callable[[], MoEConfig]] = {
     "mixtral-8x7b": _mixtral_8x7b,
     "qwen3-30b-a3b": _qwen3_30b_a3b,
     "olmoe-1b-7b": _olmoe_1b_7b,
+    "gpt-oss-20b": _gpt_oss_20b,
+    "gpt-oss-tiny": _gpt_oss_tiny,
     "smollm2-llama-moe": _smollm2_llama_moe(SMOLLM2_MOE_LAYERS, "smollm2-llama-moe"),
     "smollm2-llama-moe-mini": _smollm2_llama_moe(SMOLLM2_MINI_MOE_LAYERS, "smollm2-llama-moe-mini"),
     "smollm2-deepseek-moe": _smollm2_deepseek_moe(SMOLLM2_MOE_LAYERS, "smollm2-deepseek-moe"),

@@ -42,7 +42,10 @@ folds the new global adapters of the experts that changed and re-quantises those
 Padding (``attention_mask`` 0) is neither counted nor part of received attention (padded queries are dropped
 and the mean over queries divides by the row's real tokens), and a batch's trailing columns of padding are cut
 before the forward (``_trim_padding``). Limitation: received attention assumes plain causal
-attention (a sliding window is ignored there).
+attention (a sliding window and attention sinks, gpt-oss, are ignored there; the forward itself uses both).
+
+MXFP4 checkpoints (gpt-oss): each expert stack is read packed and repacked to ``bits`` one row chunk at a time
+(``checkpoint.mxfp4.MXFP4Weight.rows``), never decoded whole; the result equals quantizing the dequantised model.
 """
 
 from __future__ import annotations
@@ -59,9 +62,10 @@ import torch
 import torch.nn as nn
 
 from flux_engine import ops
+from flux_engine.checkpoint.mxfp4 import MXFP4Weight
 from flux_engine.fileio import atomic_write
 from flux_engine.models import MoEForCausalLM
-from flux_engine.models.moe import Attention, DenseMLP, MoEMLP, attention_mask_4d, materialize, rope_cos_sin
+from flux_engine.models.moe import Attention, DenseMLP, MoEMLP, layer_masks, materialize, rope_cos_sin
 from flux_engine.ops.quantize import QuantizedTensor
 from flux_engine.ops.quantized_grouped_mlp import quantized_grouped_mlp
 from flux_engine.ops.received_attention import received_attention
@@ -182,20 +186,21 @@ def group_for(K: int, bits: int, group_size: Optional[int]) -> int:
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _quantize(w: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool) -> QuantizedTensor:
+def _quantize(w: Union[torch.Tensor, MXFP4Weight], bits: int, group_size: Optional[int], symmetric: bool) -> QuantizedTensor:
     """``ops.quantize(w, bits, group_for(K, ...))``, computed in row chunks into preallocated storage (groups
-    run along the last dimension, so rows are independent and the result is identical)."""
+    run along the last dimension, so rows are independent and the result is identical). An MXFP4 ``w`` is decoded
+    one row chunk at a time (to its ``dtype``), never as a whole."""
     K = w.shape[-1]
     g = group_for(K, bits, group_size)
-    rows = w.reshape(-1, K)
+    R = math.prod(w.shape[:-1])
+    rows = w.rows if isinstance(w, MXFP4Weight) else lambda i, j: w.reshape(-1, K)[i:j]
     step = max(1, _CHUNK_ELEMENTS // K)
-    if rows.shape[0] <= step:
-        return ops.quantize(w, bits, g, symmetric=symmetric)
+    if R <= step:
+        return ops.quantize(rows(0, R).view(w.shape), bits, g, symmetric=symmetric)
     data = scales = zeros = None
-    for i in range(0, rows.shape[0], step):
-        part = ops.quantize(rows[i : i + step], bits, g, symmetric=symmetric)
+    for i in range(0, R, step):
+        part = ops.quantize(rows(i, min(i + step, R)), bits, g, symmetric=symmetric)
         if data is None:
-            R = rows.shape[0]
             data = torch.empty((R, part.data.shape[-1]), dtype=part.data.dtype, device=w.device)
             scales = torch.empty((R, part.scales.shape[-1]), dtype=part.scales.dtype, device=w.device)
             if part.zeros is not None:
@@ -213,9 +218,9 @@ def _quantize(w: torch.Tensor, bits: int, group_size: Optional[int], symmetric: 
     )  # fmt: skip
 
 
-def _compress(w: torch.Tensor, bits: Optional[int], group_size: Optional[int], symmetric: bool):
+def _compress(w: Union[torch.Tensor, MXFP4Weight], bits: Optional[int], group_size: Optional[int], symmetric: bool):
     if bits is None:
-        return w
+        return w.dequantize() if isinstance(w, MXFP4Weight) else w
     return _quantize(w, bits, group_size, symmetric)
 
 
@@ -388,7 +393,9 @@ def _build(
                 targets[name][entry.index].copy_(source)
                 continue
             target = targets[name]
-            if bits is not None and entry.index == () and remaining[name] == 1:
+            if isinstance(source, MXFP4Weight):  # a whole expert stack, still packed: decoded by _compress
+                w = source.to(device=device, dtype=target.dtype)
+            elif bits is not None and entry.index == () and remaining[name] == 1:
                 w = source.to(device=device, dtype=target.dtype)  # no copy when it already matches
             else:
                 buf = pending.get(name)
@@ -434,7 +441,7 @@ def _from_model(model: MoEForCausalLM, bits, group_size, symmetric, device, dens
 
 def _from_checkpoint(path, dtype, bits, group_size, symmetric, device, dense_bits) -> LowBitModel:
     from flux_engine import checkpoint as ck
-    from flux_engine.checkpoint.safetensors_io import CONFIG_FILE, read_json, scan, stream
+    from flux_engine.checkpoint.safetensors_io import CONFIG_FILE, read_json, scan
 
     folder = os.fspath(path)
     config_path = os.path.join(folder, CONFIG_FILE)
@@ -449,7 +456,7 @@ def _from_checkpoint(path, dtype, bits, group_size, symmetric, device, dense_bit
     with torch.device("meta"):
         meta_model = MoEForCausalLM(config)
     plan = ck.load_plan(meta_model, layout, keys, found, folder)
-    return _build(stream(found, list(plan)), plan, skeleton, dense, bits, group_size, symmetric, device, dense_bits)
+    return _build(ck.read_tensors(found, plan), plan, skeleton, dense, bits, group_size, symmetric, device, dense_bits)
 
 
 def prepare(
@@ -526,10 +533,8 @@ def _moe_step(low: LowBitModel, mlp: MoEMLP, li: int, h: torch.Tensor, ra: torch
     onehot.scatter_(1, ids.long(), True)
     acc.hits[li].append((onehot & keep.bool()[:, None]).view(B, T, E).any(dim=1))
     le = low.experts[mlp.layer]
-    if isinstance(le.gate_up, QuantizedTensor):
-        y = quantized_grouped_mlp(flat, le.gate_up, le.down, weights, ids, low.expert_maps[mlp.layer])
-    else:
-        y = ops.grouped_mlp(flat, le.gate_up, le.down, weights, ids, low.expert_maps[mlp.layer])
+    run = quantized_grouped_mlp if isinstance(le.gate_up, QuantizedTensor) else ops.grouped_mlp
+    y = run(flat, le.gate_up, le.down, weights, ids, low.expert_maps[mlp.layer], **mlp.experts.form_kwargs())
     if mlp.shared_expert is not None:
         shared = mlp.shared_expert(flat)
         if mlp.shared_expert_gate is not None:
@@ -574,9 +579,9 @@ def _run(low: LowBitModel, batches: Iterable[Dict[str, Any]], meta: Dict[str, An
         acc.tokens += mask.sum()
         x = model.model.embed_tokens(input_ids)
         positions = torch.arange(T, device=device).expand(B, T)
-        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
-        attn_mask = attention_mask_4d(am, T, config.sliding_window, device)
-        for layer in model.model.layers[: last + 1]:
+        cos, sin = rope_cos_sin(positions, config, x.dtype)
+        masks = layer_masks(config, am, T, device)
+        for layer, attn_mask in zip(model.model.layers[: last + 1], masks):
             attn = layer.self_attn
             attn.capture_qk = layer.is_moe
             try:

@@ -20,13 +20,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flux_engine import ops
-from flux_engine.models.moe import LORA_TARGETS, ExpertLoRAAdapter, Experts, check_lora_settings, load_balancing_loss
+from flux_engine.models.moe import (
+    EXPERT_BIASES,
+    LORA_TARGETS,
+    ExpertLoRAAdapter,
+    Experts,
+    check_lora_settings,
+    load_balancing_loss,
+)
 from flux_engine.roles import routed_samples, utility_from
 
 ExpertKey = Tuple[int, int]
 ExpertState = Dict[ExpertKey, Dict[str, torch.Tensor]]
 MODES = ("lora", "full")
 FULL_NAMES = ("gate_up", "down")
+FULL_BIASES = ("gate_up_bias", "down_bias")
 
 
 @dataclass
@@ -37,6 +45,10 @@ class TrainConfig:
     not change the gradient. ``rank``/``alpha``/``targets`` apply to LoRA mode (scale ``alpha / rank``)."""
 
     mode: str = "lora"
+    # Expert biases (gpt-oss) stay frozen unless asked: then LoRA trains per-expert bias deltas (``gate_up_bias``,
+    # ``down_bias`` in ``TrainResult.trained``), full mode the tuned experts' biases themselves. The federated
+    # aggregation carries weights and LoRA factors only, so runs through the server keep this off.
+    train_biases: bool = False
     rank: int = 8
     alpha: float = 16.0
     targets: Tuple[str, ...] = LORA_TARGETS
@@ -67,7 +79,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """``trained``: fp32 CPU tensors per tuning expert (full: ``gate_up [2I, H]``, ``down [H, I]``; LoRA:
+    """``trained``: fp32 CPU tensors per tuning expert (full: ``gate_up [2I, H]``, ``down [H, I]``, with
+    ``train_biases`` also ``gate_up_bias [2I]``, ``down_bias [H]`` (LoRA: those are deltas); LoRA:
     ``gate_up_A [r, H]``, ``gate_up_B [2I, r]``, ``down_A [r, I]``, ``down_B [H, r]`` for the targets present);
     ``token_counts``: non-padding tokens routed to each tuning expert over the round; ``utilities``: ``[L, E_orig]``
     float64 Eq. 3 (micro-batch form, first pass over the data) for tuning experts, NaN elsewhere; ``losses``: the
@@ -139,15 +152,22 @@ def attach_tuning(
     tuning = _normalise_tuning(model, tuning)
     if any(mlp.experts.has_tuning for mlp in model.moe_layers()):
         raise ValueError("tuning experts are already attached: call detach_tuning(model) first")
+    if config.train_biases and not model.config.expert_bias:
+        raise ValueError("TrainConfig.train_biases: this model's experts have no biases")
     model.requires_grad_(False)
     H, I = model.config.hidden_size, model.config.moe_intermediate_size
     for l, ex, ids in _tuned_layers(model, tuning):
         if config.mode == "full":
             ex.split_tuned([int(ex.expert_map[e]) for e in ids])
+            for name in EXPERT_BIASES:  # split off frozen; trained only when asked
+                bias = getattr(ex, f"tuned_{name}", None)
+                if bias is not None:
+                    bias.requires_grad_(config.train_biases)
             continue
         slots = torch.full((ex.expert_map.numel(),), -1, dtype=torch.int32)
         slots[ids] = torch.arange(len(ids), dtype=torch.int32)
-        ex.lora = ExpertLoRAAdapter(slots.to(ex.expert_map.device), H, I, config.rank, config.alpha, config.targets)
+        ex.lora = ExpertLoRAAdapter(slots.to(ex.expert_map.device), H, I, config.rank, config.alpha, config.targets,
+                                    biases=config.train_biases)  # fmt: skip
         for s, e in enumerate(ids):
             ex.lora.reset_slot(s, _expert_generator(config.seed, l, e))
     if init:
@@ -159,7 +179,19 @@ def _layer_parameters(ex: Experts) -> List[nn.Parameter]:
     """One layer's attached tuning tensors; dim 0 of each is the slot (LoRA) or tuned expert, in ``tuning`` order."""
     if ex.lora is not None:
         return list(ex.lora.parameters())
-    return [] if ex.tuned_gate_up_proj is None else [ex.tuned_gate_up_proj, ex.tuned_down_proj]
+    tuned = (getattr(ex, f"tuned_{name}") for name in ex.stacks)
+    return [p for p in tuned if p is not None and p.requires_grad]
+
+
+# Full mode: ``TrainResult.trained`` names -> the expert's stacks (the biases only when they train).
+_FULL_STACKS = {"gate_up": "gate_up_proj", "down": "down_proj", "gate_up_bias": "gate_up_proj_bias",
+                "down_bias": "down_proj_bias"}  # fmt: skip
+
+
+def _full_views(ex: Experts, p: int, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Views of physical expert ``p``'s tensors by ``TrainResult.trained`` names."""
+    views = ex.physical_tensors(p)
+    return {name: views[_FULL_STACKS[name]] for name in names}
 
 
 def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -178,8 +210,10 @@ def detach_tuning(model: nn.Module) -> None:
 def _slot_tensors(ex: Experts, slot: int, e: int) -> Dict[str, torch.Tensor]:
     """The trainable tensors of one tuning expert (views), by ``TrainResult.trained`` names."""
     if ex.lora is not None:
-        return {f"{t}_{f}": getattr(ex.lora, f"{t}_{f}")[slot] for t in ex.lora.targets for f in "AB"}
-    return dict(zip(FULL_NAMES, ex.physical_weights(int(ex.expert_map[e]))))
+        out = {f"{t}_{f}": getattr(ex.lora, f"{t}_{f}")[slot] for t in ex.lora.targets for f in "AB"}
+        return {**out, **{name: getattr(ex.lora, name)[slot] for name in ex.lora.bias_names}}
+    trained_biases = ex.tuned_gate_up_proj_bias is not None and ex.tuned_gate_up_proj_bias.requires_grad
+    return _full_views(ex, int(ex.expert_map[e]), FULL_NAMES + (FULL_BIASES if trained_biases else ()))
 
 
 def _attached_slots(model: nn.Module) -> Iterator[Tuple[int, Experts, int, int]]:
@@ -227,13 +261,15 @@ def _load_state(model: nn.Module, state: ExpertState) -> None:
 
 @torch.no_grad()
 def load_expert_weights(model: nn.Module, weights: ExpertState) -> None:
-    """Set full-size expert weights (``{"gate_up": [2I, H], "down": [H, I]}`` per ``ExpertKey``, e.g. the global
-    weights after full-mode aggregation) on a model's physical experts; each expert must own its physical one."""
+    """Set full-size expert weights (``{"gate_up": [2I, H], "down": [H, I]}`` per ``ExpertKey``, plus
+    ``gate_up_bias`` / ``down_bias`` when biases were trained; e.g. the global weights after full-mode aggregation)
+    on a model's physical experts; each expert must own its physical one."""
     layers = model.moe_layers()
     for (l, e), tensors in weights.items():
         check_owns(model, l, e)
         ex = layers[l].experts
-        _copy_expert((l, e), tensors, dict(zip(FULL_NAMES, ex.physical_weights(int(ex.expert_map[e])))))
+        names = FULL_NAMES + tuple(n for n in FULL_BIASES if n in tensors)
+        _copy_expert((l, e), tensors, _full_views(ex, int(ex.expert_map[e]), names))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ The launchers run on CPU tensors with every ``kernel[grid](...)`` captured inste
 launch is then compiled by Triton's ahead-of-time path (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``:
 compute capability 9.0, warp size 32) through ptxas, and ``cuobjdump --dump-resource-usage`` reads the cubin.
 Grouped-MLP launches use the sm_90 default config of each rows bucket (``grouped_mlp_configs.DEFAULTS``), in
-bf16, fp32 (TF32 on a GPU), int4 and int8 weights, with LoRA and tuned experts.
+bf16, fp32 (TF32 on a GPU), int4 and int8 weights, with LoRA and tuned experts, and in the other expert forms
+(gpt-oss's interleaved clamped SwiGLU with biases, ungated gelu with biases; int4 gpt-oss).
 
 Checks (raised as one ``AssertionError`` listing every problem; the table is printed either way):
 - no spills: ``STACK`` and ``LOCAL`` are 0 (a spill shows as stack-frame bytes);
@@ -46,6 +47,7 @@ import flux_engine.triton_kernels.quantize as quantize_mod  # noqa: E402
 import flux_engine.triton_kernels.received_attention as ra_mod  # noqa: E402
 import flux_engine.triton_kernels.route as route_mod  # noqa: E402
 import flux_engine.triton_kernels.route_and_count as rc_mod  # noqa: E402
+from flux_engine.ops.expert_form import SILU, ExpertForm  # noqa: E402
 from flux_engine.ops.permute import permute_reference  # noqa: E402
 from flux_engine.ops.quantize import quantize_reference  # noqa: E402
 from flux_engine.triton_kernels import grouped_mlp_configs as configs  # noqa: E402
@@ -55,6 +57,8 @@ SM90_SHARED = 227 * 1024
 MODULES = (gm, permute_mod, expert_counts_mod, quantize_mod, ra_mod, route_mod, rc_mod)
 # Mean rows per expert: one bucket inside every entry of the sm_90 tables (and 1 for decode-like batches).
 BUCKETS = (1, 16, 32, 64, 256, 4096)
+# Expert forms other than SwiGLU: name -> form (every one with biases).
+FORMS = {"gpt-oss": ExpertForm(interleaved=True, limit=7.0), "gelu-ungated": ExpertForm("gelu", gated=False)}
 
 
 @dataclass
@@ -130,18 +134,22 @@ def _topk_ids(T: int, E: int, k: int) -> torch.Tensor:
     return torch.rand(T, E, generator=g).topk(k, dim=1).indices.to(torch.int32)
 
 
-def grouped_mlp_launches(bucket: int, dtype: torch.dtype, weights: str) -> None:
-    """Forward and backward of one expert layer (plain / LoRA + tuned / packed weights) at ``bucket`` rows."""
+def grouped_mlp_launches(bucket: int, dtype: torch.dtype, weights: str, form_name: Optional[str] = None) -> None:
+    """Forward and backward of one expert layer (plain / LoRA + tuned / packed weights) at ``bucket`` rows, in
+    SwiGLU or ``FORMS[form_name]`` (with biases)."""
     E, H, I, k, r = 8, 512, 256, 2, 16
+    form = FORMS[form_name] if form_name else SILU
+    rows = form.gate_up_rows(I)
     T = max(1, bucket * E // k)
     x, w = torch.empty(T, H, dtype=dtype), torch.rand(T, k)
     plan = permute_reference(_topk_ids(T, E, k), E, None)
     row_w = torch.empty(T * k)
     experts = torch.arange(E, dtype=torch.int32)
-    gate_up, down = torch.empty(E, 2 * I, H, dtype=dtype), torch.empty(E, H, I, dtype=dtype)
+    gate_up, down = torch.empty(E, rows, H, dtype=dtype), torch.empty(E, H, I, dtype=dtype)
+    biases = (torch.empty(E, rows, dtype=dtype), torch.empty(E, H, dtype=dtype)) if form_name else (None, None)
     expand = None
     if weights == "plain":
-        gu_stack, d_stack = Stack(gate_up), Stack(down)
+        gu_stack, d_stack = Stack(gate_up, bias=biases[0]), Stack(down, bias=biases[1])
     elif weights == "lora+tuned":
         slots = torch.full((E,), -1, dtype=torch.int32)
         lora_rows = torch.empty(T * k, r, dtype=dtype)
@@ -151,16 +159,19 @@ def grouped_mlp_launches(bucket: int, dtype: torch.dtype, weights: str) -> None:
     else:  # "int4" / "int8": symmetric, int4 in groups of 128, int8 per channel; "-asym": zero points, groups of 64
         bits, symmetric = int(weights[3]), not weights.endswith("-asym")
         group = 64 if not symmetric else 128 if bits == 4 else None
-        gu_stack = Stack(quantize_reference(torch.zeros(E, 2 * I, H), bits, group or H, symmetric))
-        d_stack = Stack(quantize_reference(torch.zeros(E, H, I), bits, group or I, symmetric))
-    h, gu = gm.gate_up_forward(x, gu_stack, plan, store_h=True, store_gu=True, expand=expand)
+        gu_stack = Stack(quantize_reference(torch.zeros(E, rows, H), bits, group or H, symmetric), bias=biases[0])
+        d_stack = Stack(quantize_reference(torch.zeros(E, H, I), bits, group or I, symmetric), bias=biases[1])
+    h, gu = gm.gate_up_forward(x, gu_stack, plan, form, store_h=True, store_gu=True, expand=expand)
     gm.combine(gm.rows_matmul(h, d_stack, False, plan, kind="down", expand=expand), plan, w, x.dtype)
     if weights.startswith("int"):
         return  # packed weights are frozen: forward only (profiling)
-    dgu, _ = gm.down_backward(x, d_stack, plan, gu, row_w, store_dgu=True, store_partial=True, expand=expand)
+    dgu, _ = gm.down_backward(x, d_stack, plan, gu, row_w, form, store_dgu=True, store_partial=True, expand=expand)
     gm.combine(gm.rows_matmul(dgu, gu_stack, True, plan, kind="dx", expand=expand), plan, None, x.dtype)
-    gm.weight_grad(dgu, x, plan, experts, (2 * I, H), a_by_token=False, b_by_token=True)
-    gm.weight_grad(x, gu, plan, experts, (H, I), a_by_token=True, b_by_token=False, row_weights=row_w, b_swiglu=True)
+    gm.weight_grad(dgu, x, plan, experts, (rows, H), a_by_token=False, b_by_token=True)
+    gm.weight_grad(x, gu, plan, experts, (H, I), a_by_token=True, b_by_token=False, row_weights=row_w, b_form=form)
+    if form_name:
+        ones = torch.ones(1, 1, dtype=dtype).expand(T * k, 1)  # the bias gradients: column sums
+        gm.weight_grad(dgu, ones, plan, experts, (rows, 1), a_by_token=False, b_by_token=False)
     gm.row_weights(plan, w)
     if expand is not None:
         A = torch.empty(2, r, H, dtype=dtype)
@@ -207,12 +218,16 @@ def capture_all(quick: bool) -> List[Launch]:
         cases += [(b, torch.bfloat16, "lora+tuned") for b in (16, 4096)]
         cases += [(b, torch.bfloat16, w) for b in BUCKETS for w in ("int4", "int8")]
         cases += [(b, torch.bfloat16, w) for b in (16, 4096) for w in ("int4-asym", "int8-asym")]
+        cases = [case + (None,) for case in cases]
+        cases += [(b, torch.bfloat16, "plain", f) for b in (1, 16, 4096) for f in FORMS]
+        cases += [(b, torch.bfloat16, "int4", "gpt-oss") for b in (16, 4096)]
         if quick:
-            cases = [(4096, torch.bfloat16, "plain"), (4096, torch.bfloat16, "int4")]
-        for bucket, dtype, weights in cases:
+            cases = [(4096, torch.bfloat16, "plain", None), (4096, torch.bfloat16, "int4", None)]
+            cases += [(4096, torch.bfloat16, "plain", f) for f in FORMS]
+        for bucket, dtype, weights, form_name in cases:
             bucket_of[0] = bucket
-            label[0] = f"{weights} {str(dtype)[6:]} rows~{bucket}"
-            grouped_mlp_launches(bucket, dtype, weights)
+            label[0] = f"{weights}{'/' + form_name if form_name else ''} {str(dtype)[6:]} rows~{bucket}"
+            grouped_mlp_launches(bucket, dtype, weights, form_name)
         for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
             label[0] = str(dtype)[6:]
             other_launches(dtype)
@@ -296,7 +311,7 @@ def check(quick: bool = False, out: Optional[str] = None, jobs: int = 1) -> List
             problems.append(f"{where}: its dots run on the FMA path (no mma in the PTX)")
         if has_dot and launch.kwargs.get("BLOCK_M", 0) >= 64 and launch.kwargs.get("num_warps", 4) % 4 == 0 and path != "wgmma":
             problems.append(f"{where}: BLOCK_M >= 64 but {path}, not wgmma")
-        symmetric_codes = launch.label.split()[0] in ("int4", "int8") or (
+        symmetric_codes = launch.label.split()[0].split("/")[0] in ("int4", "int8") or (
             launch.name == "_dequantize_kernel" and launch.kwargs.get("SYMMETRIC")
         )
         if symmetric_codes and byte_loads:

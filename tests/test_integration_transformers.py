@@ -11,7 +11,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations.moe import use_experts_implementation  # noqa: E402
 
-from flux_engine import merging  # noqa: E402
+from transformers.activations import ACT2FN  # noqa: E402
+
+from flux_engine import merging, ops  # noqa: E402
 from flux_engine.checkpoint import CheckpointError  # noqa: E402
 from flux_engine.integrations import transformers as fx  # noqa: E402
 from flux_engine.profiling import profile  # noqa: E402
@@ -50,6 +52,18 @@ FAMILIES = {
         ),
     ),  # fmt: skip
     "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=16, num_local_experts=4)),
+    # The other expert forms: the testers' default gelu, a tanh gelu, gpt-oss (interleaved clamped SwiGLU, biases,
+    # transposed stacks; a small swiglu_limit so the clamps act on these activations).
+    "mixtral_gelu": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=4, hidden_act="gelu")),
+    "qwen3_moe_gelu_tanh": (
+        "Qwen3MoeConfig",
+        dict(head_dim=8, intermediate_size=24, moe_intermediate_size=16, num_experts=4, hidden_act="gelu_pytorch_tanh"),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(intermediate_size=16, num_local_experts=4, head_dim=8, swiglu_limit=0.5,
+             layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+    ),  # fmt: skip
 }
 
 
@@ -115,41 +129,106 @@ def test_from_pretrained_and_generate(tmp_path):
     assert torch.equal(got, want)
 
 
+def _param(*shape):
+    return torch.nn.Parameter(torch.randn(*shape) * 0.4)
+
+
 @use_experts_implementation(is_transposed=True)
 class TransposedExperts(torch.nn.Module):
     """Experts stored ``[E, H, 2I]`` / ``[E, I, H]`` (aria's layout); its own forward is never used."""
 
     def __init__(self, config):
         super().__init__()
-        self.num_experts, self.act_fn = 4, torch.nn.SiLU()
-        self.gate_up_proj = torch.nn.Parameter(torch.randn(4, HIDDEN, 2 * 16) * 0.2)
-        self.down_proj = torch.nn.Parameter(torch.randn(4, 16, HIDDEN) * 0.2)
+        self.num_experts, self.act_fn = 4, ACT2FN[config.hidden_act]
+        self.gate_up_proj, self.down_proj = _param(4, HIDDEN, 2 * 16), _param(4, 16, HIDDEN)
 
 
-def test_transposed_layout_matches_batched_mm():
-    config = transformers.PretrainedConfig(hidden_act="silu")
-    experts = TransposedExperts(config)
+@use_experts_implementation(has_gate=False, has_bias=True, is_transposed=True)
+class UngatedBiasedExperts(torch.nn.Module):
+    """Ungated experts (Nemotron-H's layout, ``act(up)``) with biases, transposed stacks."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts, self.act_fn = 4, ACT2FN[config.hidden_act]
+        self.up_proj, self.up_proj_bias = _param(4, HIDDEN, 16), _param(4, 16)
+        self.down_proj, self.down_proj_bias = _param(4, 16, HIDDEN), _param(4, HIDDEN)
+
+
+@use_experts_implementation(is_concatenated=False, has_bias=True)
+class InterleavedExperts(torch.nn.Module):
+    """Gate/up rows interleaved, split by its own ``_apply_gate``, with biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts, self.act_fn = 4, ACT2FN[config.hidden_act]
+        self.gate_up_proj, self.gate_up_proj_bias = _param(4, 2 * 16, HIDDEN), _param(4, 2 * 16)
+        self.down_proj, self.down_proj_bias = _param(4, HIDDEN, 16), _param(4, HIDDEN)
+
+    def _apply_gate(self, gate_up):
+        return self.act_fn(gate_up[..., ::2]) * gate_up[..., 1::2]
+
+
+@use_experts_implementation(has_post_expert_norm=True)
+class PostNormExperts(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts, self.act_fn = 4, ACT2FN[config.hidden_act]
+        self.gate_up_proj, self.down_proj = _param(4, 2 * 16, HIDDEN), _param(4, HIDDEN, 16)
+        self.post_expert_norm = torch.nn.LayerNorm(HIDDEN)
+
+
+class SquaredGateExperts(InterleavedExperts):
+    """A custom gate that is no ExpertForm: ``act(gate)^2 * up``."""
+
+    def _apply_gate(self, gate_up):
+        return self.act_fn(gate_up[..., ::2]) ** 2 * gate_up[..., 1::2]
+
+
+@pytest.mark.parametrize(
+    "cls, act", [(TransposedExperts, "silu"), (UngatedBiasedExperts, "relu"), (UngatedBiasedExperts, "gelu_new"),
+                 (InterleavedExperts, "gelu"), (InterleavedExperts, "silu")],
+)  # fmt: skip
+def test_expert_layouts_match_batched_mm(cls, act):
+    """Transposed stacks, ungated experts with biases, an interleaved custom gate: values and every gradient."""
+    config = transformers.PretrainedConfig(hidden_act=act)
+    experts = cls(config)
     x = torch.randn(9, HIDDEN, requires_grad=True)
     ids = torch.rand(9, 4).topk(2, dim=1).indices
-    w = torch.rand(9, 2)
+    w = torch.rand(9, 2, requires_grad=True)
+    wrt = (x, w, *experts.parameters())
     out = {}
     for impl in ("batched_mm", "flux"):
         config._experts_implementation = impl
         y = experts(x, ids, w)
-        out[impl] = (y, *torch.autograd.grad(y.square().sum(), (x, experts.gate_up_proj, experts.down_proj)))
+        out[impl] = (y, *torch.autograd.grad(y.square().sum(), wrt))
     for want, got in zip(out["batched_mm"], out["flux"]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_unsupported_layout_names_class_and_flag():
-    config = transformers.GptOssConfig(
-        **COMMON, intermediate_size=16, num_local_experts=4, head_dim=8, layer_types=["full_attention"] * 2
-    )
-    model = AutoModelForCausalLM.from_config(config, experts_implementation="flux")
-    with pytest.raises(fx.UnsupportedExpertsLayout, match=r"GptOssExperts: has_bias=True"):
+def test_expert_forms_of_hf_modules():
+    def form(cls, act="silu", **attrs):
+        experts = cls(transformers.PretrainedConfig(hidden_act=act))
+        for k, v in attrs.items():
+            setattr(experts, k, v)
+        return fx.expert_form(experts)
+
+    assert form(TransposedExperts) == ops.SILU
+    assert form(TransposedExperts, "gelu_pytorch_tanh") == ops.ExpertForm("gelu_tanh")
+    assert form(UngatedBiasedExperts, "relu") == ops.ExpertForm("relu", gated=False)
+    assert form(InterleavedExperts, "gelu") == ops.ExpertForm("gelu", interleaved=True)
+    gpt_oss = _build("gpt_oss")
+    assert fx.expert_form(fx.moe_layers(gpt_oss)[0].experts) == ops.ExpertForm(interleaved=True, limit=0.5, alpha=1.702)
+    with pytest.raises(fx.UnsupportedExpertsLayout, match=r"UngatedBiasedExperts: the activation ReLUSquaredActivation"):
+        form(UngatedBiasedExperts, "relu2")
+    with pytest.raises(fx.UnsupportedExpertsLayout, match=r"PostNormExperts: has_post_expert_norm=True"):
+        form(PostNormExperts)
+    with pytest.raises(fx.UnsupportedExpertsLayout, match=r"SquaredGateExperts: a custom _apply_gate computing neither"):
+        form(SquaredGateExperts)
+    model = _build("mixtral_gelu")
+    model.set_experts_implementation("flux")
+    fx.moe_layers(model)[0].experts._is_expert_parallel = True
+    with pytest.raises(fx.UnsupportedExpertsLayout, match=r"MixtralExperts: expert parallelism"):
         model(input_ids=_ids())
-    with pytest.raises(fx.UnsupportedExpertsLayout, match=r"GptOssExperts: has_bias=True"):
-        fx.use_flux(model)
     with pytest.raises(CheckpointError, match="unsupported model_type 'deepseek_v3'"):
         fx.to_runtime(_build("deepseek_v3"))
 

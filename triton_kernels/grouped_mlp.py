@@ -1,4 +1,4 @@
-"""Grouped SwiGLU expert GEMMs over a routing plan: kernels and launchers of the triton grouped MLP.
+"""Grouped expert GEMMs over a routing plan: kernels and launchers of the triton grouped MLP.
 
 Rows are the (token, physical expert) pairs of a ``RoutingPlan``, grouped by expert: row ``r`` of expert ``e``
 reads token ``t_r = sorted_token_ids[r]``. ``R = T * k`` bounds the number of rows; the true count lives only
@@ -23,21 +23,30 @@ stack: one ``[BLOCK_M, RP] x [RP, BLOCK_N]`` dot in the epilogue (``RP``: rank p
 ``tl.dot``). The intermediates come from ``_rows_kernel`` run as a "shrink" (``N = rank``, weights indexed by
 slot, other experts' blocks return at once), so rows of experts without LoRA cost nothing.
 
-Kernels (``W1 = gate_up [E, 2I, H]``, ``W2 = down [E, H, I]``, ``gu`` = gate | up pre-activations ``[R, 2I]``):
-- ``_gate_up_kernel``: ``h[r] = silu(x[t_r] W1g_e^T) * (x[t_r] W1u_e^T)``; x rows gathered in the prologue
-  (no permuted copy of x), SwiGLU in the epilogue; optionally stores ``gu`` (saved for backward).
+Expert forms (``flux_engine.ops.ExpertForm``). The activation, gating, gate/up row layout and gpt-oss's clamp are
+compile-time constants of the kernels that touch pre-activations (``ACT, GATED, INTERLEAVED, CLAMPED, LIMIT, ALPHA``,
+``form_meta``): one kernel, specialised per form. ``gu`` keeps ``W1``'s row layout (``[R, 2I]`` gate rows first or
+interleaved, ``[R, I]`` ungated), so the dx GEMM, ``dW1`` and the gate_up LoRA read ``dgu`` like ``W1``'s rows.
+
+Biases. A stack may carry ``bias: [E_b, D1]`` (and ``tuned_bias: [S_t, D1]``), added to its forward GEMM's
+accumulator in the epilogue (gate_up before the activation; down before the routing weight).
+
+Kernels (``W1 = gate_up [E, 2I, H]`` (``[E, I, H]`` ungated), ``W2 = down [E, H, I]``, ``gu`` = the pre-activations):
+- ``_gate_up_kernel``: ``h[r] = form(x[t_r] W1_e^T + b1_e)``; x rows gathered in the prologue
+  (no permuted copy of x), the form in the epilogue; optionally stores ``gu`` (saved for backward).
 - ``_rows_kernel``: ``out[r] = alpha * A[r or t_r] @ B_e`` over sorted rows; stores rows, or with ``SCATTER``
   adds (``w_r *``) the result into ``out[t_r]`` with atomics. Forward ``Y = h W2_e^T``; backward
   ``dx_r = dgu W1_e``; and the LoRA shrinks ``x A^T``, ``h A^T``, ``dout B``, ``dgu B``.
 - ``_combine_kernel``: deterministic scatter, ``out[t] = sum_j c[t, j] * src[slot_rows[t, j]]`` with
   ``c = topk_weights`` (forward; slots sharing a row add their weights naturally) or 1 on each distinct row
   (backward dx, so a collapsed row counts once).
-- ``_down_bwd_kernel``: ``g[r] = dout[t_r] @ W2_e`` (gathered); epilogue: ``dgu[r] = SwiGLU'(gu[r]) * w_r g[r]``
+- ``_down_bwd_kernel``: ``g[r] = dout[t_r] @ W2_e`` (gathered); epilogue: ``dgu[r] = form'(gu[r]) * w_r g[r]``
   and per-column-block partial dots ``<g[r], h[r]> = <dout[t_r], Y[r]>``, the routing-weight gradient,
   so Y is never saved.
 - ``_weight_grad_kernel``: ``dW_p = sum_{r in e_p} a(r)^T b(r)`` for a list of experts ``e_p`` (all, the tuned
   ones, or the expert of each LoRA slot), a sequential sweep over the expert's rows (deterministic):
-  ``dW1_e = sum dgu[r]^T x[t_r]``, ``dW2_e = sum w_r dout[t_r]^T h[r]`` with h from gu, and the LoRA factors'.
+  ``dW1_e = sum dgu[r]^T x[t_r]``, ``dW2_e = sum w_r dout[t_r]^T h[r]`` with h from gu, the LoRA factors', and
+  the biases' (``b(r) = 1``: ``db1_e = sum dgu[r]``, ``db2_e = sum w_r dout[t_r]``).
 - ``_row_weights_kernel``: ``w_r`` = sum of the weights of the slots that collapsed into row r.
 All GEMMs accumulate in fp32; operands are the input dtype.
 """
@@ -52,6 +61,7 @@ import triton
 import triton.language as tl
 
 from flux_engine.backend import triton_interpreting
+from flux_engine.ops.expert_form import SILU, ExpertForm
 from flux_engine.ops.permute import RoutingPlan
 from flux_engine.ops.quantize import QuantizedTensor
 from flux_engine.triton_kernels.grouped_mlp_configs import BlockConfig, config_for, rows_bucket
@@ -236,24 +246,108 @@ def _lora_expand(
 
 
 @triton.jit
-def _silu(g):
-    return g / (1.0 + tl.exp(-g))
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
 
 
 @triton.jit
-def _load_gate_up(gu_ptrs, mask, I: tl.constexpr):
-    """fp32 gate and up pre-activations; ``gu_ptrs`` point at the gate half of rows of ``gu [R, 2I]``."""
-    gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gu_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+def _act(v, ACT: tl.constexpr):
+    """``ACT(v)``: silu, gelu (erf), gelu_tanh (``0.5 (1 + tanh(u)) = sigmoid(2u)``, no tanh needed) or relu."""
+    if ACT == "silu":
+        out = v * _sigmoid(v)
+    elif ACT == "gelu":
+        out = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif ACT == "gelu_tanh":
+        out = v * _sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
+    else:
+        out = tl.maximum(v, 0.0)
+    return out
+
+
+@triton.jit
+def _act_grad(v, ACT: tl.constexpr):
+    """``ACT'(v)`` (relu: 1 where ``v > 0``, as torch)."""
+    if ACT == "silu":
+        s = _sigmoid(v)
+        out = s * (1.0 + v * (1.0 - s))
+    elif ACT == "gelu":
+        out = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476)) + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
+    elif ACT == "gelu_tanh":
+        s = _sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
+        out = s + v * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * v * v)
+    else:
+        out = (v > 0.0).to(tl.float32)
+    return out
+
+
+@triton.jit
+def _gate_up_cols(n, I: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Columns of gate ``n`` and up ``n`` in a row of ``gu`` (``W1``'s row layout; ungated: both the up column)."""
+    if INTERLEAVED:
+        gate, up = 2 * n, 2 * n + 1
+    elif GATED:
+        gate, up = n, n + I
+    else:
+        gate, up = n, n
     return gate, up
 
 
 @triton.jit
-def _swiglu_grad(gate, up, dh):
-    """``(d gate, d up)`` of ``h = silu(gate) * up`` given ``dh``."""
-    sig = 1.0 / (1.0 + tl.exp(-gate))
-    silu = gate * sig
-    return dh * up * sig * (1.0 + gate * (1.0 - sig)), dh * silu
+def _load_gate_up(gu_rows, n, mask, I: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """fp32 gate and up pre-activations of columns ``n`` (ungated: up twice); ``gu_rows`` point at rows of ``gu``."""
+    gate_col, up_col = _gate_up_cols(n, I, GATED, INTERLEAVED)
+    up = tl.load(gu_rows + up_col, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        gate = tl.load(gu_rows + gate_col, mask=mask, other=0.0).to(tl.float32)
+    else:
+        gate = up
+    return gate, up
+
+
+@triton.jit
+def _glu(gate, up, ACT: tl.constexpr, GATED: tl.constexpr, CLAMPED: tl.constexpr, LIMIT: tl.constexpr,
+         ALPHA: tl.constexpr):  # fmt: skip
+    """The expert form's ``h`` from fp32 ``gate``, ``up`` (ungated: ``ACT(up)``)."""
+    if CLAMPED:
+        g = tl.minimum(gate, LIMIT)
+        u = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        h = (u + 1.0) * g * _sigmoid(ALPHA * g)
+    elif GATED:
+        h = _act(gate, ACT) * up
+    else:
+        h = _act(up, ACT)
+    return h
+
+
+@triton.jit
+def _glu_grad(gate, up, dh, ACT: tl.constexpr, GATED: tl.constexpr, CLAMPED: tl.constexpr, LIMIT: tl.constexpr,
+              ALPHA: tl.constexpr):  # fmt: skip
+    """``(d gate, d up)`` of ``_glu`` given ``dh`` (ungated: d gate unused). A clamp passes the gradient where its
+    input lies within the bounds, ends included, as torch's clamp."""
+    if CLAMPED:
+        g = tl.minimum(gate, LIMIT)
+        u = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        s = _sigmoid(ALPHA * g)
+        dgate = tl.where(gate <= LIMIT, dh * (u + 1.0) * s * (1.0 + ALPHA * g * (1.0 - s)), 0.0)
+        dup = tl.where((up >= -LIMIT) & (up <= LIMIT), dh * g * s, 0.0)
+    elif GATED:
+        dgate = dh * up * _act_grad(gate, ACT)
+        dup = dh * _act(gate, ACT)
+    else:
+        dgate = dh
+        dup = dh * _act_grad(up, ACT)
+    return dgate, dup
+
+
+@triton.jit
+def _add_bias(acc, b_ptr, bt_ptr, expert, S_T, stride_be, stride_bte, cols, col_ok, TUNED: tl.constexpr):
+    """``acc + bias_e[cols]`` (a row broadcast): ``tuned_bias[expert]`` below ``S_T``, else ``bias[expert - S_T]``."""
+    e = expert.to(tl.int64)
+    base = b_ptr + (e - S_T) * stride_be
+    if TUNED:
+        if expert < S_T:
+            base = bt_ptr + e * stride_bte
+    return acc + tl.load(base + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -270,24 +364,29 @@ def _first_slot_of_row(rows, kcols, j, row_j):
 
 
 # ------------------------------------------------------------------------------------------------- kernels
-# Argument groups shared by the GEMM kernels (see ``Stack.args`` and ``Expand.args``):
-#   weights: w_ptr, wt_ptr, s_ptr, z_ptr, S_T, stride_we, stride_wte, stride_bk, stride_bn, stride_se, stride_srow
-#            + constexprs QBITS, GROUP, HAS_ZEROS, PACK_K, TUNED
+# Argument groups shared by the GEMM kernels (see ``Stack.args``, ``Expand.args`` and ``form_meta``):
+#   weights: w_ptr, wt_ptr, s_ptr, z_ptr, S_T, stride_we, stride_wte, stride_bk, stride_bn, stride_se, stride_srow,
+#            b_ptr, bt_ptr, stride_be, stride_bte + constexprs QBITS, GROUP, HAS_ZEROS, PACK_K, TUNED, HAS_BIAS
 #   LoRA:    slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn + constexprs HAS_LORA, RANK, RP
+#   form:    constexprs ACT, GATED, INTERLEAVED, CLAMPED, LIMIT, ALPHA
 
 
 @triton.jit
 def _gate_up_kernel(
     x_ptr, token_ids_ptr, offsets_ptr, h_ptr, gu_ptr, E, num_m, stride_xt, stride_xh,
     w_ptr, wt_ptr, s_ptr, z_ptr, S_T, stride_we, stride_wte, stride_bk, stride_bn, stride_se, stride_srow,
-    slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn,
+    b_ptr, bt_ptr, stride_be, stride_bte, slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn,
     H: tl.constexpr, I: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STORE_H: tl.constexpr, STORE_GU: tl.constexpr,
     PRECISION: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    PACK_K: tl.constexpr, TUNED: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr, RP: tl.constexpr,
+    PACK_K: tl.constexpr, TUNED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr,
+    RP: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr, LIMIT: tl.constexpr,
+    ALPHA: tl.constexpr,
 ):  # fmt: skip
-    """``x: [T, H]``, ``W1: [E, 2I, H]`` -> ``h: [R, I]`` and/or ``gu: [R, 2I]`` in sorted row order (plus the
-    LoRA update ``L[r] @ B_s^T`` of the rows of LoRA experts). Grid ``num_m * cdiv(I, BLOCK_N)``."""
+    """``x: [T, H]``, ``W1: [E, 2I, H]`` (``[E, I, H]`` ungated) -> ``h: [R, I]`` and/or ``gu: [R, 2I]`` (``[R, I]``)
+    in sorted row order (plus the bias and the LoRA update ``L[r] @ B_s^T`` of the rows of LoRA experts).
+    Grid ``num_m * cdiv(I, BLOCK_N)``."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
     expert, start, end = _expert_block(offsets_ptr, pid_m, E, E_PAD, BLOCK_M)
     if start >= end:
@@ -295,32 +394,45 @@ def _gate_up_kernel(
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     tokens = tl.load(token_ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    # The weight tile's columns alternate gate row n and up row I + n: one dot yields both SwiGLU inputs of
-    # the same columns, split apart in the epilogue.
-    c = tl.arange(0, 2 * BLOCK_N)
-    n_of_c = pid_n * BLOCK_N + c // 2
-    w_rows = n_of_c + (c % 2) * I
+    W_TILE: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
+    if GATED:
+        # The weight tile's columns alternate gate row and up row of the same n (rows n and I + n, or 2n and
+        # 2n + 1 interleaved): one dot yields both inputs of the same columns, split apart in the epilogue.
+        c = tl.arange(0, 2 * BLOCK_N)
+        n_of_c = pid_n * BLOCK_N + c // 2
+        gate_rows, up_rows = _gate_up_cols(n_of_c, I, GATED, INTERLEAVED)
+        w_rows = tl.where(c % 2 == 0, gate_rows, up_rows)
+    else:
+        n_of_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_rows = n_of_c
     w_base, s_base, z_base = _expert_weights(w_ptr, wt_ptr, s_ptr, z_ptr, expert, S_T, stride_we, stride_wte, stride_se, TUNED)
     acc = _mma(
-        tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32), x_ptr + tokens[:, None] * stride_xt, row_ok, stride_xh,
+        tl.zeros((BLOCK_M, W_TILE), dtype=tl.float32), x_ptr + tokens[:, None] * stride_xt, row_ok, stride_xh,
         w_base, s_base, z_base, w_rows, 0, I, n_of_c < I, stride_bk, stride_bn, stride_srow,
-        H, BLOCK_K, 2 * BLOCK_N, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
+        H, BLOCK_K, W_TILE, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
     )  # fmt: skip
+    if HAS_BIAS:
+        acc = _add_bias(acc, b_ptr, bt_ptr, expert, S_T, stride_be, stride_bte, w_rows, n_of_c < I, TUNED)
     if HAS_LORA:
         acc = _lora_expand(
             acc, slots_ptr, expert, l_ptr, rows, row_ok, f_ptr, stride_fs, stride_fk, stride_fn, w_rows, n_of_c < I,
             RANK, RP, PRECISION,
         )  # fmt: skip
-    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    if GATED:
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        gate, up = acc, acc
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = row_ok[:, None] & (cols[None, :] < I)
     if STORE_GU:
-        gu_ptrs = gu_ptr + rows.to(tl.int64)[:, None] * (2 * I) + cols[None, :]
-        tl.store(gu_ptrs, gate.to(gu_ptr.dtype.element_ty), mask=mask)
-        tl.store(gu_ptrs + I, up.to(gu_ptr.dtype.element_ty), mask=mask)
+        gu_rows = gu_ptr + rows.to(tl.int64)[:, None] * (2 * I if GATED else I)
+        gate_col, up_col = _gate_up_cols(cols[None, :], I, GATED, INTERLEAVED)
+        if GATED:
+            tl.store(gu_rows + gate_col, gate.to(gu_ptr.dtype.element_ty), mask=mask)
+        tl.store(gu_rows + up_col, up.to(gu_ptr.dtype.element_ty), mask=mask)
     if STORE_H:
-        h = _silu(gate) * up
+        h = _glu(gate, up, ACT, GATED, CLAMPED, LIMIT, ALPHA)
         tl.store(h_ptr + rows.to(tl.int64)[:, None] * I + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -328,14 +440,14 @@ def _gate_up_kernel(
 def _rows_kernel(
     a_ptr, token_ids_ptr, offsets_ptr, row_w_ptr, out_ptr, E, num_m, N, alpha, stride_ar, stride_ak, stride_out,
     w_ptr, wt_ptr, s_ptr, z_ptr, S_T, stride_we, stride_wte, stride_bk, stride_bn, stride_se, stride_srow,
-    slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn,
+    b_ptr, bt_ptr, stride_be, stride_bte, slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn,
     K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SCATTER: tl.constexpr, WEIGHTED: tl.constexpr, A_BY_TOKEN: tl.constexpr,
     SLOT_WEIGHTS: tl.constexpr, PRECISION: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr,
-    HAS_ZEROS: tl.constexpr, PACK_K: tl.constexpr, TUNED: tl.constexpr, HAS_LORA: tl.constexpr,
-    RANK: tl.constexpr, RP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, PACK_K: tl.constexpr, TUNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, RANK: tl.constexpr, RP: tl.constexpr,
 ):  # fmt: skip
-    """``acc[r] = alpha * A[r] @ B_e`` over sorted rows, ``A[r]`` at ``a_ptr + (t_r if A_BY_TOKEN else r) *
+    """``acc[r] = alpha * (A[r] @ B_e (+ bias_e))`` over sorted rows, ``A[r]`` at ``a_ptr + (t_r if A_BY_TOKEN else r) *
     stride_ar``. ``SLOT_WEIGHTS``: B is the ``slots[e]``-th matrix of the stack and experts without a slot
     skip their rows (the LoRA shrink).
 
@@ -368,6 +480,8 @@ def _rows_kernel(
         w_base, s_base, z_base, cols, pid_n * BLOCK_N, N, col_ok, stride_bk, stride_bn, stride_srow,
         K, BLOCK_K, BLOCK_N, PRECISION, QBITS, GROUP, HAS_ZEROS, PACK_K,
     )  # fmt: skip
+    if HAS_BIAS:
+        acc = _add_bias(acc, b_ptr, bt_ptr, expert, S_T, stride_be, stride_bte, cols, col_ok, TUNED)
     if HAS_LORA:
         acc = _lora_expand(
             acc, slots_ptr, expert, l_ptr, rows, row_ok, f_ptr, stride_fs, stride_fk, stride_fn, cols, col_ok,
@@ -390,13 +504,16 @@ def _down_bwd_kernel(
     dout_ptr, token_ids_ptr, offsets_ptr, gu_ptr, row_w_ptr, dgu_ptr, partial_ptr, E, num_m, num_n,
     stride_dt, stride_dh,
     w_ptr, wt_ptr, s_ptr, z_ptr, S_T, stride_we, stride_wte, stride_bk, stride_bn, stride_se, stride_srow,
-    slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn,
+    b_ptr, bt_ptr, stride_be, stride_bte, slots_ptr, l_ptr, f_ptr, stride_fs, stride_fk, stride_fn,
     H: tl.constexpr, I: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STORE_DGU: tl.constexpr, STORE_PARTIAL: tl.constexpr,
     PRECISION: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    PACK_K: tl.constexpr, TUNED: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr, RP: tl.constexpr,
+    PACK_K: tl.constexpr, TUNED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr,
+    RP: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr, LIMIT: tl.constexpr,
+    ALPHA: tl.constexpr,
 ):  # fmt: skip
-    """``dout: [T, H]``, ``W2: [E, H, I]``, ``gu: [R, 2I]``, ``row_w: [R]`` -> ``dgu: [R, 2I]`` and
+    """``dout: [T, H]``, ``W2: [E, H, I]``, ``gu: [R, 2I]`` (``[R, I]`` ungated), ``row_w: [R]`` -> ``dgu`` (gu's shape) and
     ``partial: [R, num_n]`` float32 (``<g[r], h[r]>`` over column block ``pid_n``), with
     ``g[r] = dout[t_r] @ W2_e (+ L[r] @ A_s`` for LoRA rows, ``L = scale * dout B``). Grid ``num_m * num_n``."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -420,16 +537,18 @@ def _down_bwd_kernel(
             RANK, RP, PRECISION,
         )  # fmt: skip
     mask = row_ok[:, None] & col_ok[None, :]
-    gu_ptrs = gu_ptr + rows.to(tl.int64)[:, None] * (2 * I) + cols[None, :]
-    gate, up = _load_gate_up(gu_ptrs, mask, I)
+    gu_rows = rows.to(tl.int64)[:, None] * (2 * I if GATED else I)
+    gate, up = _load_gate_up(gu_ptr + gu_rows, cols[None, :], mask, I, GATED, INTERLEAVED)
     if STORE_PARTIAL:
-        tl.store(partial_ptr + rows.to(tl.int64) * num_n + pid_n, tl.sum(g * (_silu(gate) * up), axis=1), mask=row_ok)
+        h = _glu(gate, up, ACT, GATED, CLAMPED, LIMIT, ALPHA)
+        tl.store(partial_ptr + rows.to(tl.int64) * num_n + pid_n, tl.sum(g * h, axis=1), mask=row_ok)
     if STORE_DGU:
         w = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0)
-        dgate, dup = _swiglu_grad(gate, up, g * w[:, None])
-        dgu_ptrs = dgu_ptr + rows.to(tl.int64)[:, None] * (2 * I) + cols[None, :]
-        tl.store(dgu_ptrs, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
-        tl.store(dgu_ptrs + I, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
+        dgate, dup = _glu_grad(gate, up, g * w[:, None], ACT, GATED, CLAMPED, LIMIT, ALPHA)
+        gate_col, up_col = _gate_up_cols(cols[None, :], I, GATED, INTERLEAVED)
+        if GATED:
+            tl.store(dgu_ptr + gu_rows + gate_col, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
+        tl.store(dgu_ptr + gu_rows + up_col, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -437,7 +556,9 @@ def _weight_grad_step(
     acc, r0, end, a_ptr, b_ptr, token_ids_ptr, row_w_ptr, m, m_ok, n, n_ok,
     stride_ar, stride_am, stride_br, stride_bn,
     I: tl.constexpr, BLOCK_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, A_ROW_WEIGHT: tl.constexpr,
-    B_BY_TOKEN: tl.constexpr, B_SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
+    B_BY_TOKEN: tl.constexpr, B_FROM_GU: tl.constexpr, PRECISION: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr, LIMIT: tl.constexpr,
+    ALPHA: tl.constexpr,
 ):  # fmt: skip
     """``acc [BM, BN] += a(rows)^T b(rows)`` for rows ``r0 + [0, BLOCK_K)`` below ``end``."""
     rows = r0 + tl.arange(0, BLOCK_K)
@@ -449,9 +570,10 @@ def _weight_grad_step(
     if A_ROW_WEIGHT:
         a = (a * tl.load(row_w_ptr + rows, mask=row_ok, other=0.0)[None, :]).to(a_ptr.dtype.element_ty)
     b_mask = row_ok[:, None] & n_ok[None, :]
-    if B_SWIGLU:
-        gate, up = _load_gate_up(b_ptr + rows.to(tl.int64)[:, None] * (2 * I) + n[None, :], b_mask, I)
-        b = (_silu(gate) * up).to(b_ptr.dtype.element_ty)
+    if B_FROM_GU:
+        gu_rows = b_ptr + rows.to(tl.int64)[:, None] * (2 * I if GATED else I)
+        gate, up = _load_gate_up(gu_rows, n[None, :], b_mask, I, GATED, INTERLEAVED)
+        b = _glu(gate, up, ACT, GATED, CLAMPED, LIMIT, ALPHA).to(b_ptr.dtype.element_ty)
     else:
         b_rows = tokens if B_BY_TOKEN else rows.to(tl.int64)
         b = tl.load(b_ptr + b_rows[:, None] * stride_br + n[None, :] * stride_bn, mask=b_mask, other=0.0)
@@ -463,13 +585,15 @@ def _weight_grad_kernel(
     a_ptr, b_ptr, token_ids_ptr, offsets_ptr, row_w_ptr, experts_ptr, out_ptr, E, M, N,
     stride_ar, stride_am, stride_br, stride_bn, stride_oe, stride_om, stride_on,
     I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    A_BY_TOKEN: tl.constexpr, A_ROW_WEIGHT: tl.constexpr, B_BY_TOKEN: tl.constexpr, B_SWIGLU: tl.constexpr,
+    A_BY_TOKEN: tl.constexpr, A_ROW_WEIGHT: tl.constexpr, B_BY_TOKEN: tl.constexpr, B_FROM_GU: tl.constexpr,
     ROW_LOOP_FOR: tl.constexpr, PRECISION: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr, LIMIT: tl.constexpr,
+    ALPHA: tl.constexpr,
 ):  # fmt: skip
     """``out[p] = sum over rows r of expert experts[p] of a(r)^T b(r)``: ``[M, N]`` per entry, ``out: [P, M, N]``.
 
-    ``a(r) = (w_r *) A[t_r or r, :M]``, ``b(r) = B[t_r or r, :N]`` or ``silu(gate) * up`` of ``gu[r]`` (then
-    ``b_ptr`` is ``gu: [R, 2I]``). One program per (entry, M tile, N tile); grid ``P * tiles``. The sweep over
+    ``a(r) = (w_r *) A[t_r or r, :M]``, ``b(r) = B[t_r or r, :N]`` or ``h[r] = form(gu[r])`` (``B_FROM_GU``: then
+    ``b_ptr`` is ``gu``). One program per (entry, M tile, N tile); grid ``P * tiles``. The sweep over
     the expert's rows is sequential, so the sum is deterministic; an expert without rows, or an entry naming
     no expert (``experts[p] >= E``), gets zeros.
     """
@@ -493,14 +617,16 @@ def _weight_grad_kernel(
         for r0 in range(start, end, BLOCK_K):
             acc = _weight_grad_step(
                 acc, r0, end, a_ptr, b_ptr, token_ids_ptr, row_w_ptr, m, m_ok, n, n_ok, stride_ar, stride_am,
-                stride_br, stride_bn, I, BLOCK_K, A_BY_TOKEN, A_ROW_WEIGHT, B_BY_TOKEN, B_SWIGLU, PRECISION,
+                stride_br, stride_bn, I, BLOCK_K, A_BY_TOKEN, A_ROW_WEIGHT, B_BY_TOKEN, B_FROM_GU, PRECISION,
+                ACT, GATED, INTERLEAVED, CLAMPED, LIMIT, ALPHA,
             )  # fmt: skip
     else:
         r0 = start
         while r0 < end:
             acc = _weight_grad_step(
                 acc, r0, end, a_ptr, b_ptr, token_ids_ptr, row_w_ptr, m, m_ok, n, n_ok, stride_ar, stride_am,
-                stride_br, stride_bn, I, BLOCK_K, A_BY_TOKEN, A_ROW_WEIGHT, B_BY_TOKEN, B_SWIGLU, PRECISION,
+                stride_br, stride_bn, I, BLOCK_K, A_BY_TOKEN, A_ROW_WEIGHT, B_BY_TOKEN, B_FROM_GU, PRECISION,
+                ACT, GATED, INTERLEAVED, CLAMPED, LIMIT, ALPHA,
             )  # fmt: skip
             r0 += BLOCK_K
     out_ptrs = out_ptr + p.to(tl.int64) * stride_oe + m[:, None] * stride_om + n[None, :] * stride_on
@@ -622,6 +748,15 @@ def _empty_like(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else torch.empty_like(t)
 
 
+def form_meta(form: ExpertForm) -> dict:
+    """The expert form as the kernels' compile-time constants (``ACT, GATED, INTERLEAVED, CLAMPED, LIMIT, ALPHA``)."""
+    clamped = form.limit is not None
+    return dict(
+        ACT=form.activation, GATED=form.gated, INTERLEAVED=form.interleaved, CLAMPED=clamped,
+        LIMIT=form.limit if clamped else 0.0, ALPHA=form.alpha if clamped else 1.0,
+    )  # fmt: skip
+
+
 def rank_pad(rank: int) -> int:
     """The LoRA rank as a ``tl.dot`` dimension: a power of two, at least 16."""
     return max(16, triton.next_power_of_2(rank))
@@ -630,10 +765,13 @@ def rank_pad(rank: int) -> int:
 @dataclass(frozen=True)
 class Stack:
     """One projection's expert weights as the kernels read them: ``[E_b, D1, D2]`` plain or packed (groups along
-    ``D2``), optionally preceded by ``tuned: [S_t, D1, D2]`` (physical experts ``[0, S_t)``)."""
+    ``D2``), optionally preceded by ``tuned: [S_t, D1, D2]`` (physical experts ``[0, S_t)``); with the forward
+    projection's biases ``bias: [E_b, D1]`` (and ``tuned_bias: [S_t, D1]`` with tuned experts) when it has them."""
 
     base: Union[torch.Tensor, QuantizedTensor]
     tuned: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    tuned_bias: Optional[torch.Tensor] = None
 
     @property
     def quantized(self) -> bool:
@@ -654,7 +792,8 @@ class Stack:
         return self.num_tuned + E, D1, D2
 
     def args(self, transposed: bool) -> Tuple[tuple, dict]:
-        """Kernel arguments for ``B[k, n] = W[n, k]`` (``D2`` is the reduction) or, ``transposed``, ``W[k, n]``."""
+        """Kernel arguments for ``B[k, n] = W[n, k]`` (``D2`` is the reduction, the forward GEMM: with the bias) or,
+        transposed, ``W[k, n]`` (a backward GEMM: no bias)."""
         w = self.base
         if self.quantized:
             if self.tuned is not None:
@@ -676,7 +815,15 @@ class Stack:
             tail = (0, 0)
             consts = dict(QBITS=0, GROUP=1, HAS_ZEROS=False, TUNED=self.tuned is not None)
         strides = (s1, s2) if transposed else (s2, s1)
-        return head + strides + tail, dict(consts, PACK_K=not transposed)
+        bias = None if transposed else self.bias
+        if bias is None:
+            bias_args = (head[0], head[0], 0, 0)
+        else:
+            tuned_bias = self.tuned_bias if self.tuned_bias is not None else bias
+            if bias.stride(-1) != 1 or tuned_bias.stride(-1) != 1:
+                raise ValueError("expert biases must be contiguous along their last dimension")
+            bias_args = (bias, tuned_bias, bias.stride(0), tuned_bias.stride(0))
+        return head + strides + tail + bias_args, dict(consts, PACK_K=not transposed, HAS_BIAS=bias is not None)
 
 
 @dataclass(frozen=True)
@@ -701,20 +848,22 @@ class Expand:
 
 
 def gate_up_forward(
-    x: torch.Tensor, gate_up: Stack, plan: RoutingPlan, *, store_h: bool = True, store_gu: bool = False,
-    expand: Optional[Expand] = None,
+    x: torch.Tensor, gate_up: Stack, plan: RoutingPlan, form: ExpertForm, *, store_h: bool = True,
+    store_gu: bool = False, expand: Optional[Expand] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
-    """``h: [R, I]`` (``store_h``) and ``gu: [R, 2I]`` pre-activations (``store_gu``) in x's dtype, sorted rows.
+    """``h: [R, I]`` (``store_h``) and ``gu: [R, 2I]`` (``[R, I]`` ungated) pre-activations (``store_gu``, in
+    gate_up's row layout) in x's dtype, sorted rows.
 
     Args:
-        x: ``[T, H]``; gate_up: ``[E, 2I, H]``; plan: the routing plan over ``E`` experts.
+        x: ``[T, H]``; gate_up: ``[E, 2I, H]`` (``[E, I, H]`` ungated, with its bias if any); plan: the routing plan
+            over ``E`` experts; form: the experts' form.
         expand: the gate_up LoRA: ``rows = scale * x A^T`` and ``factor = B: [S, 2I, r]``.
     """
-    E, two_i, H = gate_up.shape
-    I = two_i // 2
+    E, rows, H = gate_up.shape
+    I = rows // 2 if form.gated else rows
     R = plan.capacity
     h = torch.empty((R, I), dtype=x.dtype, device=x.device) if store_h else None
-    gu = torch.empty((R, two_i), dtype=x.dtype, device=x.device) if store_gu else None
+    gu = torch.empty((R, rows), dtype=x.dtype, device=x.device) if store_gu else None
     w_args, w_consts = gate_up.args(transposed=False)
     l_args, l_consts = Expand.args(expand, x)
 
@@ -723,7 +872,8 @@ def gate_up_forward(
         _gate_up_kernel[(num_m * triton.cdiv(I, cfg.BLOCK_N),)](
             x, plan.sorted_token_ids, plan.expert_offsets, h_out if store_h else x, gu_out if store_gu else x,
             E, num_m, x.stride(0), x.stride(1), *w_args, *l_args, H=H, I=I, E_PAD=triton.next_power_of_2(E),
-            STORE_H=store_h, STORE_GU=store_gu, PRECISION=_precision(x.dtype), **w_consts, **l_consts, **_meta(cfg),
+            STORE_H=store_h, STORE_GU=store_gu, PRECISION=_precision(x.dtype), **w_consts, **l_consts,
+            **form_meta(form), **_meta(cfg),
         )  # fmt: skip
 
     if R:
@@ -802,9 +952,9 @@ def lora_shrink(
         _rows_kernel[(num_m,)](
             a, plan.sorted_token_ids, plan.expert_offsets, a, out, E, num_m, rank, float(scale), a.stride(0),
             a.stride(1), out.stride(0), factor, factor, factor, factor, 0, factor.stride(0), 0, fk, fn, 0, 0,
-            slots, *l_args[1:], K=K, E_PAD=triton.next_power_of_2(E), SCATTER=False, WEIGHTED=False,
-            A_BY_TOKEN=by_token, SLOT_WEIGHTS=True, PRECISION=_precision(a.dtype), QBITS=0, GROUP=1,
-            HAS_ZEROS=False, PACK_K=False, TUNED=False, **l_consts, **_meta(cfg),
+            factor, factor, 0, 0, slots, *l_args[1:], K=K, E_PAD=triton.next_power_of_2(E), SCATTER=False,
+            WEIGHTED=False, A_BY_TOKEN=by_token, SLOT_WEIGHTS=True, PRECISION=_precision(a.dtype), QBITS=0, GROUP=1,
+            HAS_ZEROS=False, PACK_K=False, TUNED=False, HAS_BIAS=False, **l_consts, **_meta(cfg),
         )  # fmt: skip
     return out
 
@@ -815,20 +965,23 @@ def down_backward(
     plan: RoutingPlan,
     gu: torch.Tensor,
     row_weights: torch.Tensor,
+    form: ExpertForm,
     *,
     store_dgu: bool,
     store_partial: bool,
     expand: Optional[Expand] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``dgu: [R, 2I]`` (gu's dtype) and ``partial: [R, nb]`` float32 with ``partial.sum(1)[r] = <dout[t_r], Y[r]>``.
+    """``dgu`` (gu's shape and dtype) and ``partial: [R, nb]`` float32 with ``partial.sum(1)[r] = <dout[t_r], Y[r]>``
+    (``Y = h W2^T`` without the down bias).
 
     Args:
-        dout: ``[T, H]`` in gu's dtype; down: ``[E, H, I]``; gu: ``[R, 2I]``; row_weights: ``[R]`` float32.
+        dout: ``[T, H]`` in gu's dtype; down: ``[E, H, I]``; gu: ``[R, 2I]`` (``[R, I]`` ungated) in ``form``'s layout;
+            row_weights: ``[R]`` float32.
         expand: the down LoRA's backward: ``rows = scale * dout B`` and ``factor = A: [S, r, I]``.
     """
     E, H, I = down.shape
     R = plan.capacity
-    dgu = torch.empty((R, 2 * I), dtype=gu.dtype, device=gu.device) if store_dgu else None
+    dgu = torch.empty_like(gu) if store_dgu else None
     w_args, w_consts = down.args(transposed=True)
     l_args, l_consts = Expand.args(expand, gu)
 
@@ -844,7 +997,7 @@ def down_backward(
             dout, plan.sorted_token_ids, plan.expert_offsets, gu, row_weights, dgu_out if store_dgu else gu,
             partial if store_partial else row_weights, E, num_m, num_n, dout.stride(0), dout.stride(1), *w_args,
             *l_args, H=H, I=I, E_PAD=triton.next_power_of_2(E), STORE_DGU=store_dgu, STORE_PARTIAL=store_partial,
-            PRECISION=_precision(gu.dtype), **w_consts, **l_consts, **_meta(cfg),
+            PRECISION=_precision(gu.dtype), **w_consts, **l_consts, **form_meta(form), **_meta(cfg),
         )  # fmt: skip
 
     if R == 0:
@@ -866,14 +1019,15 @@ def weight_grad(
     a_by_token: bool,
     b_by_token: bool,
     row_weights: Optional[torch.Tensor] = None,
-    b_swiglu: bool = False,
+    b_form: Optional[ExpertForm] = None,
     out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """``out[p] = sum_{r in experts[p]} a(r)^T b(r)``, ``[P, M, N]`` (see ``_weight_grad_kernel``).
 
     Args:
         a: ``[T or R, M]`` rows read by token (``a_by_token``) or by row; scaled by ``row_weights`` when given.
-        b: ``[T or R, N]`` likewise, or ``gu: [R, 2N]`` with ``b_swiglu`` (then b(r) = h[r]).
+        b: ``[T or R, N]`` likewise (a ``[R, 1]`` view of ones, stride 0: column sums, the bias gradients), or with
+            ``b_form`` the pre-activations ``gu`` of that form (then b(r) = h[r], ``N = I``).
         experts: ``[P]`` int32 physical experts (``>= E``: none, zeros).
         out_shape: ``(M, N)``.
         out_dtype: default b's dtype.
@@ -887,9 +1041,9 @@ def weight_grad(
         _weight_grad_kernel[(P * tiles,)](
             a, b, plan.sorted_token_ids, plan.expert_offsets, row_weights if row_weights is not None else a, experts,
             target, plan.num_experts, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *target.stride(),
-            I=N if b_swiglu else 0, A_BY_TOKEN=a_by_token, A_ROW_WEIGHT=row_weights is not None, B_BY_TOKEN=b_by_token,
-            B_SWIGLU=b_swiglu, ROW_LOOP_FOR=row_loop_is_for(), PRECISION=_precision(b.dtype),
-            **_meta(cfg, grouped=False),
+            I=N if b_form is not None else 0, A_BY_TOKEN=a_by_token, A_ROW_WEIGHT=row_weights is not None,
+            B_BY_TOKEN=b_by_token, B_FROM_GU=b_form is not None, ROW_LOOP_FOR=row_loop_is_for(),
+            PRECISION=_precision(b.dtype), **form_meta(b_form or SILU), **_meta(cfg, grouped=False),
         )  # fmt: skip
 
     def fit(cfg: BlockConfig) -> BlockConfig:

@@ -1,6 +1,7 @@
 """Checkpoint folders (``config.json`` + safetensors shards) <-> ``MoEForCausalLM``.
 
-Layouts: the transformers families mixtral, qwen2_moe, qwen3_moe, olmoe, the remote-code families deepseek
+Layouts: the transformers families mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (bf16 or MXFP4 experts; MXFP4 is
+dequantised on load, or repacked straight to int4 by ``profiling``; saved unquantized), the remote-code families deepseek
 (deepseek-moe-16b) and llama_moe (LLaMA-MoE v1), and ``flux_moe``, our own names plus ``expert_map`` buffers,
 the only layout that can hold merged models (fewer physical than original experts).
 
@@ -19,14 +20,16 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
 
 from flux_engine.checkpoint.errors import CheckpointError
 from flux_engine.checkpoint.hf_config import flux_to_json
-from flux_engine.checkpoint.keymap import Entry, KeyLayout, entries, model_tensors
+from flux_engine.checkpoint.keymap import Entry, KeyLayout, entries, model_tensors, scales_key
+from flux_engine.checkpoint.mxfp4 import GROUP as MXFP4_GROUP
+from flux_engine.checkpoint.mxfp4 import MXFP4Weight
 from flux_engine.checkpoint.layouts import LAYOUTS, NATIVE, Layout, get_layout
 from flux_engine.checkpoint.safetensors_io import (
     CONFIG_FILE,
@@ -85,7 +88,9 @@ def load_pretrained(
             for mlp in model.moe_layers():
                 mlp.experts.reset_expert_map()
         tensors = model_tensors(model)
-        for key, source in stream(found, list(plan)):
+        for key, source in read_tensors(found, plan):
+            if isinstance(source, MXFP4Weight):
+                source = source.to(dtype=tensors[plan[key].param].dtype).dequantize()
             check_finite(key, source, found[key].file)
             copy_into(tensors, plan[key], source)
             del source  # one source tensor alive at a time
@@ -142,7 +147,10 @@ def save_pretrained(
     config_json = layout_config_json(target, model.config, model.model.embed_tokens.weight.dtype)
     max_bytes = parse_size(max_shard_size)
     tensors = model_tensors(model)
-    items = [(entry.key, tensors[entry.param][entry.index]) for entry in entries(model, target.keys)]
+    items = [
+        (entry.key, tensors[entry.param][entry.index].transpose(-1, -2) if entry.transposed else tensors[entry.param][entry.index])
+        for entry in entries(model, target.keys)
+    ]
     with atomic_directory(os.fspath(path), overwrite) as staging:
         write_json(os.path.join(staging, CONFIG_FILE), config_json)
         write_shards(staging, items, max_bytes)
@@ -183,7 +191,10 @@ def load_plan(
     ignored = [re.compile(pattern) for pattern in layout.ignored]
     if model.config.tie_word_embeddings:
         ignored.append(re.compile(r"lm_head\.weight"))  # the embedding is the head
-    unexpected = [key for key in found if key not in plan and not any(p.fullmatch(key) for p in ignored)]
+    companions = {scales_key(key) for key, entry in plan.items() if entry.mxfp4}
+    unexpected = [
+        key for key in found if key not in plan and key not in companions and not any(p.fullmatch(key) for p in ignored)
+    ]
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(
@@ -198,9 +209,55 @@ def load_plan(
     tensors = model_tensors(model)
     for key, entry in plan.items():
         expected = list(tensors[entry.param][entry.index].shape)
-        if list(found[key].shape) != expected:
+        if entry.transposed:
+            expected[-2:] = expected[:-3:-1]
+        if entry.mxfp4:
+            _check_mxfp4(key, expected, found)
+        elif list(found[key].shape) != expected:
             raise CheckpointError(f"{found[key].file}: key {key!r} has shape {list(found[key].shape)}, expected {expected}")
     return plan
+
+
+def _check_mxfp4(key: str, expected: List[int], found: Dict[str, TensorInfo]) -> None:
+    """The blocks ``key`` and its scales encode a weight of shape ``expected`` (uint8, groups of 32)."""
+    *lead, K = expected
+    if K % MXFP4_GROUP:
+        raise CheckpointError(f"{found[key].file}: key {key!r}: MXFP4 needs a width divisible by {MXFP4_GROUP}, got {K}")
+    scales = scales_key(key)
+    if scales not in found:
+        raise CheckpointError(f"{found[key].file}: key {key!r} has no MXFP4 scales {scales!r}")
+    want = {key: [*lead, K // MXFP4_GROUP, MXFP4_GROUP // 2], scales: [*lead, K // MXFP4_GROUP]}
+    for k, shape in want.items():
+        info = found[k]
+        if list(info.shape) != shape or info.dtype != "U8":
+            raise CheckpointError(f"{info.file}: key {k!r} is {info.dtype} {list(info.shape)}, expected U8 {shape}")
+
+
+def read_tensors(found: Dict[str, TensorInfo], plan: Dict[str, Entry]) -> Iterator[Tuple[str, Any]]:
+    """``(key, tensor)`` for every key of ``plan``, in the model's orientation (transposed stacks turned back),
+    one source tensor at a time; an MXFP4 pair comes once, under its blocks key, as an ``MXFP4Weight`` (still
+    packed: the caller dequantises it or repacks it, ``profiling``)."""
+    wanted: List[str] = []
+    for key, entry in plan.items():
+        wanted += [key, scales_key(key)] if entry.mxfp4 else [key]
+    blocks_of = {scales_key(key): key for key, entry in plan.items() if entry.mxfp4}
+    held: Dict[str, torch.Tensor] = {}  # the first half of an MXFP4 pair until the other is read
+    for key, tensor in stream(found, wanted):
+        blocks_key = blocks_of.get(key, key)
+        entry = plan[blocks_key]
+        if entry.mxfp4 and blocks_key not in held:
+            held[blocks_key] = tensor
+            del tensor
+            continue
+        if entry.mxfp4:
+            other = held.pop(blocks_key)
+            out = MXFP4Weight(*((tensor, other) if key == blocks_key else (other, tensor)))
+            del other
+        else:
+            out = tensor.transpose(-1, -2) if entry.transposed else tensor
+        del tensor  # the caller's copy is the only reference: one source tensor alive at a time
+        yield blocks_key, out
+        del out
 
 
 @torch.no_grad()
@@ -231,7 +288,8 @@ def layout_config_json(layout: Layout, config: MoEConfig, dtype: torch.dtype) ->
     if layout.model_type == NATIVE:
         return {**flux_to_json(config), **header}
     source = config.metadata.get(SOURCE_CONFIG) or {}
-    out = {**(source if source.get("model_type") == layout.model_type else {}), **layout.to_hf(config), **header}
+    source = {k: v for k, v in source.items() if k not in layout.dropped} if source.get("model_type") == layout.model_type else {}
+    out = {**source, **layout.to_hf(config), **header}
     if "torch_dtype" in out:
         out["torch_dtype"] = dtype_name
     _check_expressible(layout, config, out)

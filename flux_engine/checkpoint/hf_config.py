@@ -15,6 +15,7 @@ Behaviour read from each family's modelling code:
 * deepseek (deepseek-moe-16b, remote code ``modeling_deepseek.py``): MoE where ``i >= first_k_dense_replace and
   i % moe_layer_freq == 0``; ``n_shared_experts`` shared experts fused into one ungated MLP of
   ``n_shared_experts * moe_intermediate_size``; softmax scoring only; renormalises only when ``k > 1``.
+* gpt_oss: see ``gpt_oss_from_hf``.
 * llama_moe (LLaMA-MoE, remote code ``modeling_llama_moe_hf.py``): every layer MoE; gate network ``mlp``
   (Linear(H, E) -> tanh -> Linear(E, E)) or ``linear``; top-k on the logits, weights = softmax over the k
   selected logits (= softmax over all, renormalised), times ``score_scale_factor``; noise only in training;
@@ -42,8 +43,9 @@ Json = Dict[str, Any]
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                   "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size")  # fmt: skip
 _OPTIONAL_POSITIVE_INTS = ("head_dim", "sliding_window")
-_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
-_BOOLS = ("tie_word_embeddings", "attention_bias", "norm_topk_prob", "shared_expert_gate")
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "swiglu_alpha")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "norm_topk_prob", "shared_expert_gate", "attention_output_bias",
+          "attention_sinks", "router_bias", "expert_bias", "expert_interleaved")  # fmt: skip
 _INT_LISTS = ("moe_layers", "physical_experts")
 
 
@@ -68,7 +70,7 @@ def _check_fields(fields: Json) -> None:
             raise bad(name, "an int >= 0")
         elif name in _POSITIVE_FLOATS and not (is_number(value) and value > 0):
             raise bad(name, "a positive number")
-        elif name == "clip_qkv" and value is not None and not (is_number(value) and value > 0):
+        elif name in ("clip_qkv", "swiglu_limit") and value is not None and not (is_number(value) and value > 0):
             raise bad(name, "a positive number or null")
         elif name in ("routed_scaling_factor", "router_aux_loss_coef") and not (is_number(value) and value >= 0):
             raise bad(name, "a finite number >= 0")
@@ -100,17 +102,36 @@ def _refuse(cfg: Json, key: str, supported: Any, default: Any) -> None:
         raise CheckpointError(f"config key {key}={value!r} is not supported (only {supported!r})")
 
 
-def _rope_theta(cfg: Json, default: float) -> float:
-    """Plain RoPE only; transformers v5 keeps theta in ``rope_parameters``, older configs in ``rope_theta``."""
+def _rope_type(cfg: Json) -> str:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type")) or "default"
-    if rope_type != "default":
-        raise CheckpointError(f"config key rope_type={rope_type!r} is not supported (plain RoPE only)")
+    return params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type")) or "default"
+
+
+def _rope_theta(cfg: Json, default: float, allowed: Tuple[str, ...] = ("default",)) -> float:
+    """RoPE of a type in ``allowed`` (plain RoPE unless a family says more); transformers v5 keeps theta in
+    ``rope_parameters``, older configs in ``rope_theta``."""
+    rope_type = _rope_type(cfg)
+    if rope_type not in allowed:
+        raise CheckpointError(f"config key rope_type={rope_type!r} is not supported (only {', '.join(allowed)})")
+    params = cfg.get("rope_parameters") or {}
     return float(params.get("rope_theta") or cfg.get("rope_theta") or default)
 
 
-def _backbone_from_hf(cfg: Json, default_rope_theta: float, reads_head_dim: bool = True) -> Json:
+def _yarn_from_hf(cfg: Json) -> Optional[Json]:
+    """``MoEConfig.rope_scaling`` of a YaRN config (v5 ``rope_parameters`` or older ``rope_scaling``), else None."""
+    if _rope_type(cfg) != "yarn":
+        return None
+    params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    params.pop("type", None)
+    params.pop("rope_theta", None)
+    params["rope_type"] = "yarn"
+    return params
+
+
+def _backbone_from_hf(
+    cfg: Json, default_rope_theta: float, reads_head_dim: bool = True, rope_types: Tuple[str, ...] = ("default",)
+) -> Json:
     """The MoEConfig fields every family reads alike: embeddings, attention shapes, norms, RoPE."""
     _refuse(cfg, "hidden_act", "silu", "silu")
     num_heads = _require(cfg, "num_attention_heads")
@@ -122,7 +143,7 @@ def _backbone_from_hf(cfg: Json, default_rope_theta: float, reads_head_dim: bool
         num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
         head_dim=cfg.get("head_dim") if reads_head_dim else None,
         rms_norm_eps=_require(cfg, "rms_norm_eps"),
-        rope_theta=_rope_theta(cfg, default_rope_theta),
+        rope_theta=_rope_theta(cfg, default_rope_theta, rope_types),
         max_position_embeddings=cfg.get("max_position_embeddings", MoEConfig.max_position_embeddings),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
     )
@@ -473,3 +494,61 @@ def flux_from_json(cfg: Json) -> MoEConfig:
 
 def flux_to_json(c: MoEConfig) -> Json:
     return c.to_dict()
+
+
+# -- gpt_oss ---------------------------------------------------------------------------------------------------
+
+
+def gpt_oss_from_hf(cfg: Json) -> MoEConfig:
+    """gpt-oss (transformers ``modeling_gpt_oss.py``): every layer MoE, experts of ``intermediate_size`` with
+    biases, interleaved gate/up and the clamped SwiGLU (``swiglu_limit``, ``swiglu_alpha``); a router with a bias,
+    softmax over the top-k logits (= softmax renormalised over the top k); q/k/v/o biases (``attention_bias``), a
+    learned sink per head, ``layer_types`` alternating sliding-window and full attention; YaRN RoPE."""
+    fields = _backbone_from_hf(cfg, default_rope_theta=150000.0, rope_types=("default", "yarn"))
+    num_layers = fields["num_layers"]
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
+    ]
+    bias = cfg.get("attention_bias", True)
+    size = _require(cfg, "intermediate_size")
+    return _build(
+        **fields,
+        intermediate_size=size,
+        moe_intermediate_size=size,
+        num_experts=_require(cfg, "num_local_experts", "num_experts"),
+        num_experts_per_tok=_require(cfg, "num_experts_per_tok", "experts_per_token"),
+        sliding_window=cfg.get("sliding_window", 128) if "sliding_attention" in types else None,
+        layer_types=list(types),
+        attention_bias=bias,
+        attention_output_bias=bias,
+        attention_sinks=True,
+        rope_scaling=_yarn_from_hf(cfg),
+        router_bias=True,
+        norm_topk_prob=True,
+        router_aux_loss_coef=_aux_from_hf(cfg, 0.001),
+        expert_bias=True,
+        expert_interleaved=True,
+        swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
+        swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+    )
+
+
+def gpt_oss_to_hf(c: MoEConfig) -> Json:
+    out = {
+        **_backbone_to_hf(c),
+        "intermediate_size": c.moe_intermediate_size,
+        "num_local_experts": c.num_experts,
+        "num_experts_per_tok": c.num_experts_per_tok,
+        "sliding_window": c.sliding_window,
+        "layer_types": [
+            "sliding_attention" if c.layer_window(i) is not None else "full_attention" for i in range(c.num_layers)
+        ],
+        "attention_bias": c.attention_bias,
+        "swiglu_limit": c.swiglu_limit,
+        "swiglu_alpha": c.swiglu_alpha,
+        **_aux_to_hf(c),
+    }
+    if c.rope_scaling is not None:
+        params = {"rope_theta": c.rope_theta, **c.rope_scaling}
+        out.update(rope_parameters=params, rope_scaling=dict(c.rope_scaling))
+    return out

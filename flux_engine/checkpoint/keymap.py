@@ -47,12 +47,18 @@ class KeyLayout:
             as they are.
         expert_map: whether the file carries the ``experts.expert_map`` buffers (only the native layout does;
             the others imply the identity map).
+        transposed: stacked experts are stored ``[E, in, out]`` (gpt-oss: ``gate_up_proj [E, H, 2I]``,
+            ``down_proj [E, I, H]``), the transpose of the model's ``[E, out, in]``.
+        mxfp4: stacked experts are stored as MXFP4 ``<stack>_blocks`` / ``<stack>_scales`` pairs
+            (``checkpoint.mxfp4``, in the model's orientation); the entry names the blocks key.
     """
 
     block: str = "mlp"
     renames: Tuple[Tuple[str, str], ...] = ()
     experts: Optional[ExpertKeys] = None
     expert_map: bool = False
+    transposed: bool = False
+    mxfp4: bool = False
 
     def rename(self, inner: str) -> str:
         for ours, theirs in self.renames:
@@ -64,11 +70,21 @@ class KeyLayout:
 @dataclass(frozen=True)
 class Entry:
     """Checkpoint tensor ``key`` holds ``model_tensors(model)[param][index]`` (``index == ()``: the whole tensor;
-    otherwise one expert's slice of a stack)."""
+    otherwise one expert's slice of a stack); ``transposed``: stored with its last two dimensions swapped;
+    ``mxfp4``: ``key`` is the MXFP4 blocks, ``scales_key(key)`` the scales."""
 
     key: str
     param: str
     index: Index = ()
+    transposed: bool = False
+    mxfp4: bool = False
+
+
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
+
+
+def scales_key(blocks_key: str) -> str:
+    return blocks_key[: -len(MXFP4_BLOCKS)] + MXFP4_SCALES
 
 
 def model_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -96,6 +112,10 @@ def entries(model: MoEForCausalLM, keys: KeyLayout) -> List[Entry]:
                 out.append(Entry(prefix + inner, name))
         elif inner in _STACKS and keys.experts is not None:
             out.extend(_expert_entries(prefix, name, inner, tensor.shape, keys.experts))
+        elif inner in _STACKS and keys.mxfp4:
+            out.append(Entry(prefix + inner + MXFP4_BLOCKS, name, mxfp4=True))
+        elif inner in _STACKS:
+            out.append(Entry(prefix + inner, name, transposed=keys.transposed))
         else:
             out.append(Entry(prefix + keys.rename(inner), name))
     return out

@@ -3,7 +3,8 @@
 Key names were checked against each family's modelling code: transformers 5.24 ``save_pretrained`` output for
 mixtral / qwen2_moe / qwen3_moe / olmoe (per-expert keys; the stacked v5 keys are accepted on load too),
 ``modeling_deepseek.py`` of deepseek-moe-16b, and ``smoe/models/llama_moe/modeling_llama_moe_hf.py`` of
-pjlab-sys4nlp/llama-moe (the file its hub checkpoints ship with).
+pjlab-sys4nlp/llama-moe (the file its hub checkpoints ship with), transformers 5.24 ``modeling_gpt_oss.py`` and
+its ``integrations/mxfp4.py`` for gpt_oss (stacked experts ``[E, in, out]``; MXFP4 blocks and scales).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ NATIVE = "flux_moe"
 _STACKED = KeyLayout()
 _PROJ_EXPERTS = ExpertKeys("experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight", "experts.{e}.down_proj.weight")
 
+# gpt-oss names the router ``router`` (``mlp.router.weight`` / ``.bias``).
+_GPT_OSS_RENAMES = (("gate.", "router."),)
+
 # Non-learned RoPE caches some modelling code stores as persistent buffers.
 _ROTARY_CACHE = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
 
@@ -37,6 +41,8 @@ class Layout:
         from_hf / to_hf: config conversion (see ``hf_config``).
         ignored: regexes of checkpoint keys that hold nothing the model computes with; skipped on load.
         accepts_stacked: also load files with the stacked ``experts.gate_up_proj`` keys (transformers v5 names).
+        quantized: key naming of files whose experts are MXFP4 (``experts.gate_up_proj_blocks`` ...); loading only.
+        dropped: source-config keys not written back (the weights are saved unquantized).
     """
 
     model_type: str
@@ -46,11 +52,16 @@ class Layout:
     to_hf: Callable[[MoEConfig], Dict]
     ignored: Tuple[str, ...] = (_ROTARY_CACHE,)
     accepts_stacked: bool = False
+    quantized: Optional[KeyLayout] = None
+    dropped: Tuple[str, ...] = ()
 
     def keys_for(self, checkpoint_keys: Iterable[str]) -> KeyLayout:
         """The key naming of a checkpoint holding ``checkpoint_keys``."""
-        if self.accepts_stacked and any(key.endswith(".experts.gate_up_proj") for key in checkpoint_keys):
+        keys = list(checkpoint_keys)
+        if self.accepts_stacked and any(key.endswith(".experts.gate_up_proj") for key in keys):
             return _STACKED
+        if self.quantized is not None and any(key.endswith(".experts.gate_up_proj_blocks") for key in keys):
+            return self.quantized
         return self.keys
 
 
@@ -116,6 +127,15 @@ _LAYOUTS = (
         hf_config.llama_moe_to_hf,
         # The noisy gate's noise projection acts only in training mode.
         ignored=(_ROTARY_CACHE, r"model\.layers\.\d+\.mlp\.gate\.weight_noise\.weight"),
+    ),
+    Layout(
+        "gpt_oss",
+        "GptOssForCausalLM",
+        KeyLayout(renames=_GPT_OSS_RENAMES, transposed=True),
+        hf_config.gpt_oss_from_hf,
+        hf_config.gpt_oss_to_hf,
+        quantized=KeyLayout(renames=_GPT_OSS_RENAMES, mxfp4=True),
+        dropped=("quantization_config",),
     ),
     Layout(
         NATIVE, "MoEForCausalLM", KeyLayout(expert_map=True), hf_config.flux_from_json, hf_config.flux_to_json, ignored=()

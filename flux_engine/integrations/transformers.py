@@ -12,13 +12,18 @@ use_experts_implementation``: the class keeps its 3-D stacks (``gate_up_proj``, 
 run every experts module through ``flux_engine.ops.grouped_mlp`` (its dispatch picks the reference or Triton
 tier; ``FLUX_ENGINE_BACKEND`` forces one). The router, attention and shared experts stay transformers' own.
 
-Layouts. The decorator's per-class flags say how the stacks are stored. Supported: ``is_concatenated=True`` (gate
-rows then up rows, the op's layout), ``is_transposed`` either way (``[E, H, 2I]`` / ``[E, I, H]`` stacks are read
-through a transposed copy, autograd flows back), SiLU gating by the default ``_apply_gate``. Refused with
-``UnsupportedExpertsLayout`` naming the class and the flag (the op has no such term): ``has_bias=True``,
-``has_gate=False``, ``has_post_expert_norm=True``, ``is_concatenated=False`` / a custom ``_apply_gate`` (e.g.
-gpt_oss's clamped GLU), a non-SiLU ``hidden_act``, expert parallelism. Checked: mixtral, qwen2_moe, qwen3_moe,
-olmoe, deepseek_v3 (the experts of its MoE block), granitemoe: all concatenated, untransposed, bias-free SiLU.
+Layouts and forms. The decorator's per-class flags say how the stacks are stored, and each module maps to an
+``ops.ExpertForm`` (``expert_form``): ``is_transposed`` either way (``[E, H, 2I]`` / ``[E, I, H]`` stacks are read
+through a transposed copy, autograd flows back); ``has_gate`` (``gate_up_proj``) or not (``up_proj``, ``act(up)``);
+``has_bias`` (``gate_up_proj_bias`` / ``up_proj_bias`` and ``down_proj_bias``, passed to the op); the activation
+from the module's ``act_fn`` (silu/swish, gelu, the tanh gelus, relu). The gate/up split is ``_apply_gate``'s, as
+in transformers' batched and grouped backends: the default one chunks (gate rows first, ``act(gate) * up``); a
+custom one is accepted only when it computes a form its flags and attributes suggest (interleaved first when
+``is_concatenated=False``; gpt-oss's clamped SwiGLU with the module's ``limit`` and ``alpha``), checked once per
+class and form on a probe, outside tracing. Refused with ``UnsupportedExpertsLayout`` naming the class and what
+the op lacks: ``has_post_expert_norm=True``, other activations (relu2, quick_gelu, ...), other custom gates,
+expert parallelism. Checked: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 (the experts of its MoE block),
+granitemoe, gpt_oss, and the testers' default ``hidden_act="gelu"`` configs.
 
 Flux state on an HF experts module (plain attributes of the transformers module, so ``.to()``, ``parameters()``
 and optimizers see them):
@@ -44,6 +49,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import activations
 from transformers.initialization import no_init_weights
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -61,7 +67,25 @@ from flux_engine.profiling import ExpertProfile, ProfileAccumulator, sample_id_k
 IMPLEMENTATION = "flux"
 EXPERT_MAPS = "flux_expert_maps"  # config attribute: {"<layer>": [E_orig physical ids]}
 _CAPTURE = "flux_capture"  # attention implementation used while profiling
-_SILU = ("silu", "swish")
+# The activation modules transformers' ACT2FN builds, by class name -> ExpertForm.activation (exact classes only:
+# subclasses such as ClippedGELUActivation compute something else). Names differ between transformers versions.
+_ACTIVATIONS = {
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "AccurateGELUActivation": "gelu_tanh",
+    "ReLU": "relu",
+}
+_ACTIVATION_CLASSES = {
+    cls: name
+    for cls_name, name in _ACTIVATIONS.items()
+    for cls in (getattr(activations, cls_name, None), getattr(nn, cls_name, None))
+    if cls is not None
+}
 _LORA = ".experts.lora."  # state-dict infix of LoRA factors: carried as modules, not as checkpoint tensors
 # The HF state dict uses the runtime's own (stacked) names: no per-expert keys, no renames.
 _IN_MEMORY = KeyLayout()
@@ -116,37 +140,103 @@ def moe_layers(model: nn.Module) -> List[MoELayer]:
 # ------------------------------------------------------------------------------ the "flux" experts backend
 
 
+def _activation(experts: nn.Module) -> Optional[str]:
+    """The ``ExpertForm.activation`` of the module's ``act_fn`` (or ``config.hidden_act``), None when none fits."""
+    act = getattr(experts, "act_fn", None)
+    if act is not None:
+        return _ACTIVATION_CLASSES.get(type(act))
+    name = str(getattr(experts.config, "hidden_act", "silu")).lower()
+    return {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+            "relu": "relu"}.get(name)  # fmt: skip
+
+
+# Custom _apply_gate forms already checked on a probe, by (class, form): tracing never runs the probe again.
+_VERIFIED_GATES: Dict[tuple, bool] = {}
+
+
+def _gate_computes(experts: nn.Module, form: ops.ExpertForm) -> bool:
+    """Whether the module's own ``_apply_gate`` computes ``form`` (on a probe spanning the clamps, float64)."""
+    key = (type(experts), form)
+    if key not in _VERIFIED_GATES:
+        if torch.compiler.is_compiling():
+            return True  # checked by the first eager call or use_flux(); a probe here would break the graph
+        probe = torch.linspace(-12.0, 12.0, 2 * 33, dtype=torch.float64).reshape(2, 33)
+        probe = torch.cat((probe, probe.flip(1)), dim=1)  # [2, 66]: gate and up both sweep the range
+        with torch.no_grad():
+            got = experts._apply_gate(probe)
+        _VERIFIED_GATES[key] = got.shape == (2, 33) and torch.allclose(got, form.apply(probe), rtol=1e-12, atol=1e-12)
+    return _VERIFIED_GATES[key]
+
+
+def _form_and_problem(experts: nn.Module):
+    """``(form, None)`` when ``grouped_mlp`` computes this experts module exactly, else ``(None, why)``.
+
+    The gate/up split is ``_apply_gate``'s, as in transformers' own batched and grouped backends: the default one
+    chunks (gate rows first, whatever ``is_concatenated`` says); a custom one must compute one of the forms its
+    flags and attributes suggest (``is_concatenated=False``: interleaved first; ``limit`` / ``alpha``: gpt-oss's
+    clamped SwiGLU), checked on a probe."""
+    if experts.has_post_expert_norm:
+        return None, "has_post_expert_norm=True (no norm after each expert)"
+    if experts._is_expert_parallel:
+        return None, "expert parallelism (sentinel expert ids)"
+    activation = _activation(experts)
+    custom_gate = experts.has_gate and type(experts)._apply_gate is not _default_apply_gate
+    if not custom_gate:
+        if activation is None:
+            act = getattr(experts, "act_fn", None)
+            what = type(act).__name__ if act is not None else repr(getattr(experts.config, "hidden_act", None))
+            return None, f"the activation {what} (only silu, gelu, gelu_tanh and relu)"
+        return ops.ExpertForm(activation, gated=experts.has_gate), None
+    layouts = (True, False) if not experts.is_concatenated else (False, True)
+    limit, alpha = getattr(experts, "limit", None), getattr(experts, "alpha", None)
+    candidates = []
+    if isinstance(limit, (int, float)) and isinstance(alpha, (int, float)):
+        candidates += [ops.ExpertForm(interleaved=i, limit=float(limit), alpha=float(alpha)) for i in layouts]
+    if activation is not None:
+        candidates += [ops.ExpertForm(activation, interleaved=i) for i in layouts]
+    form = next((f for f in candidates if _gate_computes(experts, f)), None)
+    if form is None:
+        return None, "a custom _apply_gate computing neither act(gate) * up nor gpt-oss's clamped SwiGLU"
+    return form, None
+
+
 def layout_problem(experts: nn.Module) -> Optional[str]:
-    """None when ``grouped_mlp`` computes this experts module exactly, else the flag that prevents it."""
-    act = str(getattr(experts.config, "hidden_act", "silu")).lower()
-    checks = (
-        (experts.has_bias, "has_bias=True (the grouped MLP has no expert biases)"),
-        (not experts.has_gate, "has_gate=False (only gated SwiGLU experts)"),
-        (experts.has_post_expert_norm, "has_post_expert_norm=True (no norm after each expert)"),
-        (not experts.is_concatenated, "is_concatenated=False (interleaved gate/up rows)"),
-        (type(experts)._apply_gate is not _default_apply_gate, "a custom _apply_gate (only silu(gate) * up)"),
-        (act not in _SILU, f"hidden_act={act!r} (only silu)"),
-        (experts._is_expert_parallel, "expert parallelism (sentinel expert ids)"),
-    )
-    return next((why for bad, why in checks if bad), None)
+    """None when ``grouped_mlp`` computes this experts module exactly, else what prevents it."""
+    return _form_and_problem(experts)[1]
 
 
-def check_layout(experts: nn.Module) -> None:
-    """Raise ``UnsupportedExpertsLayout`` naming the class and flag when ``"flux"`` cannot run ``experts``."""
-    problem = layout_problem(experts)
+def expert_form(experts: nn.Module) -> ops.ExpertForm:
+    """The ``ExpertForm`` of an HF experts module; raises ``UnsupportedExpertsLayout`` naming the class and what
+    the op cannot express."""
+    form, problem = _form_and_problem(experts)
     if problem is not None:
         raise UnsupportedExpertsLayout(
             f"experts_implementation={IMPLEMENTATION!r} cannot run {type(experts).__name__}: {problem}; "
             "use 'eager' or 'grouped_mm' for this model"
         )
+    return form
+
+
+def check_layout(experts: nn.Module) -> None:
+    """Raise ``UnsupportedExpertsLayout`` naming the class and flag when ``"flux"`` cannot run ``experts``."""
+    expert_form(experts)
 
 
 def _stacks(experts: nn.Module):
-    """``(gate_up [E, 2I, H], down [E, H, I])`` in the op's layout."""
+    """``(gate_up [E, 2I, H] (ungated: the up projection [E, I, H]), down [E, H, I])`` in the op's layout."""
+    first = experts.gate_up_proj if experts.has_gate else experts.up_proj
     if experts.is_transposed:
         # [E, H, 2I] / [E, I, H]: one copy per call; the op's kernels want the reduction dim contiguous.
-        return experts.gate_up_proj.transpose(1, 2).contiguous(), experts.down_proj.transpose(1, 2).contiguous()
-    return experts.gate_up_proj, experts.down_proj
+        return first.transpose(1, 2).contiguous(), experts.down_proj.transpose(1, 2).contiguous()
+    return first, experts.down_proj
+
+
+def _biases(experts: nn.Module):
+    """``(gate_up_bias [E, 2I] or [E, I], down_bias [E, H])``, or Nones without biases."""
+    if not experts.has_bias:
+        return None, None
+    first = experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias
+    return first, experts.down_proj_bias
 
 
 def flux_experts_forward(
@@ -155,8 +245,9 @@ def flux_experts_forward(
     """The ``"flux"`` entry of ``ExpertsInterface``: ``hidden_states [T, H]``, ``top_k_index [T, k]`` (original
     expert ids), ``top_k_weights [T, k]`` -> ``[T, H]`` in ``hidden_states``' dtype, via ``ops.grouped_mlp`` with
     the module's ``expert_map`` and ``lora`` when present."""
-    check_layout(self)
+    form = expert_form(self)
     gate_up, down = _stacks(self)
+    gate_up_bias, down_bias = _biases(self)
     lora = getattr(self, "lora", None)
     return ops.grouped_mlp(
         hidden_states,
@@ -166,6 +257,9 @@ def flux_experts_forward(
         top_k_index,
         getattr(self, "expert_map", None),
         lora=lora.as_op() if lora is not None else None,
+        form=form,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
     )
 
 
@@ -349,6 +443,11 @@ def merge_hf(
     layers = moe_layers(model)
     for moe in layers:
         check_layout(moe.experts)
+        if moe.experts.has_bias or not moe.experts.has_gate:
+            raise UnsupportedExpertsLayout(
+                f"merge_hf: {type(moe.experts).__name__} has expert biases or no gate; merge its runtime model "
+                "(to_runtime) instead"
+            )
         if getattr(moe.experts, "lora", None) is not None:
             raise ValueError(f"layer {moe.layer}: merge before attach_sparse_lora (LoRA slots would change)")
     profiled, ours = getattr(profile, "layers", None), [m.layer for m in layers]
@@ -445,6 +544,10 @@ def attach_sparse_lora(
     out = {}
     for moe in layers:
         check_layout(moe.experts)
+        if not moe.experts.has_gate:
+            raise UnsupportedExpertsLayout(
+                f"attach_sparse_lora: {type(moe.experts).__name__} has no gate (the adapter's gate_up_B is [S, 2I, r])"
+            )
         ids = sorted({int(e) for e in tuning.get(moe.layer, ())})
         if not ids:
             continue
@@ -545,6 +648,7 @@ __all__ = [
     "MoELayer",
     "moe_layers",
     "layout_problem",
+    "expert_form",
     "check_layout",
     "flux_experts_forward",
     "register",

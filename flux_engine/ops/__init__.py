@@ -1,6 +1,7 @@
 """The ops contract: each public function validates its inputs and dispatches to a tier (see backend.py)."""
 
 from flux_engine.ops.expert_counts import expert_counts
+from flux_engine.ops.expert_form import SILU, ExpertForm
 from flux_engine.ops.grouped_mlp import ExpertLoRA, TunedExperts, grouped_mlp
 from flux_engine.ops.permute import RoutingPlan, permute
 from flux_engine.ops.quantize import QuantizedTensor, dequantize, quantize
@@ -17,6 +18,8 @@ __all__ = [
     "grouped_mlp",
     "ExpertLoRA",
     "TunedExperts",
+    "ExpertForm",
+    "SILU",
     "quantize",
     "dequantize",
     "QuantizedTensor",

@@ -1,8 +1,10 @@
 """Argument validation shared by the public ops.
 
 Shape, dtype and device errors are raised eagerly. Value checks (ids in range) need the values: on
-CPU they raise ``ValueError`` at once; on CUDA they are queued with ``torch._assert_async`` so the
-MoE layer never synchronises with the host (a violation then aborts at the next sync).
+CPU they raise ``ValueError`` at once; on CUDA, and under ``torch.compile`` on any device, they are
+device-side asserts (``torch._assert_async``), so the MoE layer never synchronises with the host and
+dynamo traces them without a graph break (a violation raises ``RuntimeError`` with the same message
+when the assert runs: at once on CPU, at the next sync on CUDA).
 """
 
 from __future__ import annotations
@@ -51,11 +53,24 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def device_side(t: torch.Tensor) -> bool:
+    """Whether value checks on ``t`` must stay on the device: CUDA tensors, or any tensor while dynamo traces."""
+    return t.device.type == "cuda" or torch.compiler.is_compiling()
+
+
+def check_value(ok: torch.Tensor, message: str) -> None:
+    """``ok`` (a bool tensor) holds: a device-side assert (``device_side``), else ``ValueError(message)``."""
+    if device_side(ok):
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
+
+
 def check_ids_in_range(name: str, ids: torch.Tensor, upper: int) -> None:
     """All of ``ids`` in ``[0, upper)``."""
     if ids.numel() == 0:
         return
-    if ids.device.type == "cuda":
+    if device_side(ids):
         torch._assert_async(((ids >= 0) & (ids < upper)).all(), f"{name} out of range [0, {upper})")
         return
     lo, hi = int(ids.min()), int(ids.max())

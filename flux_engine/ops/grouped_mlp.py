@@ -1,8 +1,9 @@
-"""Grouped SwiGLU expert MLP: the routed-experts half of an MoE layer.
+"""Grouped expert MLP: the routed-experts half of an MoE layer.
 
-``out[t] = sum_j w[t, j] * down_e(silu(gate_e x_t) * up_e x_t)`` with ``e = expert_map[topk_ids[t, j]]``;
-slots of one token that land on the same physical expert are computed once with their weights summed
-(see ``permute``). Optional LoRA adds ``scale * B_s (A_s v)`` to either projection of the experts that have
+``out[t] = sum_j w[t, j] * (down_e(form(gate_up_e x_t + b1_e)) + b2_e)`` with ``e = expert_map[topk_ids[t, j]]``,
+``form`` an ``ExpertForm`` (default SwiGLU, ``silu(gate) * up``; see ``expert_form``) and the optional expert biases
+``b1 = gate_up_bias[e]``, ``b2 = down_bias[e]``; slots of one token that land on the same physical expert are
+computed once with their weights summed (see ``permute``). Optional LoRA adds ``scale * B_s (A_s v)`` to either projection of the experts that have
 a LoRA slot ``s`` (the tuning experts); the others run the frozen base only.
 
 Two ways to train the tuning experts (FLUX_DESIGN.md section 5, "Local tuning"):
@@ -15,7 +16,7 @@ Two ways to train the tuning experts (FLUX_DESIGN.md section 5, "Local tuning"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,9 @@ from flux_engine.ops._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    check_value,
 )
+from flux_engine.ops.expert_form import SILU, ExpertForm
 from flux_engine.ops.permute import permute_reference
 from flux_engine.ops.quantize import QuantizedTensor, dequantize
 
@@ -67,7 +70,7 @@ class ExpertLoRA:
         """
         slots = self.slots.long()
         if expert_map is None:
-            _assert(_slots_unique(slots, self.num_slots), "lora.slots: a LoRA slot is given to several experts")
+            check_value(_slots_unique(slots, self.num_slots), "lora.slots: a LoRA slot is given to several experts")
             return slots
         emap = expert_map.long()
         hi = torch.full((num_experts,), -1, dtype=torch.long, device=slots.device).scatter_reduce(0, emap, slots, "amax")
@@ -75,11 +78,11 @@ class ExpertLoRA:
             0, emap, slots, "amin"
         )
         used = torch.zeros(num_experts, dtype=torch.bool, device=slots.device).index_fill(0, emap, True)
-        _assert(
+        check_value(
             ((hi == lo) | ~used).all(),
             "lora.slots: a physical expert shared by several original experts has a LoRA slot on only some of them",
         )
-        _assert(_slots_unique(hi, self.num_slots), "lora.slots: a LoRA slot is given to several physical experts")
+        check_value(_slots_unique(hi, self.num_slots), "lora.slots: a LoRA slot is given to several physical experts")
         return hi
 
 
@@ -88,23 +91,20 @@ class TunedExperts:
     """Full-size tuning experts: physical experts ``[0, S_t)`` of ``grouped_mlp`` (the base stacks hold the rest).
 
     Attributes:
-        gate_up: ``[S_t, 2I, H]``; down: ``[S_t, H, I]``; dtype of x (never quantized: they are trained).
+        gate_up: ``[S_t, 2I, H]`` (``[S_t, I, H]`` ungated); down: ``[S_t, H, I]``; dtype of x (never quantized:
+            they are trained).
+        gate_up_bias: ``[S_t, 2I]`` (``[S_t, I]`` ungated), down_bias: ``[S_t, H]``: the tuned experts' biases, given
+            exactly when ``grouped_mlp`` gets the base stacks' ``gate_up_bias`` / ``down_bias``.
     """
 
     gate_up: torch.Tensor
     down: torch.Tensor
+    gate_up_bias: Optional[torch.Tensor] = None
+    down_bias: Optional[torch.Tensor] = None
 
     @property
     def num_experts(self) -> int:
         return self.gate_up.shape[0]
-
-
-def _assert(ok: torch.Tensor, message: str) -> None:
-    """A value check that never synchronises with a GPU (see ``_checks``)."""
-    if ok.device.type == "cuda":
-        torch._assert_async(ok, message)
-    elif not bool(ok):
-        raise ValueError(message)
 
 
 def _slots_unique(physical_slots: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -131,10 +131,22 @@ def _stacks(x: torch.Tensor, gate_up: Weights, down: Weights, tuned: Optional[Tu
     return gate_ups, downs
 
 
-def grouped_mlp_reference(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned=None):
+def _biases(bias: Optional[torch.Tensor], tuned_bias: Optional[torch.Tensor], num_experts: int) -> list:
+    """Per physical expert bias rows (tuned experts first), or ``None`` each without biases."""
+    if bias is None:
+        return [None] * num_experts
+    return (list(tuned_bias.unbind(0)) if tuned_bias is not None else []) + list(bias.unbind(0))
+
+
+def grouped_mlp_reference(
+    x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned=None, *, form=SILU, gate_up_bias=None,
+    down_bias=None,
+):  # fmt: skip
     T, H = x.shape
     gate_ups, downs = _stacks(x, gate_up, down, tuned)
     E = len(gate_ups)
+    gate_up_biases = _biases(gate_up_bias, tuned.gate_up_bias if tuned is not None else None, E)
+    down_biases = _biases(down_bias, tuned.down_bias if tuned is not None else None, E)
     plan = permute_reference(topk_ids, E, expert_map)
     row_weights = plan.row_weights(topk_weights.float())
     offsets = plan.expert_offsets.tolist()
@@ -150,12 +162,15 @@ def grouped_mlp_reference(x, gate_up, down, topk_weights, topk_ids, expert_map, 
             continue
         xe = x[plan.sorted_token_ids[lo:hi].long()].float()
         gu = xe @ gate_ups[e].float().t()
+        if gate_up_biases[e] is not None:
+            gu = gu + gate_up_biases[e].float()
         delta = _lora_delta(xe, gu_A, gu_B, lora_slots[e], scale)
         if delta is not None:
             gu = gu + delta
-        gate, up = gu.chunk(2, dim=-1)
-        h = F.silu(gate) * up
+        h = form.apply(gu)
         y = h @ downs[e].float().t()
+        if down_biases[e] is not None:
+            y = y + down_biases[e].float()
         delta = _lora_delta(h, d_A, d_B, lora_slots[e], scale)
         if delta is not None:
             y = y + delta
@@ -171,26 +186,34 @@ def grouped_mlp_reference(x, gate_up, down, topk_weights, topk_ids, expert_map, 
 _op = Op("grouped_mlp", grouped_mlp_reference, preference=("triton",))
 
 
-def _triton_lacks(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned):
+def _triton_lacks(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, *, form, gate_up_bias,
+                  down_bias):  # fmt: skip
     if tuned is not None and isinstance(gate_up, QuantizedTensor):
         return "full-size tuned experts over a packed base"
     return None
 
 
 @_op.register("triton", unsupported=_triton_lacks)
-def _grouped_mlp_triton(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned):
+def _grouped_mlp_triton(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, *, form, gate_up_bias,
+                        down_bias):  # fmt: skip
     from flux_engine.triton_kernels.grouped_mlp_autograd import grouped_mlp as kernel
 
-    return kernel(x, gate_up, down, topk_weights, topk_ids, expert_map, lora=lora, tuned=tuned)
+    return kernel(
+        x, gate_up, down, topk_weights, topk_ids, expert_map, lora=lora, tuned=tuned, form=form,
+        gate_up_bias=gate_up_bias, down_bias=down_bias,
+    )  # fmt: skip
 
 
-def _check_lora(lora: ExpertLoRA, num_original: int, H: int, I: int) -> None:
+def _check_lora(lora: ExpertLoRA, num_original: int, H: int, I: int, form: ExpertForm) -> None:
     if not isinstance(lora, ExpertLoRA):
         raise TypeError(f"lora must be an ExpertLoRA, got {type(lora).__name__}")
     check_tensor("lora.slots", lora.slots, ndim=1)
     check_integer("lora.slots", lora.slots)
     check_shape("lora.slots", lora.slots, (num_original,), "one slot per original expert")
-    pairs = {"gate_up": (lora.gate_up_A, lora.gate_up_B, H, 2 * I), "down": (lora.down_A, lora.down_B, I, H)}
+    pairs = {
+        "gate_up": (lora.gate_up_A, lora.gate_up_B, H, form.gate_up_rows(I)),
+        "down": (lora.down_A, lora.down_B, I, H),
+    }
     present = [name for name, (A, B, _, _) in pairs.items() if A is not None or B is not None]
     if not present:
         raise ValueError("lora has no factors: give gate_up_A/gate_up_B, down_A/down_B or both")
@@ -211,7 +234,7 @@ def _check_lora(lora: ExpertLoRA, num_original: int, H: int, I: int) -> None:
         check_ids_in_range("lora.slots + 1", lora.slots + 1, S + 1)
 
 
-def _check_weights(x: torch.Tensor, gate_up: Weights, down: Weights, tuned: Optional[TunedExperts]):
+def _check_weights(x: torch.Tensor, gate_up: Weights, down: Weights, tuned: Optional[TunedExperts], form: ExpertForm):
     """``(E_base, I)`` after checking the base stacks (tensors or packed) and the tuned experts against x."""
     T, H = x.shape
     quantized = isinstance(gate_up, QuantizedTensor)
@@ -230,26 +253,46 @@ def _check_weights(x: torch.Tensor, gate_up: Weights, down: Weights, tuned: Opti
             if t.dtype != x.dtype:
                 raise TypeError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
         gate_up_shape, down_shape = tuple(gate_up.shape), tuple(down.shape)
-    E, two_i, h_in = gate_up_shape
+    E, rows, h_in = gate_up_shape
     if h_in != H:
         raise ValueError(f"gate_up has size {h_in} in dim 2, expected {H} (hidden size H of x); shape {gate_up_shape}")
     if down_shape[:2] != (E, H):
         raise ValueError(f"down must be [E={E}, H={H}, I], got {down_shape}")
     I = down_shape[2]
-    if two_i != 2 * I:
-        raise ValueError(f"gate_up has size {two_i} in dim 1, expected {2 * I} (2 * intermediate size I of down)")
+    if rows != form.gate_up_rows(I):
+        what = "2 * intermediate size I of down: gated form" if form.gated else "intermediate size I of down: ungated form"
+        raise ValueError(f"gate_up has size {rows} in dim 1, expected {form.gate_up_rows(I)} ({what})")
     if tuned is not None:
         if not isinstance(tuned, TunedExperts):
             raise TypeError(f"tuned must be a TunedExperts, got {type(tuned).__name__}")
         check_tensor("tuned.gate_up", tuned.gate_up, ndim=3)
         check_tensor("tuned.down", tuned.down, ndim=3)
         S = tuned.gate_up.shape[0]
-        check_shape("tuned.gate_up", tuned.gate_up, (S, 2 * I, H), "[S_t, 2I, H]")
+        check_shape("tuned.gate_up", tuned.gate_up, (S, rows, H), "[S_t, 2I, H] (ungated: [S_t, I, H])")
         check_shape("tuned.down", tuned.down, (S, H, I), "[S_t, H, I]")
         for name, t in (("tuned.gate_up", tuned.gate_up), ("tuned.down", tuned.down)):
             if t.dtype != x.dtype:
                 raise TypeError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
     return E, I
+
+
+def _check_biases(x, E: int, I: int, form: ExpertForm, tuned, gate_up_bias, down_bias) -> None:
+    """Each bias ``[E, D]`` in x's dtype (``D = 2I`` or ``I`` for gate_up, ``H`` for down); the tuned experts carry
+    theirs ``[S_t, D]`` exactly when the base stacks do."""
+    H = x.shape[1]
+    for name, bias, width in (("gate_up_bias", gate_up_bias, form.gate_up_rows(I)), ("down_bias", down_bias, H)):
+        tuned_bias = getattr(tuned, name) if tuned is not None else None
+        if tuned is not None and (bias is None) != (tuned_bias is None):
+            given, missing = (name, f"tuned.{name}") if tuned_bias is None else (f"tuned.{name}", name)
+            raise ValueError(f"{given} is given but {missing} is not: the tuned and base experts share one form")
+        for label, t, rows in ((name, bias, E), (f"tuned.{name}", tuned_bias, tuned.num_experts if tuned is not None else 0)):
+            if t is None:
+                continue
+            check_tensor(label, t, ndim=2)
+            check_floating(label, t)
+            if t.dtype != x.dtype:
+                raise TypeError(f"{label} dtype {t.dtype} differs from x dtype {x.dtype}")
+            check_shape(label, t, (rows, width), f"one row of {width} per expert")
 
 
 def grouped_mlp(
@@ -261,19 +304,28 @@ def grouped_mlp(
     expert_map: Optional[torch.Tensor] = None,
     lora: Optional[ExpertLoRA] = None,
     tuned: Optional[TunedExperts] = None,
+    *,
+    form: ExpertForm = SILU,
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Routed SwiGLU experts, differentiable in x, the expert weights, topk_weights and the LoRA factors.
+    """Routed experts, differentiable in x, the expert weights and biases, topk_weights and the LoRA factors.
 
     Args:
         x: ``[T, H]`` token activations.
-        gate_up: ``[E, 2I, H]`` gate rows first, then up rows (transformers v5 layout); same dtype as x. Or a
-            ``QuantizedTensor`` of it (int4/int8, frozen: no gradient), read packed by the Triton tier.
+        gate_up: ``[E, 2I, H]`` in ``form``'s row layout (default gate rows first, then up rows: transformers v5);
+            ``[E, I, H]`` for an ungated form; same dtype as x. Or a ``QuantizedTensor`` of it (int4/int8, frozen:
+            no gradient), read packed by the Triton tier.
         down: ``[E, H, I]`` (or its ``QuantizedTensor``, together with gate_up).
         topk_weights: ``[T, k]`` routing weights (float; computed in fp32).
         topk_ids: ``[T, k]`` original expert ids.
         expert_map: optional ``[E_orig]`` map from original to physical expert ids in ``[0, S_t + E)``.
         lora: optional ``ExpertLoRA`` for the tuning experts (its slots index physical experts).
         tuned: optional ``TunedExperts``: physical experts ``[0, S_t)``; the base stacks are ``[S_t, S_t + E)``.
+        form: the experts' ``ExpertForm`` (activation, gating, gate/up layout, gpt-oss clamp); default SwiGLU.
+        gate_up_bias: optional ``[E, 2I]`` (``[E, I]`` ungated) added to gate_up's output, by physical expert like
+            the weights (with ``tuned``: the base experts'; ``tuned.gate_up_bias`` holds the tuned ones').
+        down_bias: optional ``[E, H]`` added to each expert's output before the routing weight.
 
     Returns:
         ``[T, H]`` in x's dtype.
@@ -288,7 +340,10 @@ def grouped_mlp(
     check_floating("topk_weights", topk_weights)
     check_integer("topk_ids", topk_ids)
     T, H = x.shape
-    E, I = _check_weights(x, gate_up, down, tuned)
+    if not isinstance(form, ExpertForm):
+        raise TypeError(f"form must be an ExpertForm, got {type(form).__name__}")
+    E, I = _check_weights(x, gate_up, down, tuned, form)
+    _check_biases(x, E, I, form, tuned, gate_up_bias, down_bias)
     E_phys = E + (tuned.num_experts if tuned is not None else 0)
     check_dim("topk_ids", topk_ids, 0, T, "tokens T of x")
     check_shape("topk_weights", topk_weights, topk_ids.shape, "same [T, k] as topk_ids")
@@ -298,7 +353,7 @@ def grouped_mlp(
         check_integer("expert_map", expert_map)
         num_original = expert_map.shape[0]
     if lora is not None:
-        _check_lora(lora, num_original, H, I)
+        _check_lora(lora, num_original, H, I, form)
     quantized = isinstance(gate_up, QuantizedTensor)
     device = check_same_device(
         x=x,
@@ -307,7 +362,18 @@ def grouped_mlp(
         topk_weights=topk_weights,
         topk_ids=topk_ids,
         expert_map=expert_map,
-        **({} if tuned is None else {"tuned.gate_up": tuned.gate_up, "tuned.down": tuned.down}),
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+        **(
+            {}
+            if tuned is None
+            else {
+                "tuned.gate_up": tuned.gate_up,
+                "tuned.down": tuned.down,
+                "tuned.gate_up_bias": tuned.gate_up_bias,
+                "tuned.down_bias": tuned.down_bias,
+            }
+        ),
         **(
             {}
             if lora is None
@@ -323,7 +389,158 @@ def grouped_mlp(
     if expert_map is not None:
         check_ids_in_range("expert_map", expert_map, E_phys)
     check_ids_in_range("topk_ids", topk_ids, num_original)
-    return _op.run(device, x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned)
+    if torch.compiler.is_compiling():
+        return _traced(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, form, gate_up_bias, down_bias)
+    return _op.run(
+        device, x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, form=form,
+        gate_up_bias=gate_up_bias, down_bias=down_bias,
+    )  # fmt: skip
 
 
 grouped_mlp.op = _op
+
+
+# ------------------------------------------------------------------------------------------- under torch.compile
+# Dynamo cannot trace the tiers (the reference loops over experts with host-known row counts; the Triton tier
+# plans launches on the host), so a traced call becomes one opaque custom op, ``flux_engine::grouped_mlp``, whose
+# implementation runs the usual dispatch eagerly. Its backward is a second op that recomputes the forward with
+# autograd and differentiates it: the tiers keep one definition of their math, at the price of one more forward.
+# Structured arguments travel flattened: every tensor its own (optional) argument, the rest as scalars.
+
+_GRAPH_TENSORS = (
+    "x", "gate_up", "down", "topk_weights", "topk_ids", "expert_map", "gate_up_bias", "down_bias", "tuned_gate_up",
+    "tuned_down", "tuned_gate_up_bias", "tuned_down_bias", "lora_slots", "lora_gate_up_A", "lora_gate_up_B",
+    "lora_down_A", "lora_down_B", "q_gate_up_data", "q_gate_up_scales", "q_gate_up_zeros", "q_down_data",
+    "q_down_scales", "q_down_zeros",
+)  # fmt: skip
+_PACKED_META = 5  # per packed stack: bits, group_size, the 3-D shape
+
+
+def _flatten(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, form, gate_up_bias, down_bias):
+    """``(tensors, scalars)``: the op's arguments in ``_GRAPH_TENSORS`` order and its non-tensor ones."""
+    packed = isinstance(gate_up, QuantizedTensor)
+    quantized = [q for q in (gate_up, down) if packed]
+    t = [x, None if packed else gate_up, None if packed else down, topk_weights, topk_ids, expert_map, gate_up_bias,
+         down_bias]  # fmt: skip
+    t += [tuned.gate_up, tuned.down, tuned.gate_up_bias, tuned.down_bias] if tuned is not None else [None] * 4
+    t += [lora.slots, lora.gate_up_A, lora.gate_up_B, lora.down_A, lora.down_B] if lora is not None else [None] * 5
+    t += [v for q in quantized for v in (q.data, q.scales, q.zeros)] or [None] * 6
+    meta = [v for q in quantized for v in (q.bits, q.group_size, *q.shape)]
+    scalars = dict(
+        q_meta=meta, q_dtype=gate_up.dtype if packed else None, lora_scale=float(lora.scale) if lora is not None else 1.0,
+        activation=form.activation, gated=form.gated, interleaved=form.interleaved, limit=form.limit, alpha=form.alpha,
+    )  # fmt: skip
+    return t, scalars
+
+
+def _unflatten(tensors, q_meta, q_dtype, lora_scale, activation, gated, interleaved, limit, alpha):
+    """``_op.run``'s ``(args, kwargs)`` from ``_flatten``'s output."""
+    a = dict(zip(_GRAPH_TENSORS, tensors))
+    gate_up, down = a["gate_up"], a["down"]
+    if q_meta:
+        stacks = []
+        for i, name in enumerate(("gate_up", "down")):
+            bits, group, *shape = q_meta[i * _PACKED_META : (i + 1) * _PACKED_META]
+            data, scales, zeros = (a[f"q_{name}_{f}"] for f in ("data", "scales", "zeros"))
+            stacks.append(QuantizedTensor(data, scales, zeros, bits, group, torch.Size(shape), q_dtype))
+        gate_up, down = stacks
+    tuned = None
+    if a["tuned_gate_up"] is not None:
+        tuned = TunedExperts(a["tuned_gate_up"], a["tuned_down"], a["tuned_gate_up_bias"], a["tuned_down_bias"])
+    lora = None
+    if a["lora_slots"] is not None:
+        factors = (a[f"lora_{n}"] for n in ("gate_up_A", "gate_up_B", "down_A", "down_B"))
+        lora = ExpertLoRA(a["lora_slots"], *factors, lora_scale)
+    form = ExpertForm(activation, gated, interleaved, limit, alpha)
+    args = (a["x"], gate_up, down, a["topk_weights"], a["topk_ids"], a["expert_map"], lora, tuned)
+    return args, dict(form=form, gate_up_bias=a["gate_up_bias"], down_bias=a["down_bias"])
+
+
+def _run_flat(tensors, scalars):
+    args, kwargs = _unflatten(tensors, **scalars)
+    return _op.run(args[0].device, *args, **kwargs)
+
+
+_T = Optional[torch.Tensor]
+
+
+@torch.library.custom_op("flux_engine::grouped_mlp", mutates_args=())
+def _graph_op(
+    x: torch.Tensor, gate_up: _T, down: _T, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_map: _T,
+    gate_up_bias: _T, down_bias: _T, tuned_gate_up: _T, tuned_down: _T, tuned_gate_up_bias: _T, tuned_down_bias: _T,
+    lora_slots: _T, lora_gate_up_A: _T, lora_gate_up_B: _T, lora_down_A: _T, lora_down_B: _T, q_gate_up_data: _T,
+    q_gate_up_scales: _T, q_gate_up_zeros: _T, q_down_data: _T, q_down_scales: _T, q_down_zeros: _T,
+    q_meta: List[int], q_dtype: Optional[torch.dtype], lora_scale: float, activation: str, gated: bool,
+    interleaved: bool, limit: Optional[float], alpha: float,
+) -> torch.Tensor:  # fmt: skip
+    tensors, scalars = _split_graph_args(locals())
+    return _run_flat(tensors, scalars)
+
+
+@_graph_op.register_fake
+def _(x, *args, **kwargs):
+    return torch.empty_like(x)
+
+
+def _split_graph_args(named: dict):
+    """``(tensors, scalars)`` of the graph ops' arguments given by name."""
+    return [named[n] for n in _GRAPH_TENSORS], {k: v for k, v in named.items() if k not in _GRAPH_TENSORS}
+
+
+@torch.library.custom_op("flux_engine::grouped_mlp_backward", mutates_args=())
+def _graph_backward_op(
+    grad: torch.Tensor, needs: List[bool], x: torch.Tensor, gate_up: _T, down: _T, topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor, expert_map: _T, gate_up_bias: _T, down_bias: _T, tuned_gate_up: _T, tuned_down: _T,
+    tuned_gate_up_bias: _T, tuned_down_bias: _T, lora_slots: _T, lora_gate_up_A: _T, lora_gate_up_B: _T,
+    lora_down_A: _T, lora_down_B: _T, q_gate_up_data: _T, q_gate_up_scales: _T, q_gate_up_zeros: _T, q_down_data: _T,
+    q_down_scales: _T, q_down_zeros: _T, q_meta: List[int], q_dtype: Optional[torch.dtype], lora_scale: float,
+    activation: str, gated: bool, interleaved: bool, limit: Optional[float], alpha: float,
+) -> List[torch.Tensor]:  # fmt: skip
+    """Gradients of ``<grad, grouped_mlp(...)>`` wrt the tensors with ``needs[i]`` (empty tensors for the others)."""
+    named = dict(locals())
+    tensors, scalars = _split_graph_args(named)
+    del scalars["grad"], scalars["needs"]
+    # A custom op's implementation runs below autograd; the recomputation needs it back (keys re-admitted for this
+    # block only).
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
+        with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False), torch.enable_grad():
+            leaves = [t.detach().requires_grad_() if n else t for t, n in zip(tensors, needs)]
+            out = _run_flat(leaves, scalars)
+            wrt = [t for t, n in zip(leaves, needs) if n]
+            grads = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True) if wrt else ())
+    result = []
+    for t, n in zip(leaves, needs):
+        g = next(grads) if n else grad.new_empty(0)
+        result.append(torch.zeros_like(t) if g is None else g)  # None: unused by this call (allow_unused)
+    return result
+
+
+@_graph_backward_op.register_fake
+def _(grad, needs, *tensors_and_scalars, **kwargs):
+    named = dict(zip(("grad", "needs", *_GRAPH_TENSORS), (grad, needs, *tensors_and_scalars)))
+    return [torch.empty_like(named[n]) if need else grad.new_empty(0) for n, need in zip(_GRAPH_TENSORS, needs)]
+
+
+def _graph_setup(ctx, inputs, output):
+    tensors = inputs[: len(_GRAPH_TENSORS)]
+    ctx.scalars = inputs[len(_GRAPH_TENSORS) :]
+    ctx.needs = [t is not None and t.requires_grad for t in tensors]
+    ctx.present = [t is not None for t in tensors]
+    ctx.save_for_backward(*(t for t in tensors if t is not None))
+
+
+def _graph_backward(ctx, grad):
+    saved = iter(ctx.saved_tensors)
+    tensors = [next(saved) if p else None for p in ctx.present]
+    grads = _graph_backward_op(grad, ctx.needs, *tensors, *ctx.scalars)
+    return (*(g if n else None for g, n in zip(grads, ctx.needs)), *(None,) * len(ctx.scalars))
+
+
+_graph_op.register_autograd(_graph_backward, setup_context=_graph_setup)
+
+
+def _traced(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, form, gate_up_bias, down_bias):
+    """``grouped_mlp`` as one ``flux_engine::grouped_mlp`` node of the traced graph."""
+    tensors, scalars = _flatten(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, form, gate_up_bias,
+                                down_bias)  # fmt: skip
+    return _graph_op(*tensors, **scalars)

@@ -177,9 +177,12 @@ def quantize(
     if bits == 4 and group_size % 2:
         raise ValueError(f"group_size={group_size} must be even for int4 (two codes per byte)")
     # One NaN or Inf makes its group's scale NaN/Inf and every code of the group garbage, silently. Checked on the
-    # host (a sync on CUDA): weights are quantized once per profile or model load, never per token.
+    # host (a sync on CUDA): weights are quantized once per profile or model load, never per token. Traced by dynamo:
+    # a device-side assert (no graph break).
     finite = torch.isfinite(w)
-    if not bool(finite.all()):
+    if torch.compiler.is_compiling():
+        torch._assert_async(finite.all(), "w has non-finite values (NaN/Inf): quantizing would turn their groups into garbage")
+    elif not bool(finite.all()):
         first = tuple(torch.nonzero(~finite)[0].tolist())
         raise ValueError(
             f"w has {int((~finite).sum())} non-finite values (NaN/Inf; the first at index {first}): quantizing "
