@@ -295,6 +295,11 @@ def _check_biases(x, E: int, I: int, form: ExpertForm, tuned, gate_up_bias, down
             check_shape(label, t, (rows, width), f"one row of {width} per expert")
 
 
+def _fields(prefix: str, obj, names) -> dict:
+    """``{"<prefix>.<name>": obj.<name>}`` (empty when ``obj`` is None): tensors named for ``check_same_device``."""
+    return {} if obj is None else {f"{prefix}.{n}": getattr(obj, n) for n in names}
+
+
 def grouped_mlp(
     x: torch.Tensor,
     gate_up: Weights,
@@ -364,27 +369,8 @@ def grouped_mlp(
         expert_map=expert_map,
         gate_up_bias=gate_up_bias,
         down_bias=down_bias,
-        **(
-            {}
-            if tuned is None
-            else {
-                "tuned.gate_up": tuned.gate_up,
-                "tuned.down": tuned.down,
-                "tuned.gate_up_bias": tuned.gate_up_bias,
-                "tuned.down_bias": tuned.down_bias,
-            }
-        ),
-        **(
-            {}
-            if lora is None
-            else {
-                "lora.slots": lora.slots,
-                "lora.gate_up_A": lora.gate_up_A,
-                "lora.gate_up_B": lora.gate_up_B,
-                "lora.down_A": lora.down_A,
-                "lora.down_B": lora.down_B,
-            }
-        ),
+        **_fields("tuned", tuned, ("gate_up", "down", "gate_up_bias", "down_bias")),
+        **_fields("lora", lora, ("slots", "gate_up_A", "gate_up_B", "down_A", "down_B")),
     )
     if expert_map is not None:
         check_ids_in_range("expert_map", expert_map, E_phys)
