@@ -150,7 +150,9 @@ def _hf(family: str):
     return model.eval()
 
 
-@pytest.mark.parametrize("family, backend", [("mixtral", "aot_eager"), ("gpt_oss", "aot_eager"), ("mixtral", "inductor")])
+@pytest.mark.parametrize(
+    "family, backend", [("mixtral", "aot_eager"), ("gpt_oss", "aot_eager"), ("mixtral", "inductor")]
+)
 def test_hf_sparse_block_compiles_through_flux(family, backend):
     model = _hf(family)
     block = model.model.layers[0].mlp
@@ -183,8 +185,8 @@ def test_grouped_mlp_compiles_on_the_triton_tier(device, force_tier):
     T, H, E, I = 7, 16, 4, 8
     form = ops.ExpertForm(interleaved=True, limit=0.5)
     tensors = [torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g) * 0.3,
-               torch.randn(E, H, I, generator=g) * 0.3, torch.rand(T, 2, generator=g), torch.randn(E, 2 * I, generator=g),
-               torch.randn(E, H, generator=g)]  # fmt: skip
+               torch.randn(E, H, I, generator=g) * 0.3, torch.rand(T, 2, generator=g),
+               torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g)]  # fmt: skip
     tensors = [t.to(device).requires_grad_() for t in tensors]
     ids, emap = _ids(T, 5, 2, seed=3).to(device), torch.tensor([0, 1, 1, 2, 3], dtype=torch.int32, device=device)
 
