@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from tolerances import FP32_GEMM
 
 from flux_engine import ops
 
@@ -149,7 +150,9 @@ def _hf(family: str):
     return model.eval()
 
 
-@pytest.mark.parametrize("family, backend", [("mixtral", "aot_eager"), ("gpt_oss", "aot_eager"), ("mixtral", "inductor")])
+@pytest.mark.parametrize(
+    "family, backend", [("mixtral", "aot_eager"), ("gpt_oss", "aot_eager"), ("mixtral", "inductor")]
+)
 def test_hf_sparse_block_compiles_through_flux(family, backend):
     model = _hf(family)
     block = model.model.layers[0].mlp
@@ -172,3 +175,31 @@ def test_hf_generate_with_compiled_fullgraph_forward(family):
     got = model.generate(ids, compile_config=compile_config, **kwargs)
     assert hasattr(model, "_compiled_call"), "generate did not compile the forward"
     assert torch.equal(got, want)
+
+
+@pytest.mark.triton
+def test_grouped_mlp_compiles_on_the_triton_tier(device, force_tier):
+    """The opaque op runs the forced tier inside (the Triton kernels; interpreted without a GPU): gpt-oss's form
+    with biases over a merged expert map, values and gradients against the eager reference."""
+    g = torch.Generator().manual_seed(4)
+    T, H, E, I = 7, 16, 4, 8
+    form = ops.ExpertForm(interleaved=True, limit=0.5)
+    tensors = [torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g) * 0.3,
+               torch.randn(E, H, I, generator=g) * 0.3, torch.rand(T, 2, generator=g),
+               torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g)]  # fmt: skip
+    tensors = [t.to(device).requires_grad_() for t in tensors]
+    ids, emap = _ids(T, 5, 2, seed=3).to(device), torch.tensor([0, 1, 1, 2, 3], dtype=torch.int32, device=device)
+
+    def fn(x, gate_up, down, w, b1, b2):
+        return ops.grouped_mlp(x, gate_up, down, w, ids, emap, form=form, gate_up_bias=b1, down_bias=b2)
+
+    def run(f):
+        out = f(*tensors)
+        return out, torch.autograd.grad(out.square().sum(), tensors)
+
+    force_tier("reference", device)
+    want = run(fn)
+    force_tier("triton", device)
+    got = run(_compiled(fn))
+    for a, b in zip((got[0], *got[1]), (want[0], *want[1])):
+        torch.testing.assert_close(a, b, rtol=FP32_GEMM, atol=FP32_GEMM)  # TF32 on a GPU

@@ -21,6 +21,7 @@ FORMS = {
     "silu_interleaved": ExpertForm(interleaved=True),
     "gelu_ungated": ExpertForm("gelu", gated=False),
     "relu_ungated": ExpertForm("relu", gated=False),
+    "relu2_ungated": ExpertForm("relu2", gated=False),
     "gpt_oss": ExpertForm(interleaved=True, limit=0.7, alpha=1.702),
 }
 
@@ -35,6 +36,8 @@ def _act(name: str, v: torch.Tensor) -> torch.Tensor:
         return 0.5 * v * (1 + torch.erf(v / math.sqrt(2)))
     if name == "gelu_tanh":
         return 0.5 * v * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+    if name == "relu2":
+        return torch.where(v > 0, v * v, torch.zeros_like(v))
     return torch.where(v > 0, v, torch.zeros_like(v))
 
 
@@ -120,9 +123,10 @@ def rel(a, b) -> float:
 
 
 def test_form_is_hashable_and_validated():
-    assert ExpertForm() == SILU and hash(ExpertForm(interleaved=True, limit=7)) == hash(ExpertForm(interleaved=True, limit=7.0))
+    assert ExpertForm() == SILU
+    assert hash(ExpertForm(interleaved=True, limit=7)) == hash(ExpertForm(interleaved=True, limit=7.0))
     assert len(set(FORMS.values())) == len(FORMS)
-    with pytest.raises(ValueError, match="activation must be one of silu, gelu, gelu_tanh, relu, got 'tanh'"):
+    with pytest.raises(ValueError, match="activation must be one of silu, gelu, gelu_tanh, relu, relu2, got 'tanh'"):
         ExpertForm("tanh")
     with pytest.raises(ValueError, match="interleaved needs gated=True"):
         ExpertForm(gated=False, interleaved=True)
@@ -283,7 +287,8 @@ def test_triton_lora_and_tuned_experts(name, device, force_tier):
     t = _to(make(12, 6, 2, form, seed=8), device)
     g = torch.Generator().manual_seed(3)
     rows = form.gate_up_rows(I)
-    f = [torch.randn(s, generator=g).to(device).requires_grad_() for s in ((2, 4, H), (2, rows, 4), (2, 4, I), (2, H, 4))]
+    shapes = ((2, 4, H), (2, rows, 4), (2, 4, I), (2, H, 4))
+    f = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
     lora = ExpertLoRA(torch.tensor([-1, 0, -1, 1, -1, -1], dtype=torch.int32, device=device), *f, 0.5)
     S = 2
     tuned = TunedExperts(t["gate_up"][:S], t["down"][:S], t["gate_up_bias"][:S], t["down_bias"][:S])

@@ -252,13 +252,17 @@ def _sigmoid(v):
 
 @triton.jit
 def _act(v, ACT: tl.constexpr):
-    """``ACT(v)``: silu, gelu (erf), gelu_tanh (``0.5 (1 + tanh(u)) = sigmoid(2u)``, no tanh needed) or relu."""
+    """``ACT(v)``: silu, gelu (erf), gelu_tanh (``0.5 (1 + tanh(u)) = sigmoid(2u)``, no tanh needed), relu or
+    relu2 (``relu(v)^2``)."""
     if ACT == "silu":
         out = v * _sigmoid(v)
     elif ACT == "gelu":
         out = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
     elif ACT == "gelu_tanh":
         out = v * _sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
+    elif ACT == "relu2":
+        r = tl.maximum(v, 0.0)
+        out = r * r
     else:
         out = tl.maximum(v, 0.0)
     return out
@@ -266,7 +270,7 @@ def _act(v, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad(v, ACT: tl.constexpr):
-    """``ACT'(v)`` (relu: 1 where ``v > 0``, as torch)."""
+    """``ACT'(v)`` (relu: 1 where ``v > 0``, as torch; relu2: ``2 relu(v)``)."""
     if ACT == "silu":
         s = _sigmoid(v)
         out = s * (1.0 + v * (1.0 - s))
@@ -275,6 +279,8 @@ def _act_grad(v, ACT: tl.constexpr):
     elif ACT == "gelu_tanh":
         s = _sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
         out = s + v * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * v * v)
+    elif ACT == "relu2":
+        out = 2.0 * tl.maximum(v, 0.0)
     else:
         out = (v > 0.0).to(tl.float32)
     return out
@@ -513,7 +519,8 @@ def _down_bwd_kernel(
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr, LIMIT: tl.constexpr,
     ALPHA: tl.constexpr,
 ):  # fmt: skip
-    """``dout: [T, H]``, ``W2: [E, H, I]``, ``gu: [R, 2I]`` (``[R, I]`` ungated), ``row_w: [R]`` -> ``dgu`` (gu's shape) and
+    """``dout: [T, H]``, ``W2: [E, H, I]``, ``gu: [R, 2I]`` (``[R, I]`` ungated), ``row_w: [R]`` -> ``dgu`` (gu's
+    shape) and
     ``partial: [R, num_n]`` float32 (``<g[r], h[r]>`` over column block ``pid_n``), with
     ``g[r] = dout[t_r] @ W2_e (+ L[r] @ A_s`` for LoRA rows, ``L = scale * dout B``). Grid ``num_m * num_n``."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)

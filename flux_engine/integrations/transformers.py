@@ -16,12 +16,12 @@ Layouts and forms. The decorator's per-class flags say how the stacks are stored
 ``ops.ExpertForm`` (``expert_form``): ``is_transposed`` either way (``[E, H, 2I]`` / ``[E, I, H]`` stacks are read
 through a transposed copy, autograd flows back); ``has_gate`` (``gate_up_proj``) or not (``up_proj``, ``act(up)``);
 ``has_bias`` (``gate_up_proj_bias`` / ``up_proj_bias`` and ``down_proj_bias``, passed to the op); the activation
-from the module's ``act_fn`` (silu/swish, gelu, the tanh gelus, relu). The gate/up split is ``_apply_gate``'s, as
+from the module's ``act_fn`` (silu/swish, gelu, the tanh gelus, relu, relu2). The gate/up split is ``_apply_gate``'s, as
 in transformers' batched and grouped backends: the default one chunks (gate rows first, ``act(gate) * up``); a
 custom one is accepted only when it computes a form its flags and attributes suggest (interleaved first when
 ``is_concatenated=False``; gpt-oss's clamped SwiGLU with the module's ``limit`` and ``alpha``), checked once per
 class and form on a probe, outside tracing. Refused with ``UnsupportedExpertsLayout`` naming the class and what
-the op lacks: ``has_post_expert_norm=True``, other activations (relu2, quick_gelu, ...), other custom gates,
+the op lacks: ``has_post_expert_norm=True``, other activations (quick_gelu, relu6, ...), other custom gates,
 expert parallelism. Checked: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 (the experts of its MoE block),
 granitemoe, gpt_oss, and the testers' default ``hidden_act="gelu"`` configs.
 
@@ -79,6 +79,7 @@ _ACTIVATIONS = {
     "FastGELUActivation": "gelu_tanh",
     "AccurateGELUActivation": "gelu_tanh",
     "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",
 }
 _ACTIVATION_CLASSES = {
     cls: name
@@ -147,7 +148,7 @@ def _activation(experts: nn.Module) -> Optional[str]:
         return _ACTIVATION_CLASSES.get(type(act))
     name = str(getattr(experts.config, "hidden_act", "silu")).lower()
     return {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-            "relu": "relu"}.get(name)  # fmt: skip
+            "relu": "relu", "relu2": "relu2"}.get(name)  # fmt: skip
 
 
 # Custom _apply_gate forms already checked on a probe, by (class, form): tracing never runs the probe again.
@@ -185,7 +186,7 @@ def _form_and_problem(experts: nn.Module):
         if activation is None:
             act = getattr(experts, "act_fn", None)
             what = type(act).__name__ if act is not None else repr(getattr(experts.config, "hidden_act", None))
-            return None, f"the activation {what} (only silu, gelu, gelu_tanh and relu)"
+            return None, f"the activation {what} (only silu, gelu, gelu_tanh, relu and relu2)"
         return ops.ExpertForm(activation, gated=experts.has_gate), None
     layouts = (True, False) if not experts.is_concatenated else (False, True)
     limit, alpha = getattr(experts, "limit", None), getattr(experts, "alpha", None)

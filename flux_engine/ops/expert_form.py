@@ -6,7 +6,8 @@ gate/up row layout of the expert forms transformers runs.
 - gated, concatenated (Mixtral, Qwen, OLMoE, DeepSeek): rows ``[0, I)`` are the gate, ``[I, 2I)`` the up;
   ``h = act(gate) * up``.
 - gated, interleaved (gpt-oss): row ``2i`` is gate ``i``, row ``2i + 1`` up ``i``.
-- ungated (Nemotron-H style experts, ``has_gate=False``): ``W1`` is the up projection ``[E, I, H]``; ``h = act(up)``.
+- ungated (Nemotron-H's experts, ``has_gate=False``, relu2): ``W1`` is the up projection ``[E, I, H]``;
+  ``h = act(up)``.
 - clamped SwiGLU (gpt-oss, ``limit`` set): ``gate = min(gate, limit)``, ``up = clamp(up, -limit, limit)``,
   ``h = (up + 1) * gate * sigmoid(alpha * gate)``.
 
@@ -22,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class ExpertForm:
     """How one expert turns its gate_up output into the down projection's input.
 
     Attributes:
-        activation: ``"silu"`` | ``"gelu"`` (exact, erf) | ``"gelu_tanh"`` (tanh approximation) | ``"relu"``.
+        activation: ``"silu"`` | ``"gelu"`` (exact, erf) | ``"gelu_tanh"`` (tanh approximation) | ``"relu"`` |
+            ``"relu2"`` (``relu(v)^2``, Nemotron-H).
         gated: True: ``gate_up [E, 2I, H]``, ``h = act(gate) * up``; False: ``gate_up [E, I, H]`` is the up
             projection, ``h = act(up)``.
         interleaved: gate/up rows interleaved (row ``2i`` gate, ``2i + 1`` up: gpt-oss) instead of gate rows first.
@@ -100,6 +102,8 @@ def activate(activation: str, v: torch.Tensor) -> torch.Tensor:
         return F.gelu(v)
     if activation == "gelu_tanh":
         return F.gelu(v, approximate="tanh")
+    if activation == "relu2":
+        return F.relu(v).square()
     return F.relu(v)
 
 

@@ -3,8 +3,8 @@
 ``out[t] = sum_j w[t, j] * (down_e(form(gate_up_e x_t + b1_e)) + b2_e)`` with ``e = expert_map[topk_ids[t, j]]``,
 ``form`` an ``ExpertForm`` (default SwiGLU, ``silu(gate) * up``; see ``expert_form``) and the optional expert biases
 ``b1 = gate_up_bias[e]``, ``b2 = down_bias[e]``; slots of one token that land on the same physical expert are
-computed once with their weights summed (see ``permute``). Optional LoRA adds ``scale * B_s (A_s v)`` to either projection of the experts that have
-a LoRA slot ``s`` (the tuning experts); the others run the frozen base only.
+computed once with their weights summed (see ``permute``). Optional LoRA adds ``scale * B_s (A_s v)`` to either
+projection of the experts that have a LoRA slot ``s`` (the tuning experts); the others run the frozen base only.
 
 Two ways to train the tuning experts (FLUX_DESIGN.md section 5, "Local tuning"):
 - LoRA: ``lora=ExpertLoRA(...)``; the base stacks stay frozen and may be packed int4/int8 ``QuantizedTensor``s.
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from flux_engine.backend import Op
 from flux_engine.ops._checks import (
@@ -260,7 +259,7 @@ def _check_weights(x: torch.Tensor, gate_up: Weights, down: Weights, tuned: Opti
         raise ValueError(f"down must be [E={E}, H={H}, I], got {down_shape}")
     I = down_shape[2]
     if rows != form.gate_up_rows(I):
-        what = "2 * intermediate size I of down: gated form" if form.gated else "intermediate size I of down: ungated form"
+        what = "2 * intermediate size I of down: gated form" if form.gated else "intermediate size I of down: ungated"
         raise ValueError(f"gate_up has size {rows} in dim 1, expected {form.gate_up_rows(I)} ({what})")
     if tuned is not None:
         if not isinstance(tuned, TunedExperts):
@@ -285,7 +284,8 @@ def _check_biases(x, E: int, I: int, form: ExpertForm, tuned, gate_up_bias, down
         if tuned is not None and (bias is None) != (tuned_bias is None):
             given, missing = (name, f"tuned.{name}") if tuned_bias is None else (f"tuned.{name}", name)
             raise ValueError(f"{given} is given but {missing} is not: the tuned and base experts share one form")
-        for label, t, rows in ((name, bias, E), (f"tuned.{name}", tuned_bias, tuned.num_experts if tuned is not None else 0)):
+        S_t = tuned.num_experts if tuned is not None else 0
+        for label, t, rows in ((name, bias, E), (f"tuned.{name}", tuned_bias, S_t)):
             if t is None:
                 continue
             check_tensor(label, t, ndim=2)
@@ -293,6 +293,11 @@ def _check_biases(x, E: int, I: int, form: ExpertForm, tuned, gate_up_bias, down
             if t.dtype != x.dtype:
                 raise TypeError(f"{label} dtype {t.dtype} differs from x dtype {x.dtype}")
             check_shape(label, t, (rows, width), f"one row of {width} per expert")
+
+
+def _fields(prefix: str, obj, names) -> dict:
+    """``{"<prefix>.<name>": obj.<name>}`` (empty when ``obj`` is None): tensors named for ``check_same_device``."""
+    return {} if obj is None else {f"{prefix}.{n}": getattr(obj, n) for n in names}
 
 
 def grouped_mlp(
@@ -364,27 +369,8 @@ def grouped_mlp(
         expert_map=expert_map,
         gate_up_bias=gate_up_bias,
         down_bias=down_bias,
-        **(
-            {}
-            if tuned is None
-            else {
-                "tuned.gate_up": tuned.gate_up,
-                "tuned.down": tuned.down,
-                "tuned.gate_up_bias": tuned.gate_up_bias,
-                "tuned.down_bias": tuned.down_bias,
-            }
-        ),
-        **(
-            {}
-            if lora is None
-            else {
-                "lora.slots": lora.slots,
-                "lora.gate_up_A": lora.gate_up_A,
-                "lora.gate_up_B": lora.gate_up_B,
-                "lora.down_A": lora.down_A,
-                "lora.down_B": lora.down_B,
-            }
-        ),
+        **_fields("tuned", tuned, ("gate_up", "down", "gate_up_bias", "down_bias")),
+        **_fields("lora", lora, ("slots", "gate_up_A", "gate_up_B", "down_A", "down_B")),
     )
     if expert_map is not None:
         check_ids_in_range("expert_map", expert_map, E_phys)
@@ -427,8 +413,9 @@ def _flatten(x, gate_up, down, topk_weights, topk_ids, expert_map, lora, tuned, 
     t += [v for q in quantized for v in (q.data, q.scales, q.zeros)] or [None] * 6
     meta = [v for q in quantized for v in (q.bits, q.group_size, *q.shape)]
     scalars = dict(
-        q_meta=meta, q_dtype=gate_up.dtype if packed else None, lora_scale=float(lora.scale) if lora is not None else 1.0,
-        activation=form.activation, gated=form.gated, interleaved=form.interleaved, limit=form.limit, alpha=form.alpha,
+        q_meta=meta, q_dtype=gate_up.dtype if packed else None,
+        lora_scale=float(lora.scale) if lora is not None else 1.0, activation=form.activation, gated=form.gated,
+        interleaved=form.interleaved, limit=form.limit, alpha=form.alpha,
     )  # fmt: skip
     return t, scalars
 

@@ -181,7 +181,7 @@ def quantize(
     # a device-side assert (no graph break).
     finite = torch.isfinite(w)
     if torch.compiler.is_compiling():
-        torch._assert_async(finite.all(), "w has non-finite values (NaN/Inf): quantizing would turn their groups into garbage")
+        torch._assert_async(finite.all(), "w has non-finite values (NaN/Inf): their quantized groups would be garbage")
     elif not bool(finite.all()):
         first = tuple(torch.nonzero(~finite)[0].tolist())
         raise ValueError(

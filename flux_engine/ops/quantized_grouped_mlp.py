@@ -41,7 +41,8 @@ def quantized_grouped_mlp(
 
     Args:
         x: ``[T, H]`` activations (fp32/bf16/fp16).
-        q_gate_up: ``quantize(gate_up [E, 2I, H])`` (``[E, I, H]`` ungated) (groups along H); q_down: ``quantize(down [E, H, I])``
+        q_gate_up: ``quantize(gate_up [E, 2I, H])`` (``[E, I, H]`` ungated; groups along H); q_down:
+            ``quantize(down [E, H, I])``
             (groups along I). int4 group-wise or int8, symmetric or not.
         topk_weights, topk_ids, expert_map, form, gate_up_bias, down_bias: as ``grouped_mlp`` (the biases plain
             tensors in x's dtype).
