@@ -176,10 +176,15 @@ def cmd_probe(args) -> int:
     from flux_engine import probe
 
     if args.report:
-        print(probe.report(args.report), end="")
+        print(probe.report(args.report, followed_up=args.followed_up), end="")
+        return 0
+    if args.follow_up:  # each suggestive task again, its own settings on the next --test-records held-out records
+        for first in probe.suggestive(args.follow_up):
+            settings = probe.follow_up_settings(first, args.test_records)
+            probe.run([first["task"]], args.out, settings, args.checkpoint or demo_model())
         return 0
     if not args.task:
-        raise ValueError("probe needs --task SPEC (e.g. olmo:piqa) or --report FOLDER")
+        raise ValueError("probe needs --task SPEC (e.g. olmo:piqa), --follow-up FOLDER or --report FOLDER")
     settings = probe.ProbeSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                                    test_records=args.test_records, train_records=args.train_records)  # fmt: skip
     probe.run(args.task, args.out, settings, args.checkpoint or demo_model())
@@ -363,6 +368,9 @@ def _parser() -> argparse.ArgumentParser:
                     "bigbench:intent_recognition, olmo:mmlu/anatomy")  # fmt: skip
     pr.add_argument("--out", default="bench/results/probe", help="folder of the per-task JSON results")
     pr.add_argument("--report", metavar="FOLDER", help="print the markdown table of the results in FOLDER instead")
+    pr.add_argument("--followed-up", metavar="FOLDER", help="with --report: the follow-up results to add")
+    pr.add_argument("--follow-up", metavar="FOLDER", help="probe again, on --test-records fresh held-out records, "
+                    "every task of FOLDER whose gain was suggestive (0.01 <= p < 0.1)")  # fmt: skip
     pr.add_argument("--checkpoint", default=None, help="model folder (default: the demo's warm-started model)")
     pr.add_argument("--steps", type=int, default=16, help="LoRA steps (every expert)")
     pr.add_argument("--lr", type=float, default=5e-3)

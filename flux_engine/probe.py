@@ -4,7 +4,12 @@ same records again; the majority label's share (what accuracy is when the model 
 exact McNemar p-value of the paired right/wrong outcomes say whether the change is learning or noise.
 
     flux-engine probe --task olmo:piqa --out bench/results/probe        # one task -> probe/olmo__piqa.json
-    flux-engine probe --report bench/results/probe > bench/results/tasks.md
+    flux-engine probe --follow-up bench/results/probe --out bench/results/probe_followup
+    flux-engine probe --report bench/results/probe --followed-up bench/results/probe_followup > bench/results/tasks.md
+
+A follow-up re-probes, on held-out records the first probe never scored, each task whose first result was
+suggestive (alpha <= p < 0.1, accuracy up): its p-value is an independent test, so a screen of many tasks at a
+small test size does not spend the significance level on every task twice.
 
 One task per call (and per result file), so a long probe runs in resumable chunks: a task whose file exists is
 skipped.
@@ -18,7 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -37,6 +42,7 @@ class ProbeSettings:
     test_records: int = 200
     train_records: int = 512
     seed: int = 0
+    test_offset: int = 0  # held-out records an earlier probe scored: skipped, so these test records are fresh
 
 
 def result_path(out: os.PathLike, task: str) -> Path:
@@ -58,12 +64,21 @@ def _summary(scores: RecordScores) -> Dict[str, float]:
 
 
 def split(task: str, settings: ProbeSettings) -> tuple:
-    """``(train, test)`` multiple-choice records of a data spec: ``test_records`` per task (the same records for
-    every setting with that count and seed), at most ``train_records`` of the rest."""
+    """``(train, test)`` multiple-choice records of a data spec: ``test_records`` per task/subtask after the first
+    ``test_offset`` of its held-out order (the same records for every setting with those counts and seed), at most
+    ``train_records`` of the rest (never a skipped one: they were an earlier probe's test records)."""
     records = [r for r in load_spec(task) if r.is_multiple_choice]
     if not records:
         raise ValueError(f"{task}: no multiple-choice records")
-    train, test = train_test_split(records, test_size=settings.test_records, seed=settings.seed)
+    train, held = train_test_split(records, test_size=settings.test_offset + settings.test_records, seed=settings.seed)
+    seen: collections.Counter = collections.Counter()
+    test = []
+    for r in held:  # grouped by source, each group in its held-out order
+        seen[r.source] += 1
+        if seen[r.source] > settings.test_offset:
+            test.append(r)
+    if not test:
+        raise ValueError(f"{task}: no held-out records after the first {settings.test_offset}")
     return train[: settings.train_records], test
 
 
@@ -128,17 +143,39 @@ def run(tasks: Sequence[str], out: os.PathLike, settings: ProbeSettings, checkpo
 
 
 PAPER_BENCHMARKS = ("olmo:mmlu", "olmo:piqa", "olmo:arc")  # the paper's tasks among the candidates (prefixes)
+SUGGESTIVE_P = 0.1  # a first result below this (and above alpha) earns a follow-up on fresh records
 
 
-def report(folder: os.PathLike, alpha: float = 0.01) -> str:
+def _load(folder: os.PathLike) -> List[Dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+
+
+def suggestive(folder: os.PathLike, alpha: float = 0.01) -> List[Dict[str, Any]]:
+    """The results in ``folder`` worth a follow-up: accuracy up with ``alpha <= p < SUGGESTIVE_P``."""
+    return [r for r in _load(folder) if r["tuned"]["accuracy"] > r["base"]["accuracy"]
+            and alpha <= r["mcnemar_p"] < SUGGESTIVE_P]  # fmt: skip
+
+
+def follow_up_settings(first: Dict[str, Any], test_records: int) -> ProbeSettings:
+    """The first result's settings on the next ``test_records`` held-out records (after those it scored)."""
+    s = dict(first["settings"])
+    s.update(test_offset=s.get("test_offset", 0) + first["test_records"], test_records=test_records)
+    return ProbeSettings(**s)
+
+
+def report(folder: os.PathLike, alpha: float = 0.01, followed_up: Optional[os.PathLike] = None) -> str:
     """``bench/results/tasks.md``: how the results were made (settings, provenance of each run) and the table of every
-    probe result in ``folder``, significant gains first, with a count of them and what the paper's benchmarks did."""
-    results = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    probe result in ``folder``, significant gains first, then the follow-ups in ``followed_up`` (fresh test records),
+    with a count of the tasks that gain (in the first probe or its follow-up) and what the paper's benchmarks did."""
+    results = _load(folder)
     if not results:
         raise FileNotFoundError(f"no probe results (*.json) in {folder}")
+    later = _load(followed_up) if followed_up is not None else []
     results.sort(key=lambda r: (not _learns(r, alpha), r["mcnemar_p"], r["task"]))
-    settings = sorted({json.dumps(r["settings"], sort_keys=True) for r in results})
-    runs = sorted({(r["provenance"]["commit"], r["provenance"]["device"], r["provenance"]["torch"]) for r in results})
+    later.sort(key=lambda r: (not _learns(r, alpha), r["mcnemar_p"], r["task"]))
+    settings = sorted({json.dumps(r["settings"], sort_keys=True) for r in results + later})
+    runs = sorted({(r["provenance"]["commit"], r["provenance"]["device"], r["provenance"]["torch"])
+                   for r in results + later})  # fmt: skip
     lines = [
         "# Which tasks the demo's model learns (`flux-engine probe`)", "",
         "Each task: the warm-started `smollm2-llama-moe-mini` (the model `make demo` fine-tunes) scored on held-out "
@@ -148,16 +185,38 @@ def report(folder: os.PathLike, alpha: float = 0.01) -> str:
         "text for classification tasks, answer position otherwise), the accuracy of a model that answers every "
         "record alike. McNemar: exact two-sided test on the records that flipped. Soft: mean probability on the "
         "right choice. Band: 95% binomial half-width of the base accuracy.", "",
-        f"- command: `bash bench/probe_tasks.sh` (one `flux-engine probe --task SPEC` per task), then "
-        f"`flux-engine probe --report {folder}`",
+        f"- command: `bash bench/probe_tasks.sh` (one `flux-engine probe --task SPEC` per task, then the follow-ups "
+        f"`flux-engine probe --follow-up {folder}`), then `flux-engine probe --report {folder}"
+        + (f" --followed-up {followed_up}`" if followed_up is not None else "`"),
         *[f"- settings: `{s}`" for s in settings],
         *[f"- run at commit {c} on {d}, torch {t}" for c, d, t in runs],
-        f"- dates: {min(r['provenance']['date'] for r in results)} to {max(r['provenance']['date'] for r in results)}",
-        "",
-        "| task | test | train | majority share | base acc | tuned acc | change | McNemar p | base soft | tuned soft | "
-        "learns (p < %g) |" % alpha,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"- dates: {min(r['provenance']['date'] for r in results + later)} to "
+        f"{max(r['provenance']['date'] for r in results + later)}",
+        "", *_table(results, alpha),
     ]  # fmt: skip
+    if later:
+        lines += ["", f"## Follow-ups on fresh records ({followed_up})", "",
+                  f"Every task whose first result was suggestive ({alpha:g} <= p < {SUGGESTIVE_P:g}, accuracy up), probed "
+                  "again from the same warm-started model on held-out records the first probe never scored (`test_offset` "
+                  "skips them; its training split excludes them too): an independent test of the same question.",
+                  "", *_table(later, alpha)]  # fmt: skip
+    learning = {r["task"] for r in results + later if _learns(r, alpha)}
+    learners = [r["task"] for r in results if r["task"] in learning]
+    paper = [r for r in results if r["task"].startswith(PAPER_BENCHMARKS)]
+    moved = [r["task"] for r in paper if r["task"] in learning]
+    lines += [
+        "", f"{len(learners)} of {len(results)} tasks gain significantly (p < {alpha:g}"
+        + (", in the first probe or its follow-up" if later else "") + f"): {', '.join(learners) or 'none'}.",
+        f"Of the paper's benchmarks probed ({', '.join(r['task'] for r in paper) or 'none'}): "
+        + (f"{', '.join(moved)} gain significantly." if moved else "none gains significantly in this budget."),
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _table(results: Sequence[Dict[str, Any]], alpha: float) -> List[str]:
+    lines = ["| task | test | train | majority share | base acc | tuned acc | change | McNemar p | base soft | "
+             "tuned soft | learns (p < %g) |" % alpha,
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
         b, t = r["base"], r["tuned"]
         lines.append(
@@ -165,15 +224,7 @@ def report(folder: os.PathLike, alpha: float = 0.01) -> str:
             f"{b['accuracy']:.3f} +-{b['band']:.3f} | {t['accuracy']:.3f} | {t['accuracy'] - b['accuracy']:+.3f} | "
             f"{r['mcnemar_p']:.2g} | {b['soft']:.3f} | {t['soft']:.3f} | {'yes' if _learns(r, alpha) else 'no'} |"
         )
-    learners = [r["task"] for r in results if _learns(r, alpha)]
-    paper = [r for r in results if r["task"].startswith(PAPER_BENCHMARKS)]
-    moved = [r["task"] for r in paper if _learns(r, alpha)]
-    lines += [
-        "", f"{len(learners)} of {len(results)} tasks gain significantly (p < {alpha:g}): {', '.join(learners) or 'none'}.",
-        f"Of the paper's benchmarks probed ({', '.join(r['task'] for r in paper) or 'none'}): "
-        + (f"{', '.join(moved)} gain significantly." if moved else "none gains significantly in this budget."),
-    ]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _learns(result: Dict[str, Any], alpha: float) -> bool:
