@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -51,7 +52,7 @@ DEMO_DATA = "bigbench:intent_recognition+olmo:sst2,mrpc,arc_easy"
 def demo_settings() -> Dict[str, Any]:
     """The demo's defaults (its command-line options), sized for < 5 min on 2 CPU cores (bench/results/demo.md)."""
     return {"rounds": 3, "local_steps": 4, "lr": 1e-2, "seq_len": 64, "samples": 32, "eval_records": 128,
-            "budgets": "1210MiB,1230MiB,1255MiB,1280MiB"}  # fmt: skip
+            "evaluate_every": 1, "budgets": "1210MiB,1230MiB,1255MiB,1280MiB"}  # fmt: skip
 
 
 def demo_model() -> str:
@@ -93,7 +94,8 @@ def cmd_demo(args) -> int:
         checkpoint=demo_model(), tokenizer="smollm2", data=DEMO_DATA, partition="domain",
         num_rounds=args.rounds, num_clients=len(DEMO_DOMAINS), min_clients=3, mode="lora", lora_rank=8,
         lora_alpha=16.0, lr=args.lr, local_steps=args.local_steps, batch_size=4, seq_len=args.seq_len,
-        samples_per_client=args.samples, eval_fraction=0.25, eval_records=args.eval_records, profile_bits=8,
+        samples_per_client=args.samples, eval_fraction=0.25, eval_records=args.eval_records,
+        evaluate_every=args.evaluate_every, profile_bits=8,
         budgets=args.budgets, workspace="0", state_dir=state_dir,
     )  # fmt: skip
     state = federate(run, args.verbose)
@@ -114,7 +116,7 @@ def cmd_demo(args) -> int:
         f"- commit: {provenance.commit()}", f"- device: {provenance.device()}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in provenance.versions().items())}",
         f"- data: `{DEMO_DATA}`, one domain per client; {args.eval_records} held-out test records per domain "
-        f"scored every round (cut to seq-len {args.seq_len})",
+        f"scored before training and every {args.evaluate_every} round(s) (cut to seq-len {args.seq_len})",
         f"- settings: {args.rounds} rounds, {args.local_steps} LoRA steps per client and round (rank 8, lr {args.lr}), "
         f"batch 4 x seq-len {args.seq_len}, {args.samples} training records per client, budgets {args.budgets}",
         "- outputs: demo.csv, demo.png (accuracy per domain and mean vs round, 95% band of round 0's mean shaded)",
@@ -150,17 +152,20 @@ def plot_accuracy(path: str, rows: Sequence[Dict[str, Any]], domains: Sequence[s
     from flux_engine.evaluation import mean_band
 
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    rounds = [r["round"] for r in rows]
+    scored = [r for r in rows if not math.isnan(r["mean_acc"])]  # rounds without an evaluation leave no gap
     for d in domains:
-        acc.plot(rounds, [r[d] for r in rows], marker="o", label=d)
-    acc.plot(rounds, [r["mean_acc"] for r in rows], marker="s", color="black", linewidth=2.5, label="mean")
+        acc.plot([r["round"] for r in scored], [r[d] for r in scored], marker="o", label=d)
+    acc.plot([r["round"] for r in scored], [r["mean_acc"] for r in scored], marker="s", color="black", linewidth=2.5,
+             label="mean")  # fmt: skip
+    rounds = [r["round"] for r in rows]
     if records and rows[0]["round"] == 0:
         a0 = rows[0]["mean_acc"]
         band = mean_band({d: (rows[0][d], records[d]) for d in domains})
         acc.axhspan(a0 - band, a0 + band, color="gray", alpha=0.25, label=f"round 0 mean, 95% band (+-{band:.3f})")
     acc.set_ylabel("multiple-choice accuracy (held-out test records)")
     acc.legend(fontsize=8)
-    loss.plot(rounds, [r["eval_loss"] for r in rows], marker="o", color="tab:red")
+    losses = [r for r in rows if not math.isnan(r["eval_loss"])]
+    loss.plot([r["round"] for r in losses], [r["eval_loss"] for r in losses], marker="o", color="tab:red")
     loss.set_ylabel("held-out LM loss (clients' held-out rows)")
     for ax in (acc, loss):
         ax.set_xlabel("round (0: before federated training)")
@@ -358,6 +363,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per training row and scored record")
     demo.add_argument("--samples", type=int, default=d["samples"], help="training records per client")
     demo.add_argument("--eval-records", type=int, default=d["eval_records"], help="test records per domain, each round")
+    demo.add_argument("--evaluate-every", type=int, default=d["evaluate_every"],
+                      help="rounds between held-out evaluations (round 0 is always scored)")
     demo.add_argument("--budgets", default=d["budgets"], help="memory budget per client")
     demo.add_argument("--out", default="bench/results", help="folder for demo.csv, demo.png and demo.md")
     demo.add_argument("--state-dir", default=None, help="server checkpoints (default: a temp dir)")

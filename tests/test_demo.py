@@ -109,6 +109,11 @@ def test_demo_table_csv_and_png(mc_run, tmp_path):
         read = list(csv.DictReader(f))
     assert [r["round"] for r in read] == ["0", "1"] and float(read[1]["alpha"]) == rows[1]["alpha"]
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --evaluate-every 2: round 1 has no scores; the plot joins the evaluated rounds.
+    skipped = [rows[0], {**rows[1], "round": 1, "alpha": math.nan, "beta": math.nan, "mean_acc": math.nan,
+                         "eval_loss": math.nan}, {**rows[1], "round": 2}]  # fmt: skip
+    plot_accuracy(str(tmp_path / "gap.png"), skipped, ["alpha", "beta"], state.baseline["eval_records"])
+    assert (tmp_path / "gap.png").stat().st_size > 0
 
 
 def test_held_out_loss_matches_the_model_loss():
