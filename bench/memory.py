@@ -35,7 +35,7 @@ are split by a sampler of ``/proc/self/status`` VmRSS every 10 ms); it includes 
 read (``safetensors`` maps it) and the interpreter and libraries (the ``baseline`` row). The budget model
 (``budget.phase_peaks``) predicts each phase's peak for the same settings. Profiling computes in fp32 (the low-bit
 copy dequantises to fp32); training keeps bf16 weights and activations, and its bf16 matrix products run in fp32
-one call at a time (``Fp32Matmul``: this AVX2 CPU multiplies bf16 about 5x slower than fp32), saving only the bf16
+one call at a time (``fp32_matmul``: this AVX2 CPU multiplies bf16 about 5x slower than fp32), saving only the bf16
 operands for the backward pass. Tokens/s are CPU figures.
 
 GPU mode (``--device cuda``): one process, ``torch.cuda.set_per_process_memory_fraction`` caps it at
@@ -47,6 +47,7 @@ layouts, dense first layer, shared experts) in one CPU process, no cap: the pipe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -59,7 +60,7 @@ import time
 import types
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -674,18 +675,24 @@ class _Fp32Linear(torch.autograd.Function):
         return gx, gw, gb
 
 
-class Fp32Matmul(torch.overrides.TorchFunctionMode):
-    """Inside this mode, ``F.linear`` on bf16 CPU tensors runs as ``_Fp32Linear`` (the grouped MLP's reference tier
-    already computes in fp32)."""
+@contextlib.contextmanager
+def fp32_matmul() -> Iterator[None]:
+    """Inside this block, ``F.linear`` on bf16 CPU tensors runs as ``_Fp32Linear`` (the grouped MLP's reference tier
+    already computes in fp32). The function itself is swapped, not intercepted by a ``TorchFunctionMode``: a mode
+    is off while its handler runs ``torch.autograd.grad``, so activation checkpointing would recompute the forward
+    with the other ``F.linear`` and find different saved tensors."""
+    native = torch.nn.functional.linear
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.linear:
-            x, w = args[0], args[1]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.dtype == torch.bfloat16 and x.device.type == "cpu" and w.dtype == torch.bfloat16:
-                return _Fp32Linear.apply(x, w, b)
-        return func(*args, **kwargs)
+    def linear(x, w, b=None):
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and w.dtype == torch.bfloat16:
+            return _Fp32Linear.apply(x, w, b)
+        return native(x, w, b)
+
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = native
 
 
 def _random_tokens(vocab: int, seq: int, n: int, seed: int) -> List[torch.Tensor]:
@@ -745,9 +752,10 @@ def child_phase(phase: str, spec: Dict[str, Any]) -> Dict[str, Any]:
         out["physical_experts"] = sum(model.config.physical_experts)
         out["model_bytes"] = param_bytes(model)
         out["build_peak"], out["build_s"] = sampler.mark(), time.perf_counter() - t0
+        say(f"{phase}: built in {out['build_s']:.0f} s, peak RSS {human(out['build_peak'])}")  # in the log if killed later
         data = _random_tokens(model.config.vocab_size, seq, spec["steps"], spec["seed"])
         t1 = time.perf_counter()
-        with Fp32Matmul():
+        with fp32_matmul():
             result = training.train_round(model, tuning, data, _train_config(spec, spec["steps"]))
         out["train_peak"], out["train_s"] = sampler.mark(), time.perf_counter() - t1
         out["tokens_per_s"] = result.tokens / out["train_s"]
@@ -850,9 +858,12 @@ def run_preset_capped(name: str, cap_gib: float, args, deadline: float) -> Dict[
 
         log: List[Dict[str, Any]] = []
 
+        # Time kept for compact + train again at the search's result when the plan's B_tune did not fit.
+        keep = 2 * res["phases"]["train"]["wall_s"] if res["phases"]["train"].get("over_cap") else 0.0
+
         def fits(B: int) -> Optional[bool]:
             last = log[-1]["wall_s"] if log else res["phases"]["train"]["wall_s"]
-            if time.monotonic() + last > deadline:
+            if time.monotonic() + last > deadline - keep:
                 return None
             t = dict(spec, B_tune=B, steps=1)
             r = run_phase(cap, "try", t, args.workdir, f"{name}.try{B}")
@@ -868,6 +879,14 @@ def run_preset_capped(name: str, cap_gib: float, args, deadline: float) -> Dict[
             lo, hi, _ = largest_fitting(plan.B_tune, top + 1, fits)
         res["search"] = {"largest_fit": lo, "smallest_over": hi if hi <= top else None, "resolved": hi - lo == 1,
                          "log": log}  # fmt: skip
+        if res["phases"]["train"].get("over_cap") and lo > 0:
+            # The plan's B_tune did not fit: compact + train again at the largest B_tune the search found (a try
+            # skips the merge), so every phase has a measured peak beside its prediction for the same settings.
+            spec.update(B_tune=lo)
+            say(f"{name}: compact + train at the search's B_tune {lo}")
+            r = res["phases"]["train_at_fit"] = run_phase(cap, "train", spec, args.workdir, f"{name}.train{lo}")
+            res["predicted_at_fit"] = budget.phase_peaks(config, settings, lo, plan.B_non, cap_bytes, prof_settings)
+            say(f"{name}: compact + train at {lo}: {'over the cap' if r.get('over_cap') else r.get('losses')}")
         prof = ExpertProfile.load(spec["profile_path"])
         res["profile_tokens"] = prof.num_tokens
     finally:
@@ -980,10 +999,11 @@ def render_capped(results: List[Dict[str, Any]], header: Dict[str, str]) -> str:
         if "plan" in r:
             lines.append(f"- plan: B_tune {r['B_tune']}, B_non {r['B_non']} of {r['total_experts']} experts, "
                          f"activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}")  # fmt: skip
-        tr = ph.get("train", {})
-        if "losses" in tr:
-            lines.append(f"- compact model: {tr['physical_experts']} physical experts, {human(tr['model_bytes'])} "
-                         f"of weights; training losses {tr['losses']}")  # fmt: skip
+        for key in ("train", "train_at_fit"):
+            tr = ph.get(key, {})
+            if "losses" in tr:
+                lines.append(f"- compact model ({key}): {tr['physical_experts']} physical experts, "
+                             f"{human(tr['model_bytes'])} of weights; training losses {tr['losses']}")  # fmt: skip
         pred = r.get("predicted", {})
         rows = []  # (phase, seconds, measured peak, predicted, tokens/s)
         if "baseline" in ph:
@@ -997,13 +1017,17 @@ def render_capped(results: List[Dict[str, Any]], header: Dict[str, str]) -> str:
                          p["stream_peak"], None, None))  # fmt: skip
             rows.append(("profile: forward (fp32 compute)", {"seconds": p["forward_s"]}, max(p["stream_peak"], p["forward_peak"]),
                          pred.get("profile"), p["tokens_per_s"]))  # fmt: skip
-        if "build_peak" in tr:
-            rows.append(("compact: stream + merge one layer at a time", {"seconds": tr["build_s"]}, tr["build_peak"],
-                         pred.get("compact"), None))  # fmt: skip
-            rows.append((f"train: {len(tr['losses'])} LoRA step(s)", {"seconds": tr["train_s"]}, tr["train_peak"],
-                         pred.get("train"), tr["tokens_per_s"]))  # fmt: skip
-        elif tr.get("over_cap"):
-            rows.append(("compact + train", {"seconds": tr["wall_s"]}, None, pred.get("train"), None))
+        fit_pred = r.get("predicted_at_fit", {})
+        for key, B, terms in (("train", r.get("B_tune"), pred), ("train_at_fit", r.get("search", {}).get("largest_fit"),
+                                                                  fit_pred)):  # fmt: skip
+            tr = ph.get(key, {})
+            if "build_peak" in tr:
+                rows.append((f"compact at B_tune {B}: stream + merge one layer at a time", {"seconds": tr["build_s"]},
+                             tr["build_peak"], terms.get("compact"), None))  # fmt: skip
+                rows.append((f"train at B_tune {B}: {len(tr['losses'])} LoRA step(s)", {"seconds": tr["train_s"]},
+                             tr["train_peak"], terms.get("train"), tr["tokens_per_s"]))  # fmt: skip
+            elif tr.get("over_cap"):
+                rows.append((f"compact + train at B_tune {B}", {"seconds": tr["wall_s"]}, None, terms.get("train"), None))
         lines += ["", "| phase | seconds | measured peak RSS | predicted peak | measured / predicted | tokens/s |",
                   "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         gaps = []
@@ -1014,8 +1038,10 @@ def render_capped(results: List[Dict[str, Any]], header: Dict[str, str]) -> str:
                 gaps.append(label)
             lines.append(f"| {label} | {t['seconds']:.1f} | {human(peak) if peak else 'over the cap (killed)'} | "
                          f"{human(total) if total else '-'} | {ratio} | {f'{tps:.1f}' if tps else '-'} |")  # fmt: skip
-        for phase, terms in pred.items():
-            lines += ["", f"Predicted `{phase}` peak (budget.phase_peaks):", "", "```text"]
+        predicted = [(phase, terms, r.get("B_tune")) for phase, terms in pred.items()]
+        predicted += [(phase, terms, r["search"]["largest_fit"]) for phase, terms in fit_pred.items() if phase != "profile"]
+        for phase, terms, B in predicted:
+            lines += ["", f"Predicted `{phase}` peak at B_tune {B} (budget.phase_peaks):", "", "```text"]
             lines += [f"  {k:<48} {human(v):>12}" for k, v in terms.items()]
             lines += [f"  {'total':<48} {human(sum(terms.values())):>12}", "```"]
         if gaps:
@@ -1129,7 +1155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 else:
                     r = run_preset(name, args, device, deadline)
             except Exception as e:  # noqa: BLE001 - recorded in the report, the next preset still runs
-                r = {"preset": name, "shrunk": not cuda, "error": f"{type(e).__name__}: {e}"[:500]}
+                r = {"preset": name, "shrunk": not cuda, "cap_gib": cap_gib, "error": f"{type(e).__name__}: {e}"[:500]}
             free_memory(device)
         r["wall_s"] = time.monotonic() - t0
         say(f"{name}: {'FAILED ' + r['error'] if 'error' in r else 'done'} in {r['wall_s']:.0f} s")

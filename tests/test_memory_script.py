@@ -141,3 +141,24 @@ def test_cap_kills_a_phase_over_it(gm, tmp_path):
         assert r["over_cap"]
     finally:
         cap.close()
+
+
+def test_fp32_matmul_under_activation_checkpointing(gm):
+    """Checkpointed layers recompute inside autograd.grad: the fp32 F.linear must be the one they see there too
+    (a TorchFunctionMode is off while its handler runs autograd.grad: different saved tensors, CheckpointError)."""
+    import copy
+
+    from flux_engine import MoEForCausalLM, presets, training
+
+    torch.manual_seed(0)
+    model = MoEForCausalLM(presets.get("tiny")).to(torch.bfloat16)
+    data = [torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))]
+    tuning = [[0, 1]] * len(model.moe_layers())
+    native, losses = torch.nn.functional.linear, {}
+    for ckpt in (False, True):
+        config = training.TrainConfig(mode="lora", rank=4, alpha=8.0, lr=1e-2, steps=2, micro_batch_size=1, seed=0,
+                                      activation_checkpointing=ckpt)  # fmt: skip
+        with gm.fp32_matmul():
+            losses[ckpt] = training.train_round(copy.deepcopy(model), tuning, data * 2, config).losses
+    assert torch.nn.functional.linear is native  # restored on leaving the block
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
