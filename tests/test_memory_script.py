@@ -112,8 +112,8 @@ def test_capped_cpu_pipeline_on_shrunk_shapes(gm, tmp_path):
     text = out.read_text()
     assert re.search(r"^deepseek-moe-16b: peak \d+\.\d GiB under a 2 GiB cap \(full bf16 model \d+\.\d GB\), "
                      r"B_tune 48$", text, re.M)  # fmt: skip
-    for row in ("| profile: forward (fp32 compute) |", "| compact: stream + merge one layer at a time |",
-                "| train: 1 LoRA step(s) |"):  # fmt: skip
+    for row in ("| profile: forward (fp32 compute) |", "| compact at B_tune 48: stream + merge one layer at a time |",
+                "| train at B_tune 48: 1 LoRA step(s) |"):  # fmt: skip
         assert row in text
     res = json.loads((tmp_path / "memory.json").read_text())["results"][0]
     assert res["phases"]["train"]["losses"] and res["checkpoint"]["layout"] == "deepseek"
