@@ -879,14 +879,21 @@ def run_preset_capped(name: str, cap_gib: float, args, deadline: float) -> Dict[
             lo, hi, _ = largest_fitting(plan.B_tune, top + 1, fits)
         res["search"] = {"largest_fit": lo, "smallest_over": hi if hi <= top else None, "resolved": hi - lo == 1,
                          "log": log}  # fmt: skip
-        if res["phases"]["train"].get("over_cap") and lo > 0:
-            # The plan's B_tune did not fit: compact + train again at the largest B_tune the search found (a try
-            # skips the merge), so every phase has a measured peak beside its prediction for the same settings.
-            spec.update(B_tune=lo)
-            say(f"{name}: compact + train at the search's B_tune {lo}")
-            r = res["phases"]["train_at_fit"] = run_phase(cap, "train", spec, args.workdir, f"{name}.train{lo}")
-            res["predicted_at_fit"] = budget.phase_peaks(config, settings, lo, plan.B_non, cap_bytes, prof_settings)
-            say(f"{name}: compact + train at {lo}: {'over the cap' if r.get('over_cap') else r.get('losses')}")
+        B = lo
+        while res["phases"]["train"].get("over_cap") and B > 0:
+            # The plan's B_tune did not fit: compact + train again at the largest B_tune the search found, so every
+            # phase has a measured peak beside its prediction for the same settings. A try skips the merge, whose
+            # leftovers can still push the full pipeline over: then one layer's experts fewer, while time lasts.
+            spec.update(B_tune=B)
+            say(f"{name}: compact + train at B_tune {B}")
+            r = res["phases"]["train_at_fit"] = run_phase(cap, "train", spec, args.workdir, f"{name}.train{B}")
+            res["fit_B"] = B
+            res["predicted_at_fit"] = budget.phase_peaks(config, settings, B, plan.B_non, cap_bytes, prof_settings)
+            say(f"{name}: compact + train at {B}: {'over the cap' if r.get('over_cap') else r.get('losses')}")
+            if not r.get("over_cap") or time.monotonic() + r["wall_s"] > deadline + keep:
+                break
+            res.setdefault("train_over_cap_at", []).append({"B_tune": B, "wall_s": r["wall_s"]})
+            B -= E
         prof = ExpertProfile.load(spec["profile_path"])
         res["profile_tokens"] = prof.num_tokens
     finally:
@@ -1018,8 +1025,11 @@ def render_capped(results: List[Dict[str, Any]], header: Dict[str, str]) -> str:
             rows.append(("profile: forward (fp32 compute)", {"seconds": p["forward_s"]}, max(p["stream_peak"], p["forward_peak"]),
                          pred.get("profile"), p["tokens_per_s"]))  # fmt: skip
         fit_pred = r.get("predicted_at_fit", {})
-        for key, B, terms in (("train", r.get("B_tune"), pred), ("train_at_fit", r.get("search", {}).get("largest_fit"),
-                                                                  fit_pred)):  # fmt: skip
+        over = [(f"compact + train at B_tune {t['B_tune']}", {"seconds": t["wall_s"]}, None, None, None)
+                for t in r.get("train_over_cap_at", [])]  # fmt: skip
+        for key, B, terms in (("train", r.get("B_tune"), pred), ("train_at_fit", r.get("fit_B"), fit_pred)):
+            if key == "train_at_fit":
+                rows += over
             tr = ph.get(key, {})
             if "build_peak" in tr:
                 rows.append((f"compact at B_tune {B}: stream + merge one layer at a time", {"seconds": tr["build_s"]},
@@ -1039,7 +1049,7 @@ def render_capped(results: List[Dict[str, Any]], header: Dict[str, str]) -> str:
             lines.append(f"| {label} | {t['seconds']:.1f} | {human(peak) if peak else 'over the cap (killed)'} | "
                          f"{human(total) if total else '-'} | {ratio} | {f'{tps:.1f}' if tps else '-'} |")  # fmt: skip
         predicted = [(phase, terms, r.get("B_tune")) for phase, terms in pred.items()]
-        predicted += [(phase, terms, r["search"]["largest_fit"]) for phase, terms in fit_pred.items() if phase != "profile"]
+        predicted += [(phase, terms, r["fit_B"]) for phase, terms in fit_pred.items() if phase != "profile"]
         for phase, terms, B in predicted:
             lines += ["", f"Predicted `{phase}` peak at B_tune {B} (budget.phase_peaks):", "", "```text"]
             lines += [f"  {k:<48} {human(v):>12}" for k, v in terms.items()]
@@ -1062,6 +1072,13 @@ def render_capped(results: List[Dict[str, Any]], header: Dict[str, str]) -> str:
             lines.append("")
             lines.append(f"Largest B_tune that trains one step: {s['largest_fit']}" + ("" if s["resolved"] else
                          f" (unresolved: smallest over the cap {s['smallest_over']}; time limit)"))  # fmt: skip
+            fit = ph.get("train_at_fit", {})
+            if fit:
+                over = [r["B_tune"]] + [t["B_tune"] for t in r.get("train_over_cap_at", [])]
+                over += [r["fit_B"]] if fit.get("over_cap") else []
+                lines.append("Compact + train, the merge included: "
+                             + (f"fits at B_tune {r['fit_B']}; " if not fit.get("over_cap") else "")
+                             + "over the cap at B_tune " + ", ".join(map(str, over)))  # fmt: skip
             peaks = [x["rss_peak"] for x in ph.values() if "rss_peak" in x]
             peaks += [t["rss_peak"] for t in s["log"] if "rss_peak" in t]
             summary.append(f"{name}: peak {max(peaks) / GiB:.1f} GiB under a {r['cap_gib']:g} GiB cap (full bf16 "
