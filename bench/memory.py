@@ -561,7 +561,7 @@ class Cap:
         self.files: Dict[str, str] = {}
         for root, files in ((self.V2, {"limit": "memory.max", "swap": "memory.swap.max", "events": "memory.events"}),
                             (self.V1, {"limit": "memory.limit_in_bytes", "swap": "memory.memsw.limit_in_bytes",
-                                       "events": "memory.oom_control", "failcnt": "memory.failcnt"})):  # fmt: skip
+                                       "events": "memory.oom_control", "peak": "memory.max_usage_in_bytes"})):  # fmt: skip
             if not os.path.exists(os.path.join(root, "cgroup.procs")) or (
                 root == self.V2 and not os.path.exists(os.path.join(root, "cgroup.controllers"))
             ):
@@ -594,24 +594,46 @@ class Cap:
         else:
             resource.setrlimit(resource.RLIMIT_AS, (self.limit, self.limit))
 
-    def oom_kills(self) -> int:
-        if not self.path:
-            return 0
+    def _event(self, name: str) -> int:
         with open(os.path.join(self.path, self.files["events"])) as f:
             for line in f:
-                if line.startswith("oom_kill "):
+                if line.startswith(name + " "):
                     return int(line.split()[1])
         return 0
 
+    def _reset_peak(self) -> None:
+        if "peak" in self.files:
+            with open(os.path.join(self.path, self.files["peak"]), "w") as f:
+                f.write("0")
+
+    def _hit_limit(self, ooms_before: int) -> bool:
+        """Whether the group reached its own limit since the last reset: v2 counts its limit's OOMs in
+        ``memory.events``; v1's ``oom_kill`` counts any kill of a member, the machine's own OOM killer included, so
+        there the group's peak usage must have reached the limit."""
+        if "peak" in self.files:
+            with open(os.path.join(self.path, self.files["peak"])) as f:
+                return int(f.read()) >= self.limit - (16 << 20)
+        return self._event("oom") > ooms_before
+
     def run(self, cmd: List[str], log_path: str) -> Tuple[int, bool]:
-        """Run ``cmd`` under the cap; ``(return code, killed for memory)``."""
+        """Run ``cmd`` under the cap; ``(return code, killed for memory)``. A child killed by the machine's OOM
+        killer below the cap (other processes filled the machine) raises: that says nothing about the cap."""
         import subprocess
 
-        before = self.oom_kills()
+        if self.path:
+            self._reset_peak()
+            ooms = self._event("oom")
         with open(log_path, "a") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._enter)
             rc = proc.wait()
-        return rc, (self.oom_kills() > before) or rc == CAP_EXIT or (rc == -9 and self.path is not None)
+        if rc == CAP_EXIT:
+            return rc, True
+        if rc == -9 and self.path:
+            if (_oom_constraint(proc.pid) or ("MEMCG" if self._hit_limit(ooms) else "NONE")) == "MEMCG":
+                return rc, True
+            raise OutsideKill(f"{cmd[-2]} was killed (SIGKILL) below the {self.limit / GiB:g} GiB cap: the machine ran "
+                              "out of memory for other reasons (other processes); its result says nothing about the cap")
+        return rc, False
 
     def close(self) -> None:
         if self.path:
@@ -622,6 +644,25 @@ class Cap:
 
 
 CAP_EXIT = 3  # a child that failed to allocate under RLIMIT_AS exits with this code
+
+
+class OutsideKill(RuntimeError):
+    """A capped child killed by the kernel below its cap."""
+
+
+def _oom_constraint(pid: int) -> Optional[str]:
+    """What the kernel log says killed ``pid``: ``"MEMCG"`` (its group's limit) or ``"NONE"`` (the machine ran out);
+    None where the log is unreadable or silent."""
+    import subprocess
+
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in reversed(log.splitlines()):
+        if "oom-kill:constraint=CONSTRAINT_" in line and f",pid={pid}," in line:
+            return line.split("constraint=CONSTRAINT_")[1].split(",")[0]
+    return None
 
 
 class PeakSampler:
@@ -795,7 +836,11 @@ def run_phase(cap: Cap, phase: str, spec: Dict[str, Any], workdir: str, tag: str
         os.remove(spec_path + ".result")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", phase, spec_path]
     t0 = time.perf_counter()
-    rc, killed = cap.run(cmd, os.path.join(workdir, f"{tag}.log"))
+    try:
+        rc, killed = cap.run(cmd, os.path.join(workdir, f"{tag}.log"))
+    except OutsideKill as e:  # once more: another process may have made the machine short of memory
+        say(f"{tag}: {e}; running it again")
+        rc, killed = cap.run(cmd, os.path.join(workdir, f"{tag}.log"))
     wall = time.perf_counter() - t0
     if rc == 0:
         with open(spec_path + ".result") as f:
