@@ -55,7 +55,7 @@ from flux_engine.budget import (
     tuning_expert_terms,
 )
 from flux_engine.models.config import MoEConfig
-from flux_engine.models.moe import Experts, MoEMLP
+from flux_engine.models.moe import EXPERT_BIASES, Experts, MoEMLP
 from flux_engine.ops.quantize import QuantizedTensor
 from flux_engine.profiling import group_for
 
@@ -423,7 +423,8 @@ class QuantizedExperts(Experts):
     """An ``Experts`` whose stacks are packed (``ops.QuantizedTensor``, frozen): ``gate_up_proj`` / ``down_proj``
     are properties building QuantizedTensors over buffers (``{gate_up,down}_qdata``, ``_qscales``, ``_qzeros``),
     which the inherited ``forward`` passes to ``ops.grouped_mlp`` as they are. LoRA (``training.attach_tuning``,
-    mode ``"lora"``) works unchanged; full-size tuning (``split_tuned``) is refused."""
+    mode ``"lora"``) works unchanged; full-size tuning (``split_tuned``) is refused. The expert form and the biases
+    are kept (frozen, unquantised)."""
 
     def __init__(self, source: Experts, bits: int = 4, group_size: Optional[int] = None):
         nn.Module.__init__(self)
@@ -438,6 +439,11 @@ class QuantizedExperts(Experts):
             self.register_buffer(f"{name}_qscales", q.scales)
             self.register_buffer(f"{name}_qzeros", q.zeros)
             self._qmeta[name] = (q.bits, q.group_size, q.shape, q.dtype)
+        # The form and the biases (gpt-oss) stay as they were: frozen, unquantised (they are small).
+        self.form = source.form
+        for name in EXPERT_BIASES:
+            b = getattr(source, name, None)
+            self.register_buffer(name, None if b is None else b.detach().clone())
         self.register_buffer("expert_map", source.expert_map.detach().clone())
         self.lora = None
         self.register_parameter("tuned_gate_up_proj", None)

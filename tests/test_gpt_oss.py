@@ -2,6 +2,7 @@
 checkpoint layout with bf16 and MXFP4 experts (dequantised on load, or repacked to int4 for profiling), YaRN, the
 presets, and the Flux pipeline (profile, merge with biases, LoRA, PEFT export, budget, a 2-round federation)."""
 
+import copy
 import json
 import math
 
@@ -12,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import GptOssConfig, GptOssForCausalLM  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
-from flux_engine import budget, merging, presets, profiling  # noqa: E402
+from flux_engine import budget, merging, ops, presets, profiling  # noqa: E402
 from flux_engine.adapters import load_peft_adapter, merge_adapters, save_peft_adapter  # noqa: E402
 from flux_engine.checkpoint import LAYOUTS, load_pretrained, save_pretrained  # noqa: E402
 from flux_engine.checkpoint.keymap import entries  # noqa: E402
@@ -365,10 +366,23 @@ def test_merge_averages_expert_biases_like_the_weights(tiny, tmp_path):
     assert all(math.isfinite(e) for e in err) and max(err) > 0, err
 
 
+def test_fmq_keeps_the_gpt_oss_form_and_biases(tiny):
+    """FMQ's packed experts compute the same clamped, biased experts on the dequantised weights."""
+    from flux_engine import baselines
+
+    packed, _ = baselines.quantize_experts(tiny, bits=8)
+    ex = packed.moe_layers()[0].experts
+    assert ex.form == tiny.moe_layers()[0].experts.form and ex.down_proj_bias is not None
+    want = copy.deepcopy(tiny)
+    for mlp, q in zip(want.moe_layers(), packed.moe_layers()):
+        mlp.experts.gate_up_proj.copy_(ops.dequantize(q.experts.gate_up_proj))
+        mlp.experts.down_proj.copy_(ops.dequantize(q.experts.down_proj))
+    ids = _batches(1, 7)[0]["input_ids"]
+    torch.testing.assert_close(packed(ids).logits, want(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_sparse_lora_and_full_tuning_leave_biases_frozen(tiny, mode):
-    import copy
-
     model = copy.deepcopy(tiny)
     before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_bias")}
     tuning = _busiest(model, [2, 1, 0, 0])
@@ -387,8 +401,6 @@ def test_sparse_lora_and_full_tuning_leave_biases_frozen(tiny, mode):
 def test_biases_train_when_asked(tiny, mode, tmp_path):
     """``train_biases``: LoRA trains per-expert bias deltas (folded by merge_lora, refused by the PEFT export), full
     mode the tuned experts' biases; either way the folded model computes what the trained one did."""
-    import copy
-
     from flux_engine.adapters import merge_lora
     from flux_engine.training import detach_tuning
 
@@ -418,8 +430,6 @@ def test_biases_train_when_asked(tiny, mode, tmp_path):
 
 
 def _trained_lora(tiny, alpha=8.0):
-    import copy
-
     model = copy.deepcopy(tiny)
     tuning = _busiest(model, [2, 1, 0, 1])
     res = train_round(model, tuning, _batches(), TrainConfig(rank=4, alpha=alpha, lr=5e-2, steps=2))
@@ -452,8 +462,6 @@ def test_peft_export_is_what_peft_puts_on_transformers_gpt_oss(tiny, tmp_path):
 def test_per_expert_peft_export_of_interleaved_experts(tiny, tmp_path):
     """The per-expert PEFT layout (families with expert modules) splits interleaved gate/up rows: gate_proj / up_proj
     get B's even / odd rows, and folding the read-back adapter gives the model the trained one computes."""
-    import copy
-
     model, res = _trained_lora(tiny)
     config = model.config.replace(metadata={})  # not gpt-oss by name: the per-expert layout
     save_peft_adapter(tmp_path / "a", res.trained, config, alpha=8.0)
