@@ -518,7 +518,7 @@ def test_packed_choices_score_as_one_sequence_per_choice(normalize, max_length):
     packed = choice_logprobs(model, CharTokenizer(), records, 2, normalize, max_length, packed=True)
     assert [len(s) for s in packed] == [len(r.choices) for r in records]
     torch.testing.assert_close(torch.tensor(sum(packed, [])), torch.tensor(sum(pairwise, [])), atol=1e-5, rtol=1e-5)
-    assert choice_logprobs(model, CharTokenizer(), records, 3, normalize, max_length) == packed  # the default
+    assert choice_logprobs(model, CharTokenizer(), records, 2, normalize, max_length) == packed  # the default
 
 
 def test_works_with_a_transformers_tokenizer():
