@@ -200,6 +200,10 @@ def report(folder: os.PathLike, alpha: float = 0.01, followed_up: Optional[os.Pa
                   "again from the same warm-started model on held-out records the first probe never scored (`test_offset` "
                   "skips them; its training split excludes them too): an independent test of the same question.",
                   "", *_table(later, alpha)]  # fmt: skip
+    done = {r["task"] for r in later}
+    pending = [r["task"] for r in suggestive(folder, alpha) if r["task"] not in done]
+    if pending:
+        lines += ["", f"Suggestive, not followed up yet: {', '.join(pending)}."]
     learning = {r["task"] for r in results + later if _learns(r, alpha)}
     learners = [r["task"] for r in results if r["task"] in learning]
     paper = [r for r in results if r["task"].startswith(PAPER_BENCHMARKS)]
@@ -208,7 +212,7 @@ def report(folder: os.PathLike, alpha: float = 0.01, followed_up: Optional[os.Pa
         "", f"{len(learners)} of {len(results)} tasks gain significantly (p < {alpha:g}"
         + (", in the first probe or its follow-up" if later else "") + f"): {', '.join(learners) or 'none'}.",
         f"Of the paper's benchmarks probed ({', '.join(r['task'] for r in paper) or 'none'}): "
-        + (f"{', '.join(moved)} gain significantly." if moved else "none gains significantly in this budget."),
+        + (f"{', '.join(moved)} {'gains' if len(moved) == 1 else 'gain'} significantly." if moved else "none gains significantly in this budget."),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
 

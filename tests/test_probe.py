@@ -93,10 +93,11 @@ def test_report_counts_follow_ups(tmp_path):
     write(first, "olmo:boolq", 0.5, 0.42)
     assert sorted(r["task"] for r in probe.suggestive(first)) == ["olmo:csqa", "olmo:mmlu/anatomy"]
     write(later, "olmo:mmlu/anatomy", 0.004, 0.5)
+    assert "Suggestive, not followed up yet: olmo:csqa." in probe.report(first, followed_up=later)
     write(later, "olmo:csqa", 0.2, 0.44)
     text = probe.report(first, followed_up=later)
     assert "2 of 5 tasks gain significantly (p < 0.01, in the first probe or its follow-up): olmo:sst2, " \
            "olmo:mmlu/anatomy." in text  # fmt: skip
-    assert "olmo:mmlu/anatomy gain significantly." in text
+    assert "olmo:mmlu/anatomy gains significantly." in text
     follow = text.split("## Follow-ups")[1]
     assert "| olmo:mmlu/anatomy | 128 |" in follow and follow.count("| olmo:") == 2
