@@ -184,15 +184,14 @@ def cmd_probe(args) -> int:
         print(probe.report(args.report, followed_up=args.followed_up), end="")
         return 0
     if args.follow_up:  # each suggestive task again, its own settings on the next --test-records held-out records
-        for first in probe.suggestive(args.follow_up):
-            settings = probe.follow_up_settings(first, args.test_records)
-            probe.run([first["task"]], args.out, settings, args.checkpoint or demo_model())
+        jobs = [(r["task"], probe.follow_up_settings(r, args.test_records)) for r in probe.suggestive(args.follow_up)]
+        probe.run(jobs, args.out, args.checkpoint or demo_model())
         return 0
     if not args.task:
         raise ValueError("probe needs --task SPEC (e.g. olmo:piqa), --follow-up FOLDER or --report FOLDER")
     settings = probe.ProbeSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                                    test_records=args.test_records, train_records=args.train_records)  # fmt: skip
-    probe.run(args.task, args.out, settings, args.checkpoint or demo_model())
+    probe.run([(task, settings) for task in args.task], args.out, args.checkpoint or demo_model())
     return 0
 
 

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -113,9 +113,9 @@ def probe_task(model: Any, tokenizer: Any, task: str, settings: ProbeSettings) -
     }
 
 
-def run(tasks: Sequence[str], out: os.PathLike, settings: ProbeSettings, checkpoint: str) -> List[Path]:
-    """Probe every task without a result file in ``out`` (each from a fresh copy of the checkpoint's model);
-    returns the files written."""
+def run(jobs: Sequence[Tuple[str, ProbeSettings]], out: os.PathLike, checkpoint: str) -> List[Path]:
+    """Probe every ``(task, settings)`` whose task has no result file in ``out`` (each from a fresh copy of the
+    checkpoint's model); returns the files written."""
     import sys
 
     from flux_engine import provenance
@@ -124,7 +124,7 @@ def run(tasks: Sequence[str], out: os.PathLike, settings: ProbeSettings, checkpo
 
     tokenizer = load_tokenizer()
     written = []
-    for task in tasks:
+    for task, settings in jobs:
         path = result_path(out, task)
         if path.exists():
             continue
@@ -152,8 +152,7 @@ def _load(folder: os.PathLike) -> List[Dict[str, Any]]:
 
 def suggestive(folder: os.PathLike, alpha: float = 0.01) -> List[Dict[str, Any]]:
     """The results in ``folder`` worth a follow-up: accuracy up with ``alpha <= p < SUGGESTIVE_P``."""
-    return [r for r in _load(folder) if r["tuned"]["accuracy"] > r["base"]["accuracy"]
-            and alpha <= r["mcnemar_p"] < SUGGESTIVE_P]  # fmt: skip
+    return [r for r in _load(folder) if _suggests(r, alpha)]
 
 
 def follow_up_settings(first: Dict[str, Any], test_records: int) -> ProbeSettings:
@@ -171,8 +170,8 @@ def report(folder: os.PathLike, alpha: float = 0.01, followed_up: Optional[os.Pa
     if not results:
         raise FileNotFoundError(f"no probe results (*.json) in {folder}")
     later = _load(followed_up) if followed_up is not None else []
-    results.sort(key=lambda r: (not _learns(r, alpha), r["mcnemar_p"], r["task"]))
-    later.sort(key=lambda r: (not _learns(r, alpha), r["mcnemar_p"], r["task"]))
+    for rs in (results, later):
+        rs.sort(key=lambda r: (not _learns(r, alpha), r["mcnemar_p"], r["task"]))
     settings = sorted({json.dumps(r["settings"], sort_keys=True) for r in results + later})
     runs = sorted({(r["provenance"]["commit"], r["provenance"]["device"], r["provenance"]["torch"])
                    for r in results + later})  # fmt: skip
@@ -201,7 +200,7 @@ def report(folder: os.PathLike, alpha: float = 0.01, followed_up: Optional[os.Pa
                   "skips them; its training split excludes them too): an independent test of the same question.",
                   "", *_table(later, alpha)]  # fmt: skip
     done = {r["task"] for r in later}
-    pending = [r["task"] for r in suggestive(folder, alpha) if r["task"] not in done]
+    pending = sorted(r["task"] for r in results if _suggests(r, alpha) and r["task"] not in done)
     if pending:
         lines += ["", f"Suggestive, not followed up yet: {', '.join(pending)}."]
     learning = {r["task"] for r in results + later if _learns(r, alpha)}
@@ -229,6 +228,10 @@ def _table(results: Sequence[Dict[str, Any]], alpha: float) -> List[str]:
             f"{r['mcnemar_p']:.2g} | {b['soft']:.3f} | {t['soft']:.3f} | {'yes' if _learns(r, alpha) else 'no'} |"
         )
     return lines
+
+
+def _suggests(result: Dict[str, Any], alpha: float) -> bool:
+    return result["tuned"]["accuracy"] > result["base"]["accuracy"] and alpha <= result["mcnemar_p"] < SUGGESTIVE_P
 
 
 def _learns(result: Dict[str, Any], alpha: float) -> bool:
