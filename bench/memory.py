@@ -935,7 +935,7 @@ def run_preset_capped(name: str, cap_gib: float, args, deadline: float) -> Dict[
             res["fit_B"] = B
             res["predicted_at_fit"] = budget.phase_peaks(config, settings, B, plan.B_non, cap_bytes, prof_settings)
             say(f"{name}: compact + train at {B}: {'over the cap' if r.get('over_cap') else r.get('losses')}")
-            if not r.get("over_cap") or time.monotonic() + r["wall_s"] > deadline + keep:
+            if not r.get("over_cap") or time.monotonic() + r["wall_s"] > deadline:
                 break
             res.setdefault("train_over_cap_at", []).append({"B_tune": B, "wall_s": r["wall_s"]})
             B -= E
