@@ -259,13 +259,18 @@ class FluxClient:
         self._next_seconds = 0.0
         return out
 
-    def profile_next(self, tensors: Update, round_: int) -> None:
+    def profile_next(self, tensors: Update, round_: int, last: bool = False) -> None:
         """The client's idle window after its round ``round_`` upload: profile this round's global model for round
         ``round_ + 1`` (stale profiling), in a background thread or here (timed); nothing when that model was
-        profiled already."""
+        profiled already. ``last``: no round follows in this process (the run's last round, or a chunk's): only the
+        model's tensors are kept, and a resumed client profiles them when round ``round_ + 1`` comes."""
         if not self.settings.stale_profile:
             return
         self._save_source(tensors, round_ + 1)
+        if last:
+            self._join()
+            self._next, self._next_tensors, self._next_seconds = None, None, 0.0
+            return
         if _same_tensors(self._next_tensors, tensors):
             self._next_stale = True  # the same profile serves again; nothing more to charge
             return

@@ -106,7 +106,7 @@ def test_kept_low_bit_copy_and_one_profile_per_global_model(base, monkeypatch):
     assert client._take_profile(glob, 4)[1] == 0.0  # its seconds were charged once
 
 
-def test_restarted_client_recomputes_the_profile_it_owes(base, tmp_path):
+def test_restarted_client_recomputes_the_profile_it_owes(base, tmp_path, monkeypatch):
     a = _client(base, state_dir=str(tmp_path))
     a.first_profile()
     out = a.train({}, _mask([(0, 1), (1, 3)]), torch.zeros(L, E, dtype=torch.bool), _batches(), 1)
@@ -116,6 +116,15 @@ def test_restarted_client_recomputes_the_profile_it_owes(base, tmp_path):
     b = _client(base, state_dir=str(tmp_path))  # a new process: nothing in memory
     got = b._take_profile({**glob, (0, 7): glob[(0, 1)]}, 3)[0]  # whatever it holds now, round 3 is owed glob's
     assert torch.equal(got.counts, expected.counts) and got.samples == expected.samples
+    # After a run's last round nothing is profiled; the tensors are kept, and a resumed run's client (or this one,
+    # should another round come) profiles them then.
+    calls = []
+    real = profiling.profile
+    monkeypatch.setattr(profiling, "profile", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a.profile_next(glob, 3, last=True)
+    assert calls == [] and a._next is None
+    got = a._take_profile({}, 4)[0]
+    assert calls == [1] and torch.equal(got.counts, expected.counts)
 
 
 def test_padding_columns_are_not_profiled(base):
