@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from flux_engine.evaluation import PRECISIONS, resolve_precision
 from flux_engine.federated.config import load_config_file
 from flux_engine.federated.runner import RunFailed, federate, round_rows, table
 
@@ -52,7 +53,7 @@ DEMO_DATA = "bigbench:intent_recognition+olmo:sst2,mrpc,arc_easy"
 def demo_settings() -> Dict[str, Any]:
     """The demo's defaults (its command-line options), sized for < 5 min on 2 CPU cores (bench/results/demo.md)."""
     return {"rounds": 3, "local_steps": 4, "lr": 1e-2, "seq_len": 64, "samples": 32, "eval_records": 128,
-            "evaluate_every": 1, "budgets": "1210MiB,1230MiB,1255MiB,1280MiB"}  # fmt: skip
+            "evaluate_every": 1, "eval_precision": "auto", "budgets": "1210MiB,1230MiB,1255MiB,1280MiB"}  # fmt: skip
 
 
 def demo_model() -> str:
@@ -95,7 +96,7 @@ def cmd_demo(args) -> int:
         num_rounds=args.rounds, num_clients=len(DEMO_DOMAINS), min_clients=3, mode="lora", lora_rank=8,
         lora_alpha=16.0, lr=args.lr, local_steps=args.local_steps, batch_size=4, seq_len=args.seq_len,
         samples_per_client=args.samples, eval_fraction=0.25, eval_records=args.eval_records,
-        evaluate_every=args.evaluate_every, profile_bits=8,
+        evaluate_every=args.evaluate_every, eval_precision=args.eval_precision, profile_bits=8,
         budgets=args.budgets, workspace="0", state_dir=state_dir,
     )  # fmt: skip
     state = federate(run, args.verbose)
@@ -116,7 +117,8 @@ def cmd_demo(args) -> int:
         f"- commit: {provenance.commit()}", f"- device: {provenance.device()}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in provenance.versions().items())}",
         f"- data: `{DEMO_DATA}`, one domain per client; {args.eval_records} held-out test records per domain "
-        f"scored before training and every {args.evaluate_every} round(s) (cut to seq-len {args.seq_len})",
+        f"scored before training and every {args.evaluate_every} round(s) (cut to seq-len {args.seq_len}; "
+        f"{resolve_precision(args.eval_precision, torch.device('cpu'))}, eval precision {args.eval_precision})",
         f"- settings: {args.rounds} rounds, {args.local_steps} LoRA steps per client and round (rank 8, lr {args.lr}), "
         f"batch 4 x seq-len {args.seq_len}, {args.samples} training records per client, budgets {args.budgets}",
         "- outputs: demo.csv, demo.png (accuracy per domain and mean vs round, 95% band of round 0's mean shaded)",
@@ -364,6 +366,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-records", type=int, default=d["eval_records"], help="test records per domain, each round")
     demo.add_argument("--evaluate-every", type=int, default=d["evaluate_every"],
                       help="rounds between held-out evaluations (round 0 is always scored)")
+    demo.add_argument("--eval-precision", choices=PRECISIONS, default=d["eval_precision"],
+                      help="scoring precision: fp32, bf16 (autocast), auto (bf16 where the CPU/GPU has bf16 matmuls)")
     demo.add_argument("--budgets", default=d["budgets"], help="memory budget per client")
     demo.add_argument("--out", default="bench/results", help="folder for demo.csv, demo.png and demo.md")
     demo.add_argument("--state-dir", default=None, help="server checkpoints (default: a temp dir)")

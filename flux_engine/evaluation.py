@@ -8,10 +8,18 @@ log-probability of each choice, as ``bench/runtime.py`` reports it) on each doma
 accuracy is the probability the model puts on the right choice: the softmax over a record's choices of those
 scores, at the target, averaged over records; it moves before the ranking flips, so it shows learning that
 accuracy on a few hundred records may not.
+
+Precision (:func:`eval_context`): ``"fp32"`` scores in the model's dtype; ``"bf16"`` runs matmuls and attention
+under ``torch.autocast(bfloat16)`` (weights stay as they are; norms, softmax and the scores' log-softmax in fp32),
+the usual mixed-precision evaluation of GPU harnesses; ``"auto"`` picks bf16 where the device multiplies bf16
+natively (:func:`native_bf16`), where it is about twice as fast as fp32, and fp32 elsewhere (CPUs without
+AVX512-BF16/AMX emulate bf16, slower than fp32).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import random
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -22,6 +30,45 @@ from flux_engine.data import Record, Tokenizer, choice_logprobs
 
 # Mean log-probability per choice token: summed log-probabilities favour short choices.
 MC_NORMALIZE = "mean"
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), ()))
+    except OSError:  # not Linux: no flags known, so no native bf16 assumed
+        return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU with bf16 support, or a CPU with
+    AVX512-BF16 or AMX-BF16 (read from ``/proc/cpuinfo``; elsewhere assumed not)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"fp32"`` or ``"bf16"``: the precision an evaluation with ``precision`` (one of :data:`PRECISIONS`) runs in
+    on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def eval_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a held-out evaluation runs in: ``torch.autocast(device type, bfloat16)`` when ``precision``
+    resolves to bf16 (:func:`resolve_precision`), else nothing."""
+    device = torch.device(device)
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 Accuracy = Dict[str, Tuple[float, int]]  # domain -> (accuracy, records scored)
 

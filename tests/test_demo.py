@@ -128,3 +128,34 @@ def test_held_out_loss_matches_the_model_loss():
     assert tokens == 11 + 7
     with torch.no_grad():
         assert loss == pytest.approx(float(model(ids, labels=labels, attention_mask=mask).loss), rel=1e-6)
+
+
+def test_eval_precision_resolves_and_scores_close_to_fp32(monkeypatch):
+    from flux_engine import MoEForCausalLM, presets
+    from flux_engine.federated.client import ByteTokenizer
+
+    cpu = torch.device("cpu")
+    assert evaluation.resolve_precision("fp32", cpu) == "fp32" and evaluation.resolve_precision("bf16", cpu) == "bf16"
+    for flags, want in ((frozenset({"avx2", "avx512_bf16"}), "bf16"), (frozenset({"amx_bf16"}), "bf16"),
+                        (frozenset({"avx2", "avx512f"}), "fp32"), (frozenset(), "fp32")):  # fmt: skip
+        monkeypatch.setattr(evaluation, "_cpu_flags", lambda f=flags: f)
+        assert evaluation.resolve_precision("auto", cpu) == want
+    with pytest.raises(ValueError, match="precision must be one of"):
+        evaluation.resolve_precision("fp16", cpu)
+    with pytest.raises(Exception, match="eval-precision must be one of"):
+        RunConfig(eval_precision="half")
+
+    torch.manual_seed(0)
+    model = MoEForCausalLM(presets.get("tiny")).eval()
+    records = _records(8)
+    full = evaluation.score_records(model, ByteTokenizer(), records)
+    dtypes = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    with evaluation.eval_context("bf16", cpu):
+        mixed = evaluation.score_records(model, ByteTokenizer(), records)
+    hook.remove()
+    # Under autocast the matmuls ran in bf16; the weights stayed fp32 and the scores stay close to fp32's.
+    assert set(dtypes) == {torch.bfloat16} and model.lm_head.weight.dtype == torch.float32
+    assert max(abs(a - b) for a, b in zip(full.soft, mixed.soft, strict=True)) < 0.05
+    with evaluation.eval_context("fp32", cpu):
+        assert evaluation.score_records(model, ByteTokenizer(), records) == full

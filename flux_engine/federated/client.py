@@ -370,7 +370,8 @@ def handle_train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> R
     flux = rt.flux_client()
     out = flux.train(rt.global_tensors, tuning, explore, round_batches(rt, round_), round_)
     reply = _train_reply(rt, out.result, out.utilities, t0, {**out.times, "pcie-bytes": 0})
-    flux.profile_next(rt.global_tensors, round_)  # the idle window: the reply is ready
+    # The idle window: the reply is ready. After the run's (or this chunk's) last round no round needs the profile.
+    flux.profile_next(rt.global_tensors, round_, last=round_ >= (rt.run.stop_after or rt.run.num_rounds))
     return reply
 
 
@@ -449,9 +450,11 @@ def handle_evaluate(rt: ClientRuntime, content: RecordDict, state: RecordDict) -
         model = policy.model
         attach_tuning(model, policy.tuning, train_config(rt.run), rt.global_tensors)
     try:
-        loss, tokens = evaluation.heldout_loss(model, rt.eval_batches)
-        # Records cut to seq-len, the length the model trains on (long ones would dominate the time).
-        accuracy = evaluation.domain_accuracy(model, tokenizer(rt.run), rt.eval_records, max_length=rt.run.seq_len)
+        with evaluation.eval_context(rt.run.eval_precision, next(model.parameters()).device):
+            loss, tokens = evaluation.heldout_loss(model, rt.eval_batches)
+            # Records cut to seq-len, the length the model trains on (long ones would dominate the time).
+            accuracy = evaluation.domain_accuracy(model, tokenizer(rt.run), rt.eval_records,
+                                                  max_length=rt.run.seq_len)  # fmt: skip
     finally:
         if rt.run.method != "flux":
             detach_tuning(model)

@@ -49,6 +49,9 @@ class RunConfig:
     # Multiple-choice test records per domain each client scores in evaluations (its domains' held-out test
     # split; 0: held-out loss only). Round 0, the model before any training, is evaluated too.
     eval_records: int = 0
+    # Evaluations' precision (flux_engine.evaluation.eval_context): "fp32", "bf16" (autocast), or "auto" (bf16 where
+    # the device multiplies bf16 in hardware). Training and profiling are unaffected.
+    eval_precision: str = "fp32"
     # Memory budgets: one for every client, or a comma-separated list indexed by partition id. Node config
     # ``memory-budget`` overrides both (deployment: ``flower-supernode --node-config "memory-budget='24GiB'"``).
     memory_budget: str = "24GiB"
@@ -130,6 +133,7 @@ class RunConfig:
         from flux_engine.aggregation import AGGREGATIONS
         from flux_engine.baselines import ALLOCATIONS
         from flux_engine.data.federated import SCHEMES
+        from flux_engine.evaluation import PRECISIONS
         from flux_engine.flux_round import LAYER_BUDGET_RULES
         from flux_engine.merging import WEIGHTINGS
 
@@ -137,7 +141,7 @@ class RunConfig:
                    "fmes_allocation": ALLOCATIONS, "loss_on": ("all", "answer"), "merge_weighting": WEIGHTINGS,
                    "explore_mode": ("zo", "train"), "profile_bits": (0, 4, 8), "fmq_bits": (4, 8),
                    "tokenizer": ("bytes", "smollm2"), "partition": SCHEMES,
-                   "aggregation": AGGREGATIONS}  # fmt: skip
+                   "aggregation": AGGREGATIONS, "eval_precision": PRECISIONS}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_key(name)} must be one of {allowed}, got {getattr(self, name)!r}")
