@@ -522,6 +522,13 @@ def run_regimes(path: str, raw: Mapping[str, Any], exp: ExperimentConfig, resume
     return []
 
 
+def regime_png(exp: ExperimentConfig, spec: str) -> str:
+    """The PNG of a regime's curves: ``png`` (else the markdown's path) with ``-<preset>.png``; "" without
+    either."""
+    base = exp.png or exp.markdown
+    return f"{os.path.splitext(base)[0]}-{spec.partition('@')[0]}.png" if base else ""
+
+
 def regimes_report(runs: Sequence[LearningRun], exp: ExperimentConfig, config_path: str, argv: Sequence[str],
                    started: str) -> str:  # fmt: skip
     """The two-factor report (flux_engine.tta), from the runs' checkpoints."""
@@ -616,6 +623,11 @@ def regimes_report(runs: Sequence[LearningRun], exp: ExperimentConfig, config_pa
                   for m_ in methods}  # fmt: skip
         lines += ["", "Final mean accuracy, median over finished seeds: " + ", ".join(
             f"{m_} {statistics.median(v):.4f}" for m_, v in finals.items() if v) or "not measured", ""]
+        png = regime_png(exp, reg_spec)
+        if per_seed and png:
+            tta.plot(reg, per_seed, results, png)
+            lines += [f"![mean held-out accuracy vs modelled time]({os.path.relpath(png, os.path.dirname(exp.markdown) or '.')})"
+                      if exp.markdown else f"accuracy vs modelled time: {png}", ""]  # fmt: skip
         if per_seed:
             lines += ["Sensitivity (tornado): the speedups (median over seeds) with one parameter moved, R_m held "
                       "at the measured values:", "", tta.tornado(reg, per_seed, exp.target_gain), ""]

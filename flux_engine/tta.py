@@ -165,6 +165,47 @@ def factors(results: Sequence[SeedResult], baseline: str, flux: str = "flux") ->
     return Factors(baseline, med(rt), med(rr), med(sp), len(sp))
 
 
+def curves(reg: Regime, per_seed: Mapping[int, Mapping[str, Run]]) -> Dict[str, List[Tuple[float, float]]]:
+    """Per feasible method, ``(modelled seconds, mean accuracy)`` after round 0, 1, ...: the median accuracy over
+    the seeds that evaluated that round, at the cumulative modelled time of the method's rounds (the network of the
+    first seed that ran it; FMD: FedAvg-LoRA's curve at FMD's round times). Infeasible methods have no curve, but
+    for FedAvg-LoRA, the unconstrained bound (as in ``hardware.table``)."""
+    out: Dict[str, List[Tuple[float, float]]] = {}
+    methods = sorted({m for rs in per_seed.values() for m in rs} | ({"fmd"} if any(REFERENCE in rs for rs in
+                     per_seed.values()) else set()))  # fmt: skip
+    for m in methods:
+        runs = [rs.get(m) or (rs.get(REFERENCE) if m == "fmd" else None) for _, rs in sorted(per_seed.items())]
+        runs = [r for r in runs if r is not None and r.net is not None]
+        plan = reg.plans[m.split("-")[0] if m.startswith("flux") else m]
+        if not runs or not (plan.feasible or m == REFERENCE):  # the reference: the unconstrained bound
+            continue
+        R = max(len(r.curve) for r in runs) - 1
+        modelled = hardware.round_times(reg.config, plan.method, plan, reg.params, runs[0].net, R) if R else []
+        ends = [0.0] + [rt.end for rt in modelled]
+        points = []
+        for r in range(R + 1):
+            vals = [run.curve[r] for run in runs if r < len(run.curve) and not math.isnan(run.curve[r])]
+            if vals:
+                points.append((ends[r], statistics.median(vals)))
+        out[m] = points
+    return out
+
+
+def plot(reg: Regime, per_seed: Mapping[int, Mapping[str, Run]], results: Sequence[SeedResult], path: str) -> None:
+    """PNG of :func:`curves` (mean held-out accuracy vs modelled seconds) with the median target as a dashed
+    line."""
+    from flux_engine import timemodel
+
+    series = {}
+    for m, pts in curves(reg, per_seed).items():
+        label = m + (" (does not fit: unconstrained bound)" if not reg.plans[m].feasible else "")
+        series[label] = [timemodel.CurvePoint(m, r, t, {"mean": a}) for r, (t, a) in enumerate(pts)]
+    targets = [s.target for s in results if s.target is not None]
+    tgt = (timemodel.Target(statistics.median(targets), "reference", "median target over seeds")
+           if targets else None)  # fmt: skip
+    timemodel.plot_curves(series, path, tgt, f"{reg.spec} on {hardware.device(reg.device).name}: modelled time")
+
+
 def spread(results: Sequence[SeedResult], method: str) -> str:
     vals = [s.rounds.get(method) for s in results if s.target is not None]
     if not vals:

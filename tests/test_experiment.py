@@ -3,6 +3,7 @@ model (two clients, two multiple-choice domains), the time model fed from the se
 markdown outputs. The measured experiment (SmolLM2, an hour) is bench/results/tta.md."""
 
 import csv
+import re
 
 import pytest
 import torch
@@ -150,6 +151,25 @@ markdown = "{tmp_path / 'tta.md'}"
     before = (tmp_path / "tta.csv").read_text()
     assert main(["experiment", "--config", path, "--resume"]) == 0
     assert (tmp_path / "tta.csv").read_text() == before
+
+
+def test_regimes_report_lines_and_png(config, tmp_path):
+    pytest.importorskip("matplotlib")
+    from flux_engine.cli import main
+
+    path = config(f"""
+methods = ["flux", "fedavg-lora", "fmq", "fmes"]
+regimes = ["deepseek-moe-16b@24GiB:rtx4090"]
+seeds = [0]
+warm-start = false
+markdown = "{tmp_path / 'tta.md'}"
+""")
+    assert main(["experiment", "--config", path]) == 0
+    text = (tmp_path / "tta.md").read_text()
+    for b in ("fmd", "fmq", "fmes"):
+        assert re.search(rf"^speedup vs {b}: (not measured|\d+\.\d\d)$", text, re.M), b
+    assert "](tta-deepseek-moe-16b.png)" in text and "Not measured yet" not in text
+    assert (tmp_path / "tta-deepseek-moe-16b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_baseline_global_models(config, tmp_path):

@@ -34,3 +34,25 @@ def test_tornado_moves_at_least_eight_parameters():
     for _, lo, hi in cases:
         hardware.params_from(hardware.HardwareParams(), **lo)
         hardware.params_from(hardware.HardwareParams(), **hi)
+
+
+def test_curves_median_over_seeds_at_modelled_round_times(tmp_path):
+    pytest.importorskip("matplotlib")
+    reg = tta.regime("deepseek-moe-16b@24GiB", "rtx4090", hardware.HardwareParams())
+    nets = {m: hardware.structural_network(m, reg.plans[m], 4, 3) for m in ("flux", "fedavg-lora")}
+    per_seed = {
+        s: {m: tta.Run(m, s, [0.4, 0.4 + d, 0.5 + d, 0.6], 3, 3, nets[m]) for m in ("flux", "fedavg-lora")}
+        for s, d in ((0, 0.0), (1, 0.02), (2, 0.04))
+    }
+    got = tta.curves(reg, per_seed)
+    # FMD plots FedAvg-LoRA's accuracy at FMD's (modelled) round times; infeasible methods have no curve but the
+    # unconstrained reference.
+    assert {"flux", "fedavg-lora"} <= set(got) and all(reg.plans[m].feasible for m in set(got) - {"fedavg-lora"})
+    assert ("fmd" in got) == reg.plans["fmd"].feasible
+    flux = got["flux"]
+    assert [a for _, a in flux] == pytest.approx([0.4, 0.42, 0.52, 0.6])  # medians over the three seeds
+    ends = [rt.end for rt in hardware.round_times(reg.config, "flux", reg.plans["flux"], reg.params, nets["flux"], 3)]
+    assert [t for t, _ in flux] == pytest.approx([0.0, *ends])
+    results = [tta.seed_result(reg, s, rs, 0.8) for s, rs in per_seed.items()]
+    tta.plot(reg, per_seed, results, str(tmp_path / "tta.png"))
+    assert (tmp_path / "tta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
