@@ -21,6 +21,8 @@ TOP_K = 8
 # that the reference's five full-size temporaries take seconds, not minutes, per round.
 STACK = (16, 2816, 2048)
 GROUP = 128
+# Eight experts' [3072, 576] projections of a SmolLM2-sized MoE, int8 per-channel as profiling stores them.
+INT8_STACK = (8, 3072, 576)
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -59,6 +61,31 @@ def test_dequantize_int4(benchmark, dtype, symmetric, tier):
         benchmark.pedantic(dequantize_reference, (q, dtype), rounds=3, warmup_rounds=1)
     else:
         benchmark.pedantic(_EXT.dequantize_int4, (packed, scales, zeros, GROUP, dtype), rounds=10, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize(
+    "dtype,symmetric",
+    [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True), (torch.float16, True)],
+    ids=["fp32-sym", "fp32-asym", "bf16-sym", "fp16-sym"],
+)
+def test_dequantize_int8(benchmark, dtype, symmetric, tier):
+    kind = "sym" if symmetric else "asym"
+    benchmark.group = f"dequantize_int8 {list(INT8_STACK)} per-channel {str(dtype).split('.')[-1]} {kind}"
+    g = torch.Generator().manual_seed(0)
+    *lead, K = INT8_STACK
+    if symmetric:
+        data = torch.randint(-127, 128, INT8_STACK, dtype=torch.int8, generator=g)
+        zeros = None
+    else:
+        data = torch.randint(0, 256, INT8_STACK, dtype=torch.uint8, generator=g)
+        zeros = torch.randint(0, 256, (*lead, 1), dtype=torch.uint8, generator=g)
+    scales = torch.rand(*lead, 1, generator=g)
+    if tier == "reference":
+        q = QuantizedTensor(data, scales, zeros, 8, K, torch.Size(INT8_STACK), dtype)
+        benchmark.pedantic(dequantize_reference, (q, dtype), rounds=5, warmup_rounds=1)
+    else:
+        benchmark.pedantic(_EXT.dequantize_int8, (data, scales, zeros, K, dtype), rounds=20, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("tier", TIERS)

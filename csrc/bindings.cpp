@@ -22,4 +22,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("zeros"), py::arg("group_size"), py::arg("dtype"),
         "packed [..., K/2] uint8, scales [..., K/G] float32, zeros [..., K/G] uint8 or None (zero point 8) -> "
         "[..., K] of dtype (float32, float16, bfloat16): (code - zero) * scale.");
+  m.def("dequantize_int8", &flux_engine::dequantize_int8, no_gil, py::arg("data"), py::arg("scales"),
+        py::arg("zeros"), py::arg("group_size"), py::arg("dtype"),
+        "data [..., K] int8 (zero point 0) or uint8, scales [..., K/G] float32, zeros [..., K/G] uint8 (uint8 data "
+        "only) or None (zero point 0) -> [..., K] of dtype (float32, float16, bfloat16): (code - zero) * scale. "
+        "CPU tensors only.");
 }

@@ -159,6 +159,89 @@ def test_dequantize_unaligned_views(dev):
     assert torch.equal(got.cpu(), dequantize_reference(q, torch.bfloat16))
 
 
+def _int8_dequantize(q, dtype):
+    return _EXT.dequantize_int8(q.data, q.scales, q.zeros, q.group_size, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [1, 3, 32, 96], ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("shape", [(96,), (3, 5, 96)], ids=["1d", "3d"])
+def test_dequantize_int8_matches_reference(shape, symmetric, group_size, dtype):
+    # K = 96: per-channel, 32 and odd or single-column groups.
+    w = torch.randn(shape) * torch.logspace(-3, 2, shape[-1]).flip(0)
+    codes, scales, zeros = quantize_codes_reference(w, 8, group_size, symmetric)
+    assert codes.dtype == (torch.int8 if symmetric else torch.uint8)
+    q = QuantizedTensor(codes, scales, zeros, 8, group_size, w.shape, w.dtype)
+    got = _int8_dequantize(q, dtype)
+    assert got.dtype == dtype and got.shape == w.shape
+    assert torch.equal(got, dequantize_reference(q, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("signed,with_zeros", [(True, False), (False, True), (False, False)],
+                         ids=["int8", "uint8", "uint8-zero-point-0"])
+def test_dequantize_int8_every_code_over_the_float_range(signed, with_zeros, dtype):
+    # Every code (int8 -128 too: the kernel takes whatever it is given) against scales from random bit patterns,
+    # which reach every rounding regime of the 16-bit casts: subnormals, ties, overflow to infinity.
+    rows, groups, group_size = 64, 4, 256
+    bits = torch.randint(-(2**31), 2**31 - 1, (rows, groups), dtype=torch.int64).to(torch.int32)
+    scales = bits.view(torch.float32)
+    scales = torch.where(scales.isfinite(), scales, torch.ones_like(scales))
+    codes = torch.arange(256).repeat(rows, groups)[:, torch.randperm(groups * group_size)]
+    codes = (codes - 128).to(torch.int8) if signed else codes.to(torch.uint8)
+    zeros = torch.randint(0, 256, (rows, groups), dtype=torch.uint8) if with_zeros else None
+    q = QuantizedTensor(codes, scales, zeros, 8, group_size, codes.shape, torch.float32)
+    assert torch.equal(_int8_dequantize(q, dtype), dequantize_reference(q, dtype))
+
+
+@pytest.mark.parametrize("shape,group_size", [((0, 32), 32), ((4, 0), 1), ((0,), 4)])
+def test_dequantize_int8_empty(shape, group_size):
+    data = torch.zeros(shape, dtype=torch.uint8)
+    scales = torch.ones(*shape[:-1], shape[-1] // group_size)
+    zeros = torch.zeros_like(scales, dtype=torch.uint8)
+    q = QuantizedTensor(data, scales, zeros, 8, group_size, data.shape, torch.float32)
+    got = _int8_dequantize(q, torch.bfloat16)
+    assert got.shape == shape and got.dtype == torch.bfloat16
+    assert torch.equal(got, dequantize_reference(q, torch.bfloat16))
+
+
+def test_dequantize_int8_unaligned_view():
+    # Codes at an odd offset: the vectorised loop must not assume aligned rows.
+    codes = torch.randint(-127, 128, (4, 63), dtype=torch.int8)
+    data = torch.cat([torch.zeros(1, dtype=torch.int8), codes.reshape(-1)])[1:].reshape(4, 63)
+    q = QuantizedTensor(data, torch.rand(4, 3), None, 8, 21, data.shape, torch.float32)
+    assert torch.equal(_int8_dequantize(q, torch.float32), dequantize_reference(q, torch.float32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dequantize_int8_is_thread_independent(threads):
+    # Enough rows for the rows to be split across threads.
+    codes, scales, zeros = quantize_codes_reference(torch.randn(4096, 64), 8, 16, False)
+    q = QuantizedTensor(codes, scales, zeros, 8, 16, codes.shape, torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(_int8_dequantize(q, torch.float16), dequantize_reference(q, torch.float16))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_dequantize_through_public_op_on_the_cpu_tier(force_tier, bits, symmetric):
+    """The cpu tier runs the kernels for its three output dtypes and the reference for float64."""
+    force_tier("cpu", torch.device("cpu"))
+    from flux_engine.ops import dequantize
+    from flux_engine.ops.quantize import quantize_reference
+
+    q = quantize_reference(torch.randn(2, 6, 64, dtype=torch.float64), bits, 32, symmetric)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        got = dequantize(q, dtype)
+        assert got.dtype == dtype and torch.equal(got, dequantize_reference(q, dtype))
+    assert dequantize(q).dtype == torch.float64
+
+
 def _ids(*shape, dtype=torch.int32):
     return torch.zeros(shape, dtype=dtype)
 
@@ -211,6 +294,43 @@ def _u8(*shape):
 def test_int4_bad_input(fn, args, match):
     with pytest.raises(RuntimeError, match=match):
         getattr(_EXT, fn)(*args)
+
+
+def _i8(*shape):
+    return torch.zeros(shape, dtype=torch.int8)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.zeros(2, 32), torch.ones(2, 1), None, 32, torch.float32), "data"),
+        ((torch.zeros(2, 32, dtype=torch.int32), torch.ones(2, 1), None, 32, torch.float32), "data"),
+        ((_i8(32, 2).t(), torch.ones(2, 1), None, 32, torch.float32), "data"),
+        ((torch.tensor(3, dtype=torch.int8), torch.ones(1), None, 1, torch.float32), "data"),
+        ((_i8(2, 32).to("meta"), torch.ones(2, 1), None, 32, torch.float32), "data"),
+        ((_i8(2, 32), torch.ones(2, 1), None, 32, torch.int32), "dtype"),
+        ((_i8(2, 32), torch.ones(2, 1), None, 32, torch.float64), "dtype"),
+        ((_i8(2, 32), torch.ones(2, 1), None, 0, torch.float32), "group_size"),
+        ((_i8(2, 32), torch.ones(2, 1), None, 5, torch.float32), "group_size"),
+        ((_i8(2, 32), torch.ones(2, 3), None, 16, torch.float32), "scales"),
+        ((_i8(2, 32), torch.ones(3, 1), None, 32, torch.float32), "scales"),
+        ((_i8(2, 32), torch.ones(32), None, 32, torch.float32), "scales"),
+        ((_i8(2, 32), torch.ones(2, 1, dtype=torch.float64), None, 32, torch.float32), "scales"),
+        ((_i8(2, 32), torch.ones(2, 1).to("meta"), None, 32, torch.float32), "scales"),
+        ((_i8(2, 32), torch.ones(2, 1), _u8(2, 1), 32, torch.float32), "zeros"),
+        ((_u8(2, 32), torch.ones(2, 1), _u8(2, 2), 32, torch.float32), "zeros"),
+        ((_u8(2, 32), torch.ones(2, 1), torch.zeros(2, 1), 32, torch.float32), "zeros"),
+    ],
+)
+def test_int8_bad_input(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        _EXT.dequantize_int8(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_int8_cuda_tensors_raise():
+    with pytest.raises(RuntimeError, match="no CUDA kernel"):
+        _EXT.dequantize_int8(_i8(2, 32).cuda(), torch.ones(2, 1, device="cuda"), None, 32, torch.float32)
 
 
 def test_has_cuda_is_bool():

@@ -87,6 +87,39 @@ void test_int4_round_trip() {
   EXPECT(throws([&] { flux_engine::dequantize_int4(packed, scales, std::nullopt, group, at::kInt); }));
 }
 
+void test_int8_dequantize() {
+  // K = 12 in groups of 4; codes cover both ends of the int8 and uint8 ranges.
+  const int64_t rows = 2, K = 12, group = 4;
+  const at::Tensor wide = at::arange(rows * K, at::kInt).mul(23).remainder(256).reshape({rows, K});
+  const at::Tensor signed_codes = wide.sub(128).to(at::kChar);
+  const at::Tensor unsigned_codes = wide.to(at::kByte);
+  const at::Tensor scales = at::rand({rows, K / group});
+  const at::Tensor zeros = at::randint(0, 256, {rows, K / group}, at::kByte);
+  const auto by_group = [&](const at::Tensor& codes) { return codes.to(at::kFloat).reshape({rows, K / group, group}); };
+  const at::Tensor sym = (by_group(signed_codes) * scales.unsqueeze(-1)).reshape({rows, K});
+  const at::Tensor asym =
+      ((by_group(unsigned_codes) - zeros.to(at::kFloat).unsqueeze(-1)) * scales.unsqueeze(-1)).reshape({rows, K});
+  for (const auto dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    EXPECT(flux_engine::dequantize_int8(signed_codes, scales, std::nullopt, group, dtype).equal(sym.to(dtype)));
+    EXPECT(flux_engine::dequantize_int8(unsigned_codes, scales, zeros, group, dtype).equal(asym.to(dtype)));
+  }
+  // Per-channel and single-column groups.
+  const at::Tensor row_scales = at::rand({rows, 1});
+  EXPECT(flux_engine::dequantize_int8(signed_codes, row_scales, std::nullopt, K, at::kFloat)
+             .equal(signed_codes.to(at::kFloat) * row_scales));
+  const at::Tensor column_scales = at::rand({rows, K});
+  EXPECT(flux_engine::dequantize_int8(signed_codes, column_scales, std::nullopt, 1, at::kBFloat16)
+             .equal((signed_codes.to(at::kFloat) * column_scales).to(at::kBFloat16)));
+  EXPECT(flux_engine::dequantize_int8(at::zeros({0, K}, at::kChar), at::zeros({0, 3}), std::nullopt, group, at::kHalf)
+             .sizes() == at::IntArrayRef({0, K}));
+
+  EXPECT(throws([&] { flux_engine::dequantize_int8(signed_codes, scales, zeros, group, at::kFloat); }));
+  EXPECT(throws([&] { flux_engine::dequantize_int8(wide, scales, std::nullopt, group, at::kFloat); }));
+  EXPECT(throws([&] { flux_engine::dequantize_int8(signed_codes, scales, std::nullopt, 5, at::kFloat); }));
+  EXPECT(throws([&] { flux_engine::dequantize_int8(signed_codes, row_scales, std::nullopt, group, at::kFloat); }));
+  EXPECT(throws([&] { flux_engine::dequantize_int8(signed_codes, scales, std::nullopt, group, at::kDouble); }));
+}
+
 }  // namespace
 
 int main() {
@@ -94,6 +127,7 @@ int main() {
   test_permute_with_many_to_one_map();
   test_permute_edge_cases();
   test_int4_round_trip();
+  test_int8_dequantize();
   std::cout << "flux_engine C++ ops (has_cuda=" << flux_engine::has_cuda() << "): "
             << (failures ? "FAILED" : "passed") << "\n";
   return failures ? 1 : 0;

@@ -41,6 +41,13 @@ at::Tensor unpack_int4(const at::Tensor& packed);
 at::Tensor dequantize_int4(const at::Tensor& packed, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                            int64_t group_size, at::ScalarType dtype);
 
+// data [..., K] int8 (symmetric codes -127..127) or uint8 (codes 0..255), scales [..., K/G] float32, zeros
+// optional [..., K/G] uint8 with uint8 data only (None: zero point 0), G >= 1 dividing K -> [..., K] of dtype
+// (float32, float16 or bfloat16): (code - zero) * scale in float32, rounded to dtype. CPU tensors only: there is
+// no CUDA int8 kernel, so CUDA tensors raise.
+at::Tensor dequantize_int8(const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                           int64_t group_size, at::ScalarType dtype);
+
 #ifdef FLUX_ENGINE_WITH_CUDA
 namespace detail {
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "flux_engine/int4.h"
+#include "flux_engine/int8.h"
 #include "flux_engine/permute.h"
 
 #ifdef FLUX_ENGINE_WITH_CUDA
@@ -29,16 +30,52 @@ namespace {
 constexpr int64_t kTokensPerChunk = 8192;
 constexpr int64_t kBytesPerTask = int64_t{1} << 16;
 
-void check_input(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+// Everything check_input asks of a tensor except its dtype.
+void check_layout(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, " must be a defined tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() >= 1, name, " must have at least one dimension, got a scalar");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.is_cpu() || t.is_cuda(), name, " must be a CPU or CUDA tensor, got ", t.device());
 }
 
+void check_input(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  check_layout(t, name);
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+// scales [..., K/G] float32 and zeros [..., K/G] uint8 (optional) on the device of data [..., *], whose leading
+// dimensions they share; G = group_size must already be checked to divide K.
+void check_scales_and_zeros(const at::Tensor& scales, const std::optional<at::Tensor>& zeros, int64_t K,
+                            int64_t group_size, const at::Tensor& data, const char* data_name) {
+  check_input(scales, "scales", at::kFloat);
+  check_same_device(scales, "scales", data, data_name);
+  std::vector<int64_t> scale_shape = data.sizes().vec();
+  scale_shape.back() = K / group_size;
+  TORCH_CHECK(scales.sizes() == at::IntArrayRef(scale_shape), "scales must have shape ", at::IntArrayRef(scale_shape),
+              " (one per group of ", data_name, " ", data.sizes(), "), got ", scales.sizes());
+  if (zeros) {
+    check_input(*zeros, "zeros", at::kByte);
+    check_same_device(*zeros, "zeros", data, data_name);
+    TORCH_CHECK(zeros->sizes() == scales.sizes(), "zeros must have the shape of scales ", scales.sizes(), ", got ",
+                zeros->sizes());
+  }
+}
+
+// [..., K] of dtype for data [..., *]; rows R = the product of the leading dimensions.
+at::Tensor empty_dequantized(const at::Tensor& data, int64_t K, at::ScalarType dtype) {
+  std::vector<int64_t> shape = data.sizes().vec();
+  shape.back() = K;
+  return at::empty(shape, data.options().dtype(dtype));
+}
+
+// Runs kernel(row_begin, row_end) over the rows of out [R, K] (K > 0) on CPU threads.
+template <typename Kernel>
+void parallel_over_rows(const at::Tensor& out, int64_t K, const Kernel& kernel) {
+  at::parallel_for(0, out.numel() / K, std::max<int64_t>(1, kBytesPerTask / K), kernel);
 }
 
 OutType out_type_of(at::ScalarType dtype) {
@@ -161,26 +198,13 @@ at::Tensor unpack_int4(const at::Tensor& packed) {
 at::Tensor dequantize_int4(const at::Tensor& packed, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                            int64_t group_size, at::ScalarType dtype) {
   check_input(packed, "packed", at::kByte);
-  check_input(scales, "scales", at::kFloat);
-  check_same_device(scales, "scales", packed, "packed");
   const OutType out_type = out_type_of(dtype);
   const int64_t K = packed.size(-1) * 2;
   TORCH_CHECK(group_size >= 2 && group_size % 2 == 0 && K % group_size == 0,
               "group_size must be an even divisor of K = ", K, ", got ", group_size);
-  std::vector<int64_t> scale_shape = packed.sizes().vec();
-  scale_shape.back() = K / group_size;
-  TORCH_CHECK(scales.sizes() == at::IntArrayRef(scale_shape), "scales must have shape ", at::IntArrayRef(scale_shape),
-              " (one per group of packed ", packed.sizes(), "), got ", scales.sizes());
-  if (zeros) {
-    check_input(*zeros, "zeros", at::kByte);
-    check_same_device(*zeros, "zeros", packed, "packed");
-    TORCH_CHECK(zeros->sizes() == scales.sizes(), "zeros must have the shape of scales ", scales.sizes(), ", got ",
-                zeros->sizes());
-  }
+  check_scales_and_zeros(scales, zeros, K, group_size, packed, "packed");
 
-  std::vector<int64_t> out_shape = packed.sizes().vec();
-  out_shape.back() = K;
-  at::Tensor out = at::empty(out_shape, packed.options().dtype(dtype));
+  at::Tensor out = empty_dequantized(packed, K, dtype);
   if (out.numel() == 0) return out;
   if (packed.is_cuda()) {
     FLUX_ENGINE_ON_CUDA(detail::dequantize_int4_cuda(packed, scales, zeros, group_size, out_type, out));
@@ -189,11 +213,37 @@ at::Tensor dequantize_int4(const at::Tensor& packed, const at::Tensor& scales, c
     const float* scale = scales.data_ptr<float>();
     const uint8_t* zero = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
     void* dst = out.data_ptr();
-    at::parallel_for(0, out.numel() / K, std::max<int64_t>(1, kBytesPerTask / K),
-                     [&](int64_t begin, int64_t end) {
-                       cpu::dequantize_int4(src, scale, zero, K, group_size, out_type, dst, begin, end);
-                     });
+    parallel_over_rows(out, K, [&](int64_t begin, int64_t end) {
+      cpu::dequantize_int4(src, scale, zero, K, group_size, out_type, dst, begin, end);
+    });
   }
+  return out;
+}
+
+at::Tensor dequantize_int8(const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                           int64_t group_size, at::ScalarType dtype) {
+  check_layout(data, "data");
+  const bool is_signed = data.scalar_type() == at::kChar;
+  TORCH_CHECK(is_signed || data.scalar_type() == at::kByte,
+              "data must be int8 (symmetric codes) or uint8 (asymmetric codes), got ", data.scalar_type());
+  TORCH_CHECK(data.is_cpu(), "dequantize_int8 has no CUDA kernel: data must be a CPU tensor, got ", data.device());
+  const OutType out_type = out_type_of(dtype);
+  const int64_t K = data.size(-1);
+  TORCH_CHECK(group_size >= 1 && K % group_size == 0, "group_size must be a positive divisor of K = ", K, ", got ",
+              group_size);
+  TORCH_CHECK(!(zeros && is_signed),
+              "zeros must be None for int8 data (symmetric codes, zero point 0): asymmetric codes are uint8");
+  check_scales_and_zeros(scales, zeros, K, group_size, data, "data");
+
+  at::Tensor out = empty_dequantized(data, K, dtype);
+  if (out.numel() == 0) return out;
+  const void* src = data.data_ptr();
+  const float* scale = scales.data_ptr<float>();
+  const uint8_t* zero = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
+  void* dst = out.data_ptr();
+  parallel_over_rows(out, K, [&](int64_t begin, int64_t end) {
+    cpu::dequantize_int8(src, is_signed, scale, zero, K, group_size, out_type, dst, begin, end);
+  });
   return out;
 }
 

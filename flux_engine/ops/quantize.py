@@ -125,11 +125,22 @@ def _quantize_cpu(w, bits, group_size, symmetric):
     return QuantizedTensor(data, scales, zeros, bits, group_size, w.shape, w.dtype)
 
 
+# Output dtypes of the native dequantize kernels.
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _dequantize_native(q, dtype):
-    if q.bits != 4:
-        # int8 codes need no unpacking: one fused torch expression is already memory-bound.
+    if dtype not in _NATIVE_DTYPES:
+        # The kernels write only these; float64 (the default for a quantized float64 weight) takes the reference.
         return dequantize_reference(q, dtype)
-    return native_extension().dequantize_int4(q.data, q.scales, q.zeros, q.group_size, dtype)
+    if q.bits == 4:
+        return native_extension().dequantize_int4(q.data, q.scales, q.zeros, q.group_size, dtype)
+    if q.device.type == "cuda":
+        # There is no CUDA int8 kernel; on a GPU the reference's torch expression runs as device kernels.
+        return dequantize_reference(q, dtype)
+    # The reference materialises full-size float32 temporaries: ~64 ms for an [8, 3072, 576] per-channel stack, where
+    # a copy of the float32 result takes ~3 ms. The kernel reads each code once and writes each output once.
+    return native_extension().dequantize_int8(q.data, q.scales, q.zeros, q.group_size, dtype)
 
 
 _dequantize_op.register("cpu")(_dequantize_native)

@@ -11,14 +11,13 @@
 
 #include <cstdint>
 
+#include "flux_engine/out_type.h"
+
 #if defined(__CUDACC__) || defined(FLUX_ENGINE_WITH_CUDA)
 #include <cuda_runtime_api.h>
 #endif
 
 namespace flux_engine {
-
-// Output element type of dequantize; 16-bit types round to nearest even.
-enum class OutType { kFloat32, kFloat16, kBFloat16 };
 
 constexpr int32_t kInt4SymmetricZero = 8;
 
