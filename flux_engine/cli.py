@@ -53,7 +53,7 @@ DEMO_DATA = "bigbench:intent_recognition+olmo:sst2,mrpc,arc_easy"
 def demo_settings() -> Dict[str, Any]:
     """The demo's defaults (its command-line options), sized for < 5 min on 2 CPU cores (bench/results/demo.md)."""
     return {"rounds": 3, "local_steps": 4, "lr": 1e-2, "seq_len": 64, "samples": 32, "eval_records": 128,
-            "evaluate_every": 1, "eval_precision": "auto", "budgets": "1210MiB,1230MiB,1255MiB,1280MiB"}  # fmt: skip
+            "evaluate_every": None, "eval_precision": "auto", "budgets": "1210MiB,1230MiB,1255MiB,1280MiB"}  # fmt: skip
 
 
 def demo_model() -> str:
@@ -87,8 +87,11 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     state_dir = args.state_dir or tempfile.mkdtemp(prefix="flux-demo-")
-    # Short sequences (evaluation cuts records to seq-len too), a few LoRA steps per round, int8 profiling (int4 is
-    # slower on the CPU reference path). The default budgets give the clients 4, 6, 8 and 10 tuning experts (B_tune)
+    # Scoring 4 x 128 records takes about as long as a training round on 2 cores: by default round 0 and the last.
+    every = args.rounds if args.evaluate_every is None else args.evaluate_every
+    # Short sequences (evaluation cuts records to seq-len too), a few LoRA steps per round, int8 profiling of the
+    # first 16 training rows (routing statistics of 1k tokens; the stale profiles share the 2 cores with training
+    # in this one-machine simulation). The default budgets give the clients 4, 6, 8 and 10 tuning experts (B_tune)
     # of 40 and merge the others into 5 (B_non), by the memory model of flux_engine.budget (which counts the int8
     # profiling copy a Flux client keeps).
     run = RunConfig(
@@ -96,7 +99,7 @@ def cmd_demo(args) -> int:
         num_rounds=args.rounds, num_clients=len(DEMO_DOMAINS), min_clients=3, mode="lora", lora_rank=8,
         lora_alpha=16.0, lr=args.lr, local_steps=args.local_steps, batch_size=4, seq_len=args.seq_len,
         samples_per_client=args.samples, eval_fraction=0.25, eval_records=args.eval_records,
-        evaluate_every=args.evaluate_every, eval_precision=args.eval_precision, profile_bits=8,
+        evaluate_every=every, eval_precision=args.eval_precision, profile_bits=8, profile_samples=16,
         budgets=args.budgets, workspace="0", state_dir=state_dir,
     )  # fmt: skip
     state = federate(run, args.verbose)
@@ -117,7 +120,7 @@ def cmd_demo(args) -> int:
         f"- commit: {provenance.commit()}", f"- device: {provenance.device()}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in provenance.versions().items())}",
         f"- data: `{DEMO_DATA}`, one domain per client; {args.eval_records} held-out test records per domain "
-        f"scored before training and every {args.evaluate_every} round(s) (cut to seq-len {args.seq_len}; "
+        f"scored before training and every {every} round(s) (cut to seq-len {args.seq_len}; "
         f"{resolve_precision(args.eval_precision, torch.device('cpu'))}, eval precision {args.eval_precision})",
         f"- settings: {args.rounds} rounds, {args.local_steps} LoRA steps per client and round (rank 8, lr {args.lr}), "
         f"batch 4 x seq-len {args.seq_len}, {args.samples} training records per client, budgets {args.budgets}",
@@ -365,7 +368,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=d["samples"], help="training records per client")
     demo.add_argument("--eval-records", type=int, default=d["eval_records"], help="test records per domain, each round")
     demo.add_argument("--evaluate-every", type=int, default=d["evaluate_every"],
-                      help="rounds between held-out evaluations (round 0 is always scored)")
+                      help="rounds between held-out evaluations (round 0 is always scored; default: the number of "
+                      "rounds, so round 0 and the last)")
     demo.add_argument("--eval-precision", choices=PRECISIONS, default=d["eval_precision"],
                       help="scoring precision: fp32, bf16 (autocast), auto (bf16 where the CPU/GPU has bf16 matmuls)")
     demo.add_argument("--budgets", default=d["budgets"], help="memory budget per client")
