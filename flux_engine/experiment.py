@@ -11,6 +11,10 @@ gives the accuracy curve. Outputs: a CSV of the curves, a PNG of accuracy vs sim
 (time-to-target table with speedups, per-method round-time breakdown, memory, the time model's assumptions and the
 provenance).
 
+With ``regimes`` the experiment is the two-factor one (``flux_engine.tta``): many learning runs, trained in chunks
+by ``--resume`` calls that may run side by side (each holds the runs it trains with a file lock), every finished
+run kept as a JSON record (``records``) from which the report is rebuilt.
+
 Ablations of Flux, each an extra method when switched on: ``flux-no-stale`` (profiling on the critical path),
 ``flux-uniform-budgets`` (equal merged experts per layer instead of Eq. 1), ``flux-freq-merge`` (Eq. 2 with
 ``alpha_e = f_e``), ``flux-fixed-eps`` (eps fixed) and ``flux-no-exploration`` (eps = 1: every tuning slot by
@@ -19,14 +23,17 @@ utility).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from flux_engine import baselines, provenance, timemodel
 from flux_engine.federated.config import METHODS, ConfigError, RunConfig, load_config_file
@@ -72,6 +79,8 @@ class ExperimentConfig:
     seeds: List[int] = field(default_factory=list)  # [] = the run's own seed
     target_gain: float = 0.8  # target = start + gain x (final - start) of FedAvg-LoRA
     chunk_minutes: float = 9.0  # wall-clock one invocation trains for before it writes the report and stops
+    # Folder of finished runs' records (RunRecord, JSON; "" = none): commit it and the runs survive the state-dir.
+    records: str = ""
 
     def __post_init__(self) -> None:
         known = set(METHODS)
@@ -422,12 +431,72 @@ def report(results: Sequence[PresetResult], exp: ExperimentConfig, config_path: 
 
 @dataclass
 class LearningRun:
-    """One learning run of the two-factor experiment: which regime it serves ("" = shared), seed, method, run."""
+    """One learning run of the two-factor experiment: which regime it serves ("" = shared), seed, method, run;
+    ``key`` ("<preset>/<regime or shared>/seed<k>/<method>") names its folder under the state-dir and its
+    record under ``records``."""
 
     regime: str
     seed: int
     method: str
     run: RunConfig
+    key: str
+
+
+# Run keys that do not change what a run learns: where it keeps its state and how it was cut into chunks.
+_NOT_LEARNING = ("state-dir", "resume", "stop-after")
+
+
+def _learning_keys(run: RunConfig) -> Dict[str, Any]:
+    """The run keys a record must share with the config that reads it (the warm-start checkpoint by its file name,
+    which carries its content hash, since the cache folder differs between machines)."""
+    keys = {k: v for k, v in run.to_flower().items() if k not in _NOT_LEARNING}
+    keys["checkpoint"] = os.path.basename(os.path.normpath(keys["checkpoint"])) if keys["checkpoint"] else ""
+    return keys
+
+
+@dataclass
+class RunRecord:
+    """A finished learning run as the report reads it: the server state's ``round``, ``history`` (every round's
+    report) and ``baseline`` (round 0's evaluation), the run keys it was trained with and where (device, commit,
+    versions, torch threads). Written as JSON under ``[experiment] records`` when a run finishes; committed, it
+    keeps the run across machines: a run with a record is not trained again, and ``--resume`` rebuilds the report
+    from records alone."""
+
+    round: int
+    history: List[Dict[str, Any]]
+    baseline: Dict[str, Any]
+    run: Dict[str, Any]
+    provenance: Dict[str, Any]
+
+    @classmethod
+    def of(cls, state: Any, run: RunConfig) -> "RunRecord":
+        import torch
+
+        where = {"device": provenance.device(), "commit": provenance.commit(), "versions": provenance.versions(),
+                 "torch_threads": torch.get_num_threads(),
+                 "written": datetime.now().astimezone().isoformat(timespec="seconds")}  # fmt: skip
+        return cls(state.round, state.history, state.baseline, _learning_keys(run), where)
+
+    def write(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        atomic_write(path, lambda f: json.dump(dataclasses.asdict(self), f, indent=1, sort_keys=True))
+
+    @classmethod
+    def read(cls, path: str, run: RunConfig) -> "RunRecord":
+        """The record at ``path``; ``ConfigError`` when it cannot be read or was trained with other run keys than
+        ``run``'s (naming them: a record never stands for a run it was not)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                rec = cls(**json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"run record {path} cannot be read: {e}") from None
+        want = _learning_keys(run)
+        changed = sorted(k for k in set(want) | set(rec.run) if want.get(k) != rec.run.get(k))
+        if changed:
+            diff = ", ".join(f"{k} {rec.run.get(k)!r} there, {want.get(k)!r} here" for k in changed)
+            raise ConfigError(f"run record {path} was trained with other run keys ({diff}): restore them, or remove "
+                              "the record to train the run again")  # fmt: skip
+        return rec
 
 
 def learning_runs(raw: Mapping[str, Any], exp: ExperimentConfig) -> List[LearningRun]:
@@ -448,23 +517,60 @@ def learning_runs(raw: Mapping[str, Any], exp: ExperimentConfig) -> List[Learnin
         for group, seed in [(g, s) for g in groups for s in exp.seeds or [base.seed]]:
             for name in group:
                 shared = name in ("fedavg-lora", "fmq")
-                folder = os.path.join(base.state_dir, base.preset, "shared" if shared else reg, f"seed{seed}", name)
-                if folder in seen:
+                key = "/".join((base.preset, "shared" if shared else reg, f"seed{seed}", name))
+                if key in seen:
                     continue
-                seen.add(folder)
+                seen.add(key)
                 run = method_run(dataclasses.replace(base, seed=seed, structure_from="" if shared else reg), name,
-                                 exp, folder)  # fmt: skip
-                out.append(LearningRun("" if shared else reg, seed, name, run))
+                                 exp, os.path.join(base.state_dir, *key.split("/")))  # fmt: skip
+                out.append(LearningRun("" if shared else reg, seed, name, run, key))
     return out
 
 
-def _state(run: RunConfig) -> Any:
+def record_path(exp: ExperimentConfig, lr: LearningRun) -> str:
+    """Where ``lr``'s record lives ("" without ``records``)."""
+    return os.path.join(exp.records, *lr.key.split("/")) + ".json" if exp.records else ""
+
+
+def _state(lr: LearningRun, exp: ExperimentConfig) -> Any:
+    """``lr``'s record, else its server state (None before its first round); a finished state without a record
+    gets one written."""
     from flux_engine.federated.state import ServerState
 
-    return ServerState.load(run.state_dir) if os.path.exists(os.path.join(run.state_dir, "latest.json")) else None
+    path = record_path(exp, lr)
+    if path and os.path.exists(path):
+        return RunRecord.read(path, lr.run)
+    if not os.path.exists(os.path.join(lr.run.state_dir, "latest.json")):
+        return None
+    state = ServerState.load(lr.run.state_dir)
+    if path and state.round >= lr.run.num_rounds:
+        RunRecord.of(state, lr.run).write(path)
+    return state
 
 
-def advance(runs: Sequence[LearningRun], minutes: float, verbose: bool = False, log=print) -> int:
+@contextlib.contextmanager
+def _claim(lr: LearningRun) -> Iterator[bool]:
+    """Whether this process holds ``lr`` (an exclusive ``flock`` on ``<state folder>.lock``, dropped when the
+    process ends, however it ends): several ``--resume`` workers may advance one experiment, each taking runs the
+    others do not hold."""
+    import fcntl
+
+    path = lr.run.state_dir.rstrip(os.sep) + ".lock"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def advance(runs: Sequence[LearningRun], exp: ExperimentConfig, minutes: float, verbose: bool = False,
+            log=print) -> int:
     """Train unfinished runs in order for about ``minutes`` of wall-clock (a run continues from its checkpoint;
     rounds per call are what the time left holds at the run's slowest round so far, at least one). Returns the
     rounds trained."""
@@ -473,21 +579,26 @@ def advance(runs: Sequence[LearningRun], minutes: float, verbose: bool = False, 
     deadline = time.monotonic() + 60.0 * minutes
     done = 0
     for lr in runs:
-        while True:
-            state = _state(lr.run)
-            have = state.round if state is not None else 0
-            if have >= lr.run.num_rounds:
-                break
-            left = deadline - time.monotonic()
-            per = max((h.get("seconds", 0.0) for h in state.history), default=0.0) if state is not None else 0.0
-            if left <= 0 or (per and left < per):
-                return done
-            n = max(1, int(left // per)) if per else 1
-            stop = min(lr.run.num_rounds, have + n)
-            log(f"== {lr.regime or 'shared'} seed {lr.seed} {lr.method}: rounds {have + 1}..{stop} of "
-                f"{lr.run.num_rounds} ==")  # fmt: skip
-            federate(dataclasses.replace(lr.run, resume=state is not None, stop_after=stop), verbose)
-            done += stop - have
+        if isinstance(_state(lr, exp), RunRecord):  # finished, kept by its record
+            continue
+        with _claim(lr) as mine:
+            if not mine:  # another worker trains it
+                continue
+            while True:
+                state = _state(lr, exp)
+                have = state.round if state is not None else 0
+                if have >= lr.run.num_rounds:
+                    break
+                left = deadline - time.monotonic()
+                per = max((h.get("seconds", 0.0) for h in state.history), default=0.0) if state is not None else 0.0
+                if left <= 0 or (per and left < per):
+                    return done
+                n = max(1, int(left // per)) if per else 1
+                stop = min(lr.run.num_rounds, have + n)
+                log(f"== {lr.regime or 'shared'} seed {lr.seed} {lr.method}: rounds {have + 1}..{stop} of "
+                    f"{lr.run.num_rounds} ==")  # fmt: skip
+                federate(dataclasses.replace(lr.run, resume=state is not None, stop_after=stop), verbose)
+                done += stop - have
     return done
 
 
@@ -510,9 +621,9 @@ def run_regimes(path: str, raw: Mapping[str, Any], exp: ExperimentConfig, resume
     then write the report from whatever has finished."""
     runs = learning_runs(raw, exp)
     started = datetime.now().astimezone().isoformat(timespec="seconds")
-    if not resume and any(_state(lr.run) is not None for lr in runs):
+    if not resume and any(_state(lr, exp) is not None for lr in runs):
         raise ConfigError(f"{runs[0].run.state_dir}: runs already started here: pass --resume to continue them")
-    advance(runs, exp.chunk_minutes, verbose, log)
+    advance(runs, exp, exp.chunk_minutes, verbose, log)
     text = regimes_report(runs, exp, path, argv, started)
     if exp.markdown:
         atomic_write(exp.markdown, lambda f: f.write(text))
@@ -542,12 +653,18 @@ def regimes_report(runs: Sequence[LearningRun], exp: ExperimentConfig, config_pa
     base = hardware.HardwareParams(local_steps=first.local_steps, batch_size=first.batch_size,
                                    seq_len=first.seq_len, profile_rows=first.profile_samples,
                                    lora_rank=first.lora_rank, clients=first.num_clients)  # fmt: skip
-    loaded = {}
+    loaded, where = {}, collections.Counter()
     for lr in runs:
-        state = _state(lr.run)
+        state = _state(lr, exp)
         if state is not None:
             loaded[(lr.regime, lr.seed, lr.method)] = (lr, _tta_run(lr, state, small))
+        if isinstance(state, RunRecord):
+            p = state.provenance
+            where[(p["device"], p["commit"])] += 1
     cmd = provenance.command_line(["flux-engine", *argv])
+    finished = [f"- finished runs (records in `{exp.records}`): " + ("; ".join(
+        f"{n} on {dev}, commit {c}" for (dev, c), n in sorted(where.items())) or "none yet")
+    ] if exp.records else []  # fmt: skip
     lines = [
         "# Time to accuracy in the regime Flux is for: measured rounds x modelled round time",
         "",
@@ -555,7 +672,8 @@ def regimes_report(runs: Sequence[LearningRun], exp: ExperimentConfig, config_pa
         f"{exp.chunk_minutes:g} min, then rewrites this report)",
         f"- config: `{config_path}`",
         f"- started: {started}; finished: {datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- device (learning runs): {provenance.device()}; commit: {provenance.commit()}",
+        f"- device (this report): {provenance.device()}; commit: {provenance.commit()}",
+        *finished,
         "- versions: " + ", ".join(f"{k} {v}" for k, v in provenance.versions().items()),
         f"- learning runs: {first.preset} ({first.checkpoint or 'seeded random weights'}), data `{first.data}`, "
         f"partition {first.partition}, {first.num_clients} clients, {first.num_rounds} rounds, {first.local_steps} "

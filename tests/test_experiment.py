@@ -3,14 +3,17 @@ model (two clients, two multiple-choice domains), the time model fed from the se
 markdown outputs. The measured experiment (SmolLM2, an hour) is bench/results/tta.md."""
 
 import csv
+import fcntl
+import os
 import re
+import shutil
 
 import pytest
 import torch
 
 pytest.importorskip("flwr")  # the federated layer runs on Flower; the GPU image has none
 
-from flux_engine import timemodel  # noqa: E402
+from flux_engine import experiment, timemodel  # noqa: E402
 from flux_engine.data import encode_continuation, lm_batches, write_jsonl  # noqa: E402
 from flux_engine.federated.client import ByteTokenizer  # noqa: E402
 from flux_engine.federated.config import ConfigError, RunConfig  # noqa: E402
@@ -163,13 +166,51 @@ regimes = ["deepseek-moe-16b@24GiB:rtx4090"]
 seeds = [0]
 warm-start = false
 markdown = "{tmp_path / 'tta.md'}"
+records = "{tmp_path / 'runs'}"
 """)
     assert main(["experiment", "--config", path]) == 0
     text = (tmp_path / "tta.md").read_text()
-    for b in ("fmd", "fmq", "fmes"):
-        assert re.search(rf"^speedup vs {b}: (not measured|\d+\.\d\d)$", text, re.M), b
+    lines = re.findall(r"^speedup vs (?:fmd|fmq|fmes): (?:not measured|\d+\.\d\d)$", text, re.M)
+    assert len(lines) == 3, text
     assert "](tta-deepseek-moe-16b.png)" in text and "Not measured yet" not in text
     assert (tmp_path / "tta-deepseek-moe-16b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Every finished run left a record; from the records alone (no state-dir: nothing is trained) --resume
+    # writes the same figures.
+    records = sorted(p.relative_to(tmp_path / "runs").as_posix() for p in (tmp_path / "runs").rglob("*.json"))
+    assert records == ["tiny/deepseek-moe-16b@24GiB/seed0/flux.json", "tiny/deepseek-moe-16b@24GiB/seed0/fmes.json",
+                       "tiny/shared/seed0/fedavg-lora.json", "tiny/shared/seed0/fmq.json"]  # fmt: skip
+    shutil.rmtree(tmp_path / "state")
+    assert main(["experiment", "--config", path, "--resume"]) == 0
+    again = (tmp_path / "tta.md").read_text()
+    assert re.findall(r"^speedup vs .*$", again, re.M) == lines and not (tmp_path / "state").exists()
+
+    # A record never stands for a run with other learning keys.
+    (tmp_path / "exp.toml").write_text((tmp_path / "exp.toml").read_text().replace("lr = 1e-2", "lr = 2e-2"))
+    with pytest.raises(ConfigError, match=r"flux\.json was trained with other run keys \(lr 0\.01 there, 0\.02 here\)"):
+        experiment.run_experiment(path, resume=True)
+
+
+def test_workers_skip_runs_another_holds(config, tmp_path):
+    """A run whose lock another worker holds is left to it: this worker trains nothing of it."""
+    path = config("""
+methods = ["flux", "fedavg-lora"]
+regimes = ["deepseek-moe-16b@24GiB:rtx4090"]
+seeds = [0]
+warm-start = false
+""")
+    raw, exp = experiment.load(path)
+    runs = experiment.learning_runs(raw, exp)
+    held = []
+    for lr in runs[1:]:
+        os.makedirs(os.path.dirname(lr.run.state_dir), exist_ok=True)
+        f = open(lr.run.state_dir + ".lock", "a")
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(f)
+    assert experiment.advance(runs, exp, minutes=60.0) == 2  # the first run's two rounds, no more
+    assert [os.path.exists(lr.run.state_dir) for lr in runs] == [True] + [False] * (len(runs) - 1)
+    for f in held:
+        f.close()
 
 
 def test_baseline_global_models(config, tmp_path):
