@@ -49,11 +49,13 @@ def device() -> str:
 
 
 def commit(cwd: Optional[str] = None) -> str:
-    """Short hash of HEAD, noting uncommitted changes to tracked files; "unknown" outside a git checkout."""
+    """Short hash of HEAD, noting uncommitted changes to tracked files other than results (``bench/results/``: what
+    runs write, not what they run); "unknown" outside a git checkout."""
     try:
         run = dict(capture_output=True, text=True, check=True, cwd=cwd)
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)bench/results"], **run).stdout  # fmt: skip
         return sha + (" (with uncommitted changes)" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -264,3 +265,22 @@ def test_time_model_inputs_round_trip_through_csv(tmp_path):
     with open(tmp_path / "c.csv") as f:
         assert next(csv.reader(f))[:6] == ["method", "round", "time_s", "bytes_sent", "eval_loss", "acc_mean"]
     assert torch.isfinite(torch.tensor([p.loss for p in pts])).all()
+
+
+def test_commit_notes_changed_code_not_changed_results(tmp_path):
+    """A record's commit says "with uncommitted changes" when code differs from HEAD; rewritten results do not
+    count (every chunk of the experiment rewrites bench/results/)."""
+    from flux_engine import provenance
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "tta.md").write_text("a\n")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout
+    (tmp_path / "bench" / "results" / "tta.md").write_text("b\n")
+    assert provenance.commit(str(tmp_path)) == sha.strip()
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert provenance.commit(str(tmp_path)) == sha.strip() + " (with uncommitted changes)"
