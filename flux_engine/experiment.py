@@ -603,16 +603,18 @@ def advance(runs: Sequence[LearningRun], exp: ExperimentConfig, minutes: float, 
 
 
 def _tta_run(lr: LearningRun, state: Any, small: Any) -> "tta.Run":
-    from flux_engine import hardware, tta
+    from flux_engine import evaluation, hardware, tta
 
     run = lr.run
     n = len(small.moe_layer_indices) * small.num_experts
     net = hardware.NetworkStructure.from_history(state.history, hardware.lora_expert_bytes(small, run.lora_rank), n)
     secs = [float(t["train_seconds"]) + float(t["explore_seconds"]) for h in state.history
             for t in h.get("clients", {}).values()]  # fmt: skip
+    last = next((h for h in reversed(state.history) if h.get("accuracy")), state.baseline)
+    band = evaluation.mean_band({d: (a, last["eval_records"][d]) for d, a in last.get("accuracy", {}).items()})
     return tta.Run(lr.method, lr.seed, tta.accuracy_curve(state), state.round, run.num_rounds,
                    net if state.history else None, sum(secs) / len(secs) if secs else 0.0,
-                   run.local_steps * run.batch_size * run.seq_len)  # fmt: skip
+                   run.local_steps * run.batch_size * run.seq_len, band)  # fmt: skip
 
 
 def run_regimes(path: str, raw: Mapping[str, Any], exp: ExperimentConfig, resume: bool, verbose: bool,
@@ -737,6 +739,7 @@ def regimes_report(runs: Sequence[LearningRun], exp: ExperimentConfig, config_pa
         lines.append("")
         for b in ("fmd", "fmq", "fmes"):
             lines.append(f"speedup vs {b}: {tta.factors(results, b).text()}")
+        lines += ["", "Against the goals:", "", tta.verdict(reg, per_seed, results, nets, first.num_rounds)]
         finals = {m_: [rs[m_].curve[-1] for rs in per_seed.values() if m_ in rs and rs[m_].finished]
                   for m_ in methods}  # fmt: skip
         lines += ["", "Final mean accuracy, median over finished seeds: " + ", ".join(

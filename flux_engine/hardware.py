@@ -405,6 +405,20 @@ def params_from(p: HardwareParams, **changes) -> HardwareParams:
     return replace(p, **changes)
 
 
+def mean_terms(config: MoEConfig, method: str, plan: MethodPlan, p: HardwareParams, net: NetworkStructure,
+               rounds: int) -> Dict[str, float]:  # fmt: skip
+    """Mean modelled seconds per round over rounds 1..``rounds``: of the slowest client by visible term ("train"
+    with any unfused dequantisation, "PCIe", "merge", "setup, profiling", "network" down + up) and of the whole
+    round ("round", aggregation included)."""
+    rts = round_times(config, method, plan, p, net, rounds)
+    slow = [rt.slowest for rt in rts]
+    terms = {"train": lambda s: s.train, "PCIe": lambda s: s.pcie, "merge": lambda s: s.merge,
+             "setup, profiling": lambda s: s.profile, "network": lambda s: s.download + s.upload}  # fmt: skip
+    out = {k: sum(f(s) for s in slow) / len(slow) for k, f in terms.items()}
+    out["round"] = rts[-1].end / len(rts)
+    return out
+
+
 def table(config: MoEConfig, p: HardwareParams, rounds: int = 10,
           nets: Optional[Mapping[str, NetworkStructure]] = None) -> str:  # fmt: skip
     """Markdown: per method its plan and the mean modelled seconds per round over ``rounds`` rounds by term."""
@@ -418,15 +432,12 @@ def table(config: MoEConfig, p: HardwareParams, rounds: int = 10,
             lines.append(f"| {m} | {plan.text()} | - | - | - | - | - | - | infeasible |")
             continue
         net = (nets or {}).get(m) or structural_network(m, plan, p.clients, rounds)
-        rts = round_times(config, m, plan, p, net, rounds)
+        t = mean_terms(config, m, plan, p, net, rounds)
         _, later = round_terms(config, m, plan, p)
-        slow = [rt.slowest for rt in rts]
-        mean = lambda f: sum(f(s) for s in slow) / len(slow)  # noqa: E731
         label = m if plan.feasible else f"{m} (unranked)"
         lines.append(
-            f"| {label} | {plan.text()} | {mean(lambda s: s.train):.3f} | {later.pcie:.3f} / "
-            f"{mean(lambda s: s.pcie):.3f} | {later.dequant:.3f} | {mean(lambda s: s.merge):.3f} | "
-            f"{mean(lambda s: s.profile):.3f} | {mean(lambda s: s.download + s.upload):.3f} | "
-            f"{rts[-1].end / len(rts):.3f} |"
+            f"| {label} | {plan.text()} | {t['train']:.3f} | {later.pcie:.3f} / {t['PCIe']:.3f} | "
+            f"{later.dequant:.3f} | {t['merge']:.3f} | {t['setup, profiling']:.3f} | {t['network']:.3f} | "
+            f"{t['round']:.3f} |"
         )
     return "\n".join(lines)

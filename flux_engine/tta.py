@@ -14,8 +14,9 @@ Per regime (``PRESET@<n>GiB`` on a device) and seed ``s``:
   ``R_flux / R_b`` stays below the round-time ratio.
 
 The report gives per method the spread of ``R_m`` over seeds, the factors, their product (medians over seeds), the
-break-even ratio, an infeasible method's reason, and a tornado table: each speedup at the nominal parameters and
-with one parameter at a time moved low / high, the measured ``R_m`` held fixed.
+break-even ratio, an infeasible method's reason, each speedup against its goal (:data:`GOALS`; where one falls short,
+which factor and the modelled terms or rounds behind it), and a tornado table: each speedup at the nominal parameters
+and with one parameter at a time moved low / high, the measured ``R_m`` held fixed.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Run:
     net: Optional[hardware.NetworkStructure] = None
     train_seconds: float = 0.0  # measured CPU seconds of local training, mean per client-round (calibration)
     tokens: int = 0  # training tokens per client-round
+    band: float = math.nan  # 95% half-width of its last mean accuracy (evaluation.mean_band): the sampling noise
 
     @property
     def finished(self) -> bool:
@@ -214,6 +216,62 @@ def spread(results: Sequence[SeedResult], method: str) -> str:
     miss = len(vals) - len(got)
     core = (f"median {statistics.median(got):g}, {got[0]}-{got[-1]}" if got else "none reached")
     return core + (f", {miss} of {len(vals)} seeds not reached" if miss else "")
+
+
+# ------------------------------------------------------------------------------------------------ the goals
+
+# The goals the experiment is judged by: Flux at least 5x faster to the target than offloading (FMD), faster than
+# int4 fine-tuning (FMQ) and expert dropping (FMES), and its final accuracy within a point of the reference's.
+GOALS = {"fmd": (">=", 5.0), "fmq": (">", 1.0), "fmes": (">", 1.0)}
+ACCURACY_POINTS = 1.0
+
+
+def _largest_terms(terms: Mapping[str, float], k: int = 2) -> str:
+    top = sorted(((v, n) for n, v in terms.items() if n != "round" and v > 0), reverse=True)[:k]
+    return ", ".join(f"{n} {v:.2f} s" for v, n in top)
+
+
+def verdict(reg: Regime, per_seed: Mapping[int, Mapping[str, Run]], results: Sequence[SeedResult],
+            nets: Mapping[str, hardware.NetworkStructure], rounds: int) -> str:  # fmt: skip
+    """Markdown list: each speedup (nominal parameters) against its goal (:data:`GOALS`); where one falls short,
+    which factor and what makes it (the largest modelled terms of both rounds, or the rounds each method needed);
+    then Flux's final accuracy against the reference's, beside the sampling band of one evaluation."""
+    lines = []
+    for b, (op, goal) in GOALS.items():
+        f = factors(results, b)
+        if f.speedup is None:
+            lines.append(f"- vs {b}: not measured ({f.reason})")
+            continue
+        head = (f"- vs {b}: {f.speedup:.2f} = round-time ratio {f.round_time_ratio:.2f} x rounds ratio "
+                f"{f.rounds_ratio:.2f}; goal {op} {goal:g}: ")  # fmt: skip
+        if f.speedup > goal or (op == ">=" and f.speedup == goal):
+            lines.append(head + "met")
+            continue
+        why = []
+        if f.rounds_ratio < 1:
+            why.append(f"the rounds factor falls short: Flux needed more rounds to the target than {b} (R over "
+                       f"seeds: flux {spread(results, 'flux')}; {b} {spread(results, b)})")  # fmt: skip
+        if f.round_time_ratio <= goal:
+            t = {m: hardware.mean_terms(reg.config, m, reg.plans[m], reg.params, nets.get(m) or
+                                        hardware.structural_network(m, reg.plans[m], reg.params.clients, rounds),
+                                        rounds) for m in ("flux", b)}  # fmt: skip
+            why.append(f"the round-time factor falls short ({f.round_time_ratio:.2f}; the goal needs "
+                       f"{goal / f.rounds_ratio:.2f} at this rounds ratio): a modelled {b} round takes "
+                       f"{t[b]['round']:.2f} s ({_largest_terms(t[b])}), a Flux round {t['flux']['round']:.2f} s "
+                       f"({_largest_terms(t['flux'])})")  # fmt: skip
+        lines.append(head + "not met; " + "; ".join(why))
+    finals = {m: [rs[m] for rs in per_seed.values() if m in rs and rs[m].finished] for m in ("flux", REFERENCE)}
+    if all(finals.values()):
+        a, r = (statistics.median(run.curve[-1] for run in finals[m]) for m in ("flux", REFERENCE))
+        band = statistics.median(run.band for run in finals[REFERENCE])
+        d = 100 * (a - r)
+        lines.append(f"- final mean accuracy (median over finished seeds): flux {a:.4f}, {REFERENCE} {r:.4f}: "
+                     f"{d:+.1f} points; goal at most {ACCURACY_POINTS:g} point below: "
+                     f"{'met' if round(d, 9) >= -ACCURACY_POINTS else 'not met'} (one evaluation's 95% band: "
+                     f"+-{100 * band:.1f} points)")  # fmt: skip
+    else:
+        lines.append(f"- final mean accuracy: not measured (flux and {REFERENCE} need a finished seed)")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ sensitivity

@@ -56,3 +56,24 @@ def test_curves_median_over_seeds_at_modelled_round_times(tmp_path):
     results = [tta.seed_result(reg, s, rs, 0.8) for s, rs in per_seed.items()]
     tta.plot(reg, per_seed, results, str(tmp_path / "tta.png"))
     assert (tmp_path / "tta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verdict_names_the_factor_that_falls_short():
+    reg = tta.regime("deepseek-moe-16b@24GiB", "rtx4090", hardware.HardwareParams())
+    nets = {m: hardware.structural_network(m, reg.plans[m], 4, 3) for m in ("flux", "fedavg-lora", "fmq")}
+    nets["fmd"] = nets["fedavg-lora"]
+    # Flux reaches the target (0.4 + 0.8 x 0.2 = 0.56) in round 3, FedAvg-LoRA (= FMD) and FMQ in round 2.
+    curves = {"flux": [0.4, 0.5, 0.55, 0.59], "fedavg-lora": [0.4, 0.5, 0.57, 0.6], "fmq": [0.4, 0.5, 0.57, 0.6]}
+    per_seed = {0: {m: tta.Run(m, 0, c, 3, 3, nets[m], band=0.04) for m, c in curves.items()}}
+    results = [tta.seed_result(reg, 0, per_seed[0], 0.8)]
+    text = tta.verdict(reg, per_seed, results, nets, 3)
+    fmd = tta.factors(results, "fmd")
+    assert fmd.rounds_ratio == pytest.approx(2 / 3)
+    line = next(x for x in text.splitlines() if x.startswith("- vs fmd: "))
+    assert line.startswith(f"- vs fmd: {fmd.speedup:.2f} = round-time ratio {fmd.round_time_ratio:.2f} x rounds "
+                           "ratio 0.67; goal >= 5: not met; the rounds factor falls short: Flux needed more rounds")
+    t = hardware.mean_terms(reg.config, "fmd", reg.plans["fmd"], reg.params, nets["fmd"], 3)
+    assert f"a modelled fmd round takes {t['round']:.2f} s (" in line and f"the goal needs {5 / (2 / 3):.2f}" in line
+    assert "- vs fmes: not measured" in text
+    assert "flux 0.5900, fedavg-lora 0.6000: -1.0 points; goal at most 1 point below: met (one evaluation's 95% band: " \
+           "+-4.0 points)" in text
