@@ -66,3 +66,18 @@ def test_public_ops_run_triton_tier_on_cpu_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", FLUX_ENGINE_BACKEND="triton", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_int8_dequantize_on_a_gpu_takes_triton_not_the_reference(monkeypatch):
+    """The cuda tier has int4 only: on a CUDA device int8 goes on to the Triton kernel; forcing cuda names why."""
+    from flux_engine import backend
+    from flux_engine.ops.quantize import dequantize, quantize_reference
+
+    monkeypatch.setattr(backend, "tier_unavailable_reason", lambda tier, device: None)  # as on a GPU with triton
+    op, cuda = dequantize.op, torch.device("cuda")
+    for bits, tier in ((4, "cuda"), (8, "triton")):
+        q = quantize_reference(torch.randn(4, 32), bits, 16, True)
+        assert op.select(cuda, ((q, torch.bfloat16), {})) is op.impls[tier], bits
+    monkeypatch.setenv("FLUX_ENGINE_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="dequantize: the cuda tier does not support int8"):
+        op.select(cuda, ((q, torch.bfloat16), {}))
