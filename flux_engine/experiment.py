@@ -591,7 +591,7 @@ def advance(runs: Sequence[LearningRun], exp: ExperimentConfig, minutes: float, 
                     break
                 left = deadline - time.monotonic()
                 per = max((h.get("seconds", 0.0) for h in state.history), default=0.0) if state is not None else 0.0
-                if left <= 0 or (per and left < per):
+                if done and (left <= 0 or (per and left < per)):  # every call trains at least one round
                     return done
                 n = max(1, int(left // per)) if per else 1
                 stop = min(lr.run.num_rounds, have + n)
@@ -625,7 +625,8 @@ def run_regimes(path: str, raw: Mapping[str, Any], exp: ExperimentConfig, resume
     started = datetime.now().astimezone().isoformat(timespec="seconds")
     if not resume and any(_state(lr, exp) is not None for lr in runs):
         raise ConfigError(f"{runs[0].run.state_dir}: runs already started here: pass --resume to continue them")
-    advance(runs, exp, exp.chunk_minutes, verbose, log)
+    done = advance(runs, exp, exp.chunk_minutes, verbose, log)
+    log(f"trained {done} rounds in this call")  # 0 with runs left: other workers hold them all
     text = regimes_report(runs, exp, path, argv, started)
     if exp.markdown:
         atomic_write(exp.markdown, lambda f: f.write(text))

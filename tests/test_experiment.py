@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -284,3 +285,27 @@ def test_commit_notes_changed_code_not_changed_results(tmp_path):
     assert provenance.commit(str(tmp_path)) == sha.strip()
     (tmp_path / "code.py").write_text("a = 2\n")
     assert provenance.commit(str(tmp_path)) == sha.strip() + " (with uncommitted changes)"
+
+
+def test_experiment_workers_script_runs_an_experiment_to_the_end(config, tmp_path):
+    """scripts/experiment_workers.sh: two workers, chunks of one round each, until the report lists no run left."""
+    pytest.importorskip("matplotlib")
+    path = config(f"""
+methods = ["flux", "fedavg-lora"]
+regimes = ["deepseek-moe-16b@24GiB:rtx4090"]
+seeds = [0]
+warm-start = false
+chunk-minutes = 0.01
+markdown = "{tmp_path / 'tta.md'}"
+records = "{tmp_path / 'runs'}"
+""")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "experiment_workers.sh")
+    env = dict(os.environ, PYTHON=sys.executable, LOGS=str(tmp_path / "logs"), STAGGER="1")
+    done = subprocess.run(["bash", script, path, "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    logs = [(tmp_path / "logs" / f"worker-{i}.log").read_text() for i in (1, 2)]
+    assert all("exit 0" in log and "exit 1" not in log for log in logs), logs
+    assert "Not measured yet" not in (tmp_path / "tta.md").read_text()
+    assert len(list((tmp_path / "runs").rglob("*.json"))) == 2
+    bad = subprocess.run(["bash", script, str(tmp_path / "none.toml")], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such config" in bad.stderr
