@@ -79,7 +79,7 @@ class Run:
 class SeedResult:
     seed: int
     target: Optional[float]
-    rounds: Dict[str, Optional[int]]  # R_m (None: not reached / not measured)
+    rounds: Dict[str, Optional[int]]  # R_m (None: a finished run that did not reach it; absent: not measured)
     tta: Dict[str, Optional[float]]  # modelled seconds to the target
     note: str = ""
 
@@ -130,7 +130,9 @@ def seed_result(reg: Regime, seed: int, runs: Mapping[str, Run], gain: float,
     rounds, ttas = {}, {}
     for m, run in runs.items():
         R = rounds_to(run.curve, tgt)
-        rounds[m] = R if (R is not None or run.finished) else None
+        if R is None and not run.finished:  # not reached yet: not measured, rather than not reached
+            continue
+        rounds[m] = R
         ttas[m] = modelled_tta(reg, m, R, run.net, params, plans) if run.net is not None else None
     return SeedResult(seed, tgt, rounds, ttas)
 
@@ -209,7 +211,7 @@ def plot(reg: Regime, per_seed: Mapping[int, Mapping[str, Run]], results: Sequen
 
 
 def spread(results: Sequence[SeedResult], method: str) -> str:
-    vals = [s.rounds.get(method) for s in results if s.target is not None]
+    vals = [s.rounds[method] for s in results if s.target is not None and method in s.rounds]
     if not vals:
         return "not measured"
     got = sorted(v for v in vals if v is not None)

@@ -77,3 +77,13 @@ def test_verdict_names_the_factor_that_falls_short():
     assert "- vs fmes: not measured" in text
     assert "flux 0.5900, fedavg-lora 0.6000: -1.0 points; goal at most 1 point below: met (one evaluation's 95% band: " \
            "+-4.0 points)" in text
+
+
+def test_an_unfinished_run_below_the_target_is_not_measured_yet():
+    reg = tta.regime("deepseek-moe-16b@24GiB", "rtx4090", hardware.HardwareParams())
+    runs = {"fedavg-lora": tta.Run("fedavg-lora", 0, [0.4, 0.5, 0.6], 2, 2),
+            "flux": tta.Run("flux", 0, [0.4, 0.5], 1, 2),  # below the target (0.56), one round of two
+            "fmes": tta.Run("fmes", 0, [0.4, 0.5, 0.5], 2, 2)}  # finished below it: not reached  # fmt: skip
+    s = tta.seed_result(reg, 0, runs, 0.8)
+    assert s.rounds == {"fedavg-lora": 2, "fmd": 2, "fmes": None}
+    assert tta.spread([s], "flux") == "not measured" and tta.spread([s], "fmes") == "none reached, 1 of 1 seeds not reached"
