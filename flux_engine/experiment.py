@@ -454,18 +454,38 @@ def _learning_keys(run: RunConfig) -> Dict[str, Any]:
     return keys
 
 
+_STRUCTURES: Dict[str, Dict[str, int]] = {}  # run keys (JSON) -> _structure: the plans take seconds
+
+
+def _structure(run: RunConfig) -> Dict[str, int]:
+    """The small model's counts a run's ``structure-from`` gives (``structure.match``: Flux's B_tune / B_non,
+    FMES's kept experts); {} without one. Derived by code (the memory plans), so a record keeps them: a change of
+    the plans changes what a run with the same keys trains."""
+    if not run.structure_from:
+        return {}
+    key = json.dumps(_learning_keys(run), sort_keys=True)
+    if key not in _STRUCTURES:
+        from flux_engine import structure
+        from flux_engine.federated.client import model_config, train_settings
+
+        m = structure.match(run.structure_from, model_config(run), train_settings(run), run.fmq_bits)
+        _STRUCTURES[key] = {"B_tune": m.B_tune, "B_non": m.B_non, "kept": m.kept}
+    return _STRUCTURES[key]
+
+
 @dataclass
 class RunRecord:
     """A finished learning run as the report reads it: the server state's ``round``, ``history`` (every round's
-    report) and ``baseline`` (round 0's evaluation), the run keys it was trained with and where (device, commit,
-    versions, torch threads). Written as JSON under ``[experiment] records`` when a run finishes; committed, it
-    keeps the run across machines: a run with a record is not trained again, and ``--resume`` rebuilds the report
-    from records alone."""
+    report) and ``baseline`` (round 0's evaluation), the run keys and the structure (:func:`_structure`) it was
+    trained with, and where (device, commit, versions, torch threads). Written as JSON under ``[experiment]
+    records`` when a run finishes; committed, it keeps the run across machines: a run with a record is not trained
+    again, and ``--resume`` rebuilds the report from records alone."""
 
     round: int
     history: List[Dict[str, Any]]
     baseline: Dict[str, Any]
     run: Dict[str, Any]
+    structure: Dict[str, int]
     provenance: Dict[str, Any]
 
     @classmethod
@@ -475,7 +495,7 @@ class RunRecord:
         where = {"device": provenance.device(), "commit": provenance.commit(), "versions": provenance.versions(),
                  "torch_threads": torch.get_num_threads(),
                  "written": datetime.now().astimezone().isoformat(timespec="seconds")}  # fmt: skip
-        return cls(state.round, state.history, state.baseline, _learning_keys(run), where)
+        return cls(state.round, state.history, state.baseline, _learning_keys(run), _structure(run), where)
 
     def write(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -496,6 +516,10 @@ class RunRecord:
             diff = ", ".join(f"{k} {rec.run.get(k)!r} there, {want.get(k)!r} here" for k in changed)
             raise ConfigError(f"run record {path} was trained with other run keys ({diff}): restore them, or remove "
                               "the record to train the run again")  # fmt: skip
+        if rec.structure != _structure(run):
+            raise ConfigError(f"run record {path} was trained with the structure {rec.structure}, and this code "
+                              f"derives {_structure(run)} from structure-from {run.structure_from!r} (the memory "
+                              "plans changed): remove the record to train the run again")  # fmt: skip
         return rec
 
 

@@ -4,6 +4,7 @@ markdown outputs. The measured experiment (SmolLM2, an hour) is bench/results/tt
 
 import csv
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -190,6 +191,14 @@ records = "{tmp_path / 'runs'}"
     # A record never stands for a run with other learning keys.
     (tmp_path / "exp.toml").write_text((tmp_path / "exp.toml").read_text().replace("lr = 1e-2", "lr = 2e-2"))
     with pytest.raises(ConfigError, match=r"flux\.json was trained with other run keys \(lr 0\.01 there, 0\.02 here\)"):
+        experiment.run_experiment(path, resume=True)
+    # Nor one trained with another structure than the memory plans now derive from its structure-from.
+    (tmp_path / "exp.toml").write_text((tmp_path / "exp.toml").read_text().replace("lr = 2e-2", "lr = 1e-2"))
+    record = tmp_path / "runs" / "tiny" / "deepseek-moe-16b@24GiB" / "seed0" / "flux.json"
+    kept = json.loads(record.read_text())
+    assert kept["structure"] and kept["structure"]["B_tune"] >= 1
+    record.write_text(json.dumps(dict(kept, structure=dict(kept["structure"], B_tune=kept["structure"]["B_tune"] + 1))))
+    with pytest.raises(ConfigError, match=r"flux\.json was trained with the structure .* \(the memory plans changed\)"):
         experiment.run_experiment(path, resume=True)
 
 
