@@ -25,20 +25,26 @@ The memory model (bytes, all terms printed by ``BudgetPlan.describe()``):
 - **workspace**: a fixed allowance (allocator fragmentation, kernels' scratch, CUDA context) plus a fraction of the
   budget.
 
-- **profiling copy** (``profile_bits`` set): the low-bit copy of the model that quantized profiling reads, kept
-  between rounds (only the experts whose global weights changed are re-quantised): expert stacks at
-  ``profile_bits``, attention / dense MLPs / embedding / LM head at ``profile_dense_bits`` (``profiling``'s format:
-  codes plus fp32 scales per group), norms and routers in the weight dtype. ``profile_bits = 0``: a full-precision
-  copy.
+- **profiling copy** (``profile_bits`` set): the low-bit copy of the model that quantized profiling reads
+  (expert stacks at ``profile_bits``, attention / dense MLPs / embedding / LM head at ``profile_dense_bits``:
+  ``profiling``'s format, codes plus fp32 scales per group; norms and routers in the weight dtype;
+  ``profile_bits = 0``: a full-precision copy). It is **not** a term of the training plan: profiling runs in the
+  client's idle window after its upload (stale profiling), when the round's compact model, LoRA state and
+  activations are gone, so the copy time-shares the card with training. Between profiles it waits in host memory
+  and comes back over PCIe for the next one (``hardware`` charges that copy to the idle window); only the experts
+  whose global weights changed are re-quantised. The plan checks instead that the **profile phase** fits:
+  ``profile_phase`` (the copy, one forward's activations, one MoE layer dequantised, the workspace) must be within
+  the budget, else ``BudgetError``; ``phase_peaks`` gives every phase's peak, which ``bench/memory.py`` measures in
+  separate processes.
 
 Split policy: every tuning slot trains (exploitation and exploration experts alike), and in LoRA mode a tuning
 expert costs about what a merged one costs (its base weights plus small fp32 factors and their optimizer state),
-so the plan trains as many experts as fit: after the fixed terms (non-expert weights, profiling copy, activations,
-workspace) and one merged expert per MoE layer are reserved, ``B_tune = floor(spare / c_tune)`` (at most ``L * E``),
+so the plan trains as many experts as fit: after the fixed terms (non-expert weights, activations, workspace) and
+one merged expert per MoE layer are reserved, ``B_tune = floor(spare / c_tune)`` (at most ``L * E``),
 and whatever is left holds ``B_non = floor(left / c_merged)`` merged experts (at most the ``L * E - B_tune`` experts
 not tuned; 0 when every expert is tuned). ``BudgetPlan.describe()`` prints this arithmetic with the numbers. A
-budget that cannot hold the fixed terms plus one merged expert per layer plus ``min_tune`` tuning experts raises
-``BudgetError`` naming the missing bytes.
+budget that cannot hold the fixed terms plus one merged expert per layer plus ``min_tune`` tuning experts, or the
+profile phase, raises ``BudgetError`` naming the missing bytes.
 """
 
 from __future__ import annotations
@@ -87,8 +93,8 @@ class TrainSettings:
     activation_checkpointing: bool = False
     workspace_bytes: int = 256 * MiB
     workspace_fraction: float = 0.05
-    # The profiling copy kept between rounds: None (no copy counted), 0 (full precision), 4 or 8; dense weights
-    # at profile_dense_bits (None: full precision).
+    # The profiling copy (resident in the profile phase only): None (no profiling planned), 0 (full precision),
+    # 4 or 8; dense weights at profile_dense_bits (None: full precision).
     profile_bits: Optional[int] = None
     profile_dense_bits: Optional[int] = 8
     frozen_experts: str = "dtype"  # storage of frozen expert weights: one of EXPERT_FORMATS
@@ -249,6 +255,7 @@ class BudgetPlan:
     merged_expert_bytes: int
     tuning_terms: Dict[str, int] = field(default_factory=dict)
     arithmetic: List[str] = field(default_factory=list)  # how B_tune and B_non were chosen, with the numbers
+    profile_phase: Dict[str, int] = field(default_factory=dict)  # the idle window's peak by term ({}: no profiling)
 
     @property
     def used_bytes(self) -> int:
@@ -265,19 +272,21 @@ class BudgetPlan:
         lines.append(f"  per merged expert: {_human(self.merged_expert_bytes)}")
         lines += [f"  {line}" for line in self.arithmetic]
         lines.append(f"  -> B_tune = {self.B_tune}, B_non = {self.B_non}")
+        if self.profile_phase:
+            peak = sum(self.profile_phase.values())
+            lines.append(f"  profile phase (idle window, training state released): {_human(peak)} of the budget")
+            lines += [f"    {name:<32} {_human(value):>12}" for name, value in self.profile_phase.items()]
         return "\n".join(lines)
 
     __str__ = describe
 
 
 def memory_breakdown(config: MoEConfig, settings: TrainSettings, B_tune: int, B_non: int, budget_bytes: int = 0) -> Dict[str, int]:
-    """Bytes of every term for a given ``(B_tune, B_non)``."""
+    """Bytes of every term of the training phase for a given ``(B_tune, B_non)`` (the profiling copy is not one:
+    module docstring)."""
     terms = tuning_expert_terms(config, settings)
     out = OrderedDict()
     out["non-expert weights"] = non_expert_parameters(config) * dtype_bytes(settings.dtype)
-    if settings.profile_bits is not None:
-        fmt = f"int{settings.profile_bits} experts" if settings.profile_bits else "full precision"
-        out[f"profiling copy ({fmt})"] = profiling_copy_bytes(config, settings)
     stored = "" if settings.frozen_experts == "dtype" else f", {settings.frozen_experts}"
     out[f"merged experts ({B_non}{stored})"] = B_non * merged_expert_bytes(config, settings)
     mode = f"LoRA r={settings.lora_rank}" if settings.lora else "full"
@@ -300,6 +309,12 @@ def plan_budget(
     L = len(config.moe_layer_indices)
     E = config.num_experts
     total_experts = L * E
+    profile = profile_phase(config, settings, budget_bytes) if settings.profile_bits is not None else {}
+    if sum(profile.values()) > budget_bytes:
+        missing = sum(profile.values()) - budget_bytes
+        detail = ", ".join(f"{k} {_human(v)}" for k, v in profile.items())
+        raise BudgetError(f"memory budget {_human(budget_bytes)} is {missing} bytes ({_human(missing)}) short of the "
+                          f"profile phase: {detail}", missing)  # fmt: skip
     c_t = sum(tuning_expert_terms(config, settings).values())
     c_m = merged_expert_bytes(config, settings)
     fixed = memory_breakdown(config, settings, 0, 0, budget_bytes)
@@ -343,7 +358,28 @@ def plan_budget(
         merged_expert_bytes=c_m,
         tuning_terms=dict(tuning_expert_terms(config, settings)),
         arithmetic=arithmetic,
+        profile_phase=profile,
     )
+
+
+def profile_phase(config: MoEConfig, p: TrainSettings, budget_bytes: int) -> Dict[str, int]:
+    """Peak bytes of the profile phase by term: the profiling copy (``p.profile_bits``, ``p.dtype`` for what is not
+    quantised), one forward's activations without gradients (one layer's intermediates at a time for
+    ``batch_size x seq_len`` tokens: the checkpointed ``activation_bytes`` less the kept layer inputs and logits),
+    one MoE layer's expert stacks dequantised to ``p.dtype`` (the grouped MLP's reference tier dequantises a layer's
+    stack at once) and the workspace."""
+    one_layer = TrainSettings(dtype=p.dtype, batch_size=p.batch_size, seq_len=p.seq_len,
+                              activation_checkpointing=True, lora_rank=None)  # fmt: skip
+    # No LM head (profiling stops at the last MoE layer) and no kept layer inputs (no backward pass).
+    tokens, pb = p.batch_size * p.seq_len, dtype_bytes(p.dtype)
+    kept_inputs = tokens * (config.num_layers * config.hidden_size * pb + config.vocab_size * (pb + 4))
+    fmt = f"int{p.profile_bits} experts" if p.profile_bits else "full precision"
+    return OrderedDict([
+        (f"profiling copy ({fmt})", profiling_copy_bytes(config, p)),
+        (f"forward activations ({p.batch_size}x{p.seq_len}, one layer)", activation_bytes(config, one_layer) - kept_inputs),
+        ("one MoE layer's experts dequantised", config.num_experts * expert_parameters(config) * pb),
+        ("workspace", int(p.workspace_bytes + p.workspace_fraction * budget_bytes)),
+    ])  # fmt: skip
 
 
 def phase_peaks(
@@ -356,11 +392,7 @@ def phase_peaks(
 ) -> Dict[str, Dict[str, int]]:
     """Predicted peak bytes of each phase of a client's round, by term, for ``(B_tune, B_non)``.
 
-    - ``profile``: the profiling copy (``profile_settings.profile_bits``, its ``dtype`` for what is not quantised)
-      plus one forward's activations without gradients (one layer's intermediates at a time for
-      ``batch_size x seq_len`` tokens: the checkpointed ``activation_bytes`` less the kept layer inputs and logits)
-      plus one MoE layer's expert stacks dequantised to that dtype (the grouped MLP's reference tier dequantises a
-      layer's stack at once) and the workspace.
+    - ``profile``: ``profile_phase`` with ``profile_settings`` (the low-bit copy, in the idle window).
     - ``compact``: the compact model's weights (non-expert weights, ``B_tune + B_non`` experts in ``settings.dtype``)
       plus one MoE layer's unmerged experts (the merge streams one layer at a time) and the workspace.
     - ``train``: ``memory_breakdown`` (weights, LoRA state, activations, workspace).
@@ -370,18 +402,7 @@ def phase_peaks(
     workspace = int(settings.workspace_bytes + settings.workspace_fraction * budget_bytes)
     out: Dict[str, Dict[str, int]] = OrderedDict()
     if profile_settings is not None:
-        p = profile_settings
-        one_layer = TrainSettings(dtype=p.dtype, batch_size=p.batch_size, seq_len=p.seq_len,
-                                  activation_checkpointing=True, lora_rank=None)  # fmt: skip
-        # No LM head (profiling stops at the last MoE layer) and no kept layer inputs (no backward pass).
-        tokens, pb = p.batch_size * p.seq_len, dtype_bytes(p.dtype)
-        kept_inputs = tokens * (config.num_layers * config.hidden_size * pb + config.vocab_size * (pb + 4))
-        out["profile"] = OrderedDict([
-            (f"profiling copy (int{p.profile_bits} experts)", profiling_copy_bytes(config, p)),
-            (f"forward activations ({p.batch_size}x{p.seq_len}, one layer)", activation_bytes(config, one_layer) - kept_inputs),
-            ("one MoE layer's experts dequantised", layer_experts * dtype_bytes(p.dtype)),
-            ("workspace", workspace),
-        ])  # fmt: skip
+        out["profile"] = profile_phase(config, profile_settings, budget_bytes)
     out["compact"] = OrderedDict([
         ("non-expert weights", non_expert_parameters(config) * b),
         (f"experts ({B_tune} tuning + {B_non} merged)", (B_tune + B_non) * expert_parameters(config) * b),

@@ -457,11 +457,15 @@ def _learning_keys(run: RunConfig) -> Dict[str, Any]:
 _STRUCTURES: Dict[str, Dict[str, int]] = {}  # run keys (JSON) -> _structure: the plans take seconds
 
 
+_STRUCTURE_KEYS = {"flux": ("B_tune", "B_non"), "fmes": ("kept",)}  # the counts each method trains with
+
+
 def _structure(run: RunConfig) -> Dict[str, int]:
-    """The small model's counts a run's ``structure-from`` gives (``structure.match``: Flux's B_tune / B_non,
-    FMES's kept experts); {} without one. Derived by code (the memory plans), so a record keeps them: a change of
-    the plans changes what a run with the same keys trains."""
-    if not run.structure_from:
+    """The small model's counts a run's ``structure-from`` gives its method (``structure.match``: Flux's B_tune /
+    B_non, FMES's kept experts); {} without one. Derived by code (the memory plans), so a record keeps them: a change
+    of the plans changes what a run with the same keys trains."""
+    keys = _STRUCTURE_KEYS.get(run.method, ())
+    if not run.structure_from or not keys:
         return {}
     key = json.dumps(_learning_keys(run), sort_keys=True)
     if key not in _STRUCTURES:
@@ -469,7 +473,7 @@ def _structure(run: RunConfig) -> Dict[str, int]:
         from flux_engine.federated.client import model_config, train_settings
 
         m = structure.match(run.structure_from, model_config(run), train_settings(run), run.fmq_bits)
-        _STRUCTURES[key] = {"B_tune": m.B_tune, "B_non": m.B_non, "kept": m.kept}
+        _STRUCTURES[key] = {k: getattr(m, k) for k in keys}
     return _STRUCTURES[key]
 
 
@@ -516,7 +520,8 @@ class RunRecord:
             diff = ", ".join(f"{k} {rec.run.get(k)!r} there, {want.get(k)!r} here" for k in changed)
             raise ConfigError(f"run record {path} was trained with other run keys ({diff}): restore them, or remove "
                               "the record to train the run again")  # fmt: skip
-        if rec.structure != _structure(run):
+        # Records written before the structure was per method hold every method's counts: their method's decide.
+        if {k: rec.structure.get(k) for k in _structure(run)} != _structure(run):
             raise ConfigError(f"run record {path} was trained with the structure {rec.structure}, and this code "
                               f"derives {_structure(run)} from structure-from {run.structure_from!r} (the memory "
                               "plans changed): remove the record to train the run again")  # fmt: skip

@@ -33,7 +33,7 @@ Compute seconds = FLOPs / (peak x ``utilisation``), or tokens / ``measured_token
 = bytes / (PCIe x ``pcie_efficiency``); network = 8 x bytes / bits per second.
 
 Memory feasibility comes from the project's own plans on the real config (``structure.method_plans``:
-``budget.plan_budget`` for Flux with its int4 profiling copy, ``baselines.fedavg_lora_memory`` / ``plan_residency``
+``budget.plan_budget`` for Flux, whose int4 profiling copy time-shares the card with training, ``baselines.fedavg_lora_memory`` / ``plan_residency``
 / ``fmq_memory`` / ``plan_kept``): a method whose plan does not fit the budget is **infeasible** and gets no round
 time. FedAvg-LoRA is the
 unconstrained upper bound: its time is shown even where it does not fit, marked infeasible, and never ranked.
@@ -52,12 +52,15 @@ under uniform routing)::
                   dequant per step: fused 0 (packed weights read inside the GEMM), unfused
                   2 x N x P x (q_e + t_e) DRAM bytes (each pass writes the bf16 weights it then reads)
     fmes          setup (round 1) = kept t_e over PCIe + first profile
-    flux          setup (round 1) = first profile + building the int4 copy (N t_e over PCIe, quantised);
+    flux          setup (round 1) = first profile + building the int4 copy (N t_e over PCIe, quantised) + the
+                  copy to host memory (C bytes over PCIe: it is on the card in the profile phase only, ``budget``);
                   merge each round = every expert's base weights over PCIe (N t_e: the tuning ones stay, the others
                   are folded with their global adapters and averaged into B_non) + (N + B_non) t_e DRAM;
-                  profiling each round (stale: hidden in the client's idle window, ``timemodel``) =
-                  changed experts' base weights over PCIe + forward(profile rows x S) on the int4 copy
+                  profiling each round (stale: hidden in the client's idle window, ``timemodel``) = the copy from
+                  host (C over PCIe) + changed experts' base weights over PCIe and their new codes back (q_e each)
+                  + forward(profile rows x S) on the int4 copy
     first profile = N t_e over PCIe (the full model streamed) + forward(profile rows x S)
+    C = ``budget.profiling_copy_bytes`` (int4 experts, int8 dense weights, bf16 norms and routers)
 
 Rounds are assembled by ``timemodel.TimeModel.simulate`` (max over clients + aggregation; aggregation is not
 modelled: 0 s) from one ``timemodel.ClientRound`` per client, whose network bytes come from the learning run's
@@ -354,8 +357,9 @@ def round_terms(config: MoEConfig, method: str, plan: MethodPlan, p: HardwarePar
         b_non = plan.structure.get("B_non", 0)
         merge = stream_all + (N + b_non) * t_e / p.dram_bytes_per_s
         later.merge = first.merge = merge
-        first.setup = first_profile + N * (t_e + q_e) / p.dram_bytes_per_s
-        later.profile = changed_share * N * t_e / p.pcie_bytes_per_s + prof_fwd
+        copy = budget.profiling_copy_bytes(c, budget.TrainSettings(dtype="bfloat16", profile_bits=4))
+        first.setup = first_profile + N * (t_e + q_e) / p.dram_bytes_per_s + copy / p.pcie_bytes_per_s
+        later.profile = (copy + changed_share * N * (t_e + q_e)) / p.pcie_bytes_per_s + prof_fwd
     else:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     return first, later

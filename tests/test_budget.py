@@ -1,6 +1,6 @@
 import pytest
 
-from flux_engine import presets
+from flux_engine import budget, presets
 from flux_engine.budget import (
     BudgetError,
     TrainSettings,
@@ -115,7 +115,9 @@ def test_budget_roles_merge_pipeline_fits():
     assert expert_bytes == plan.B_tune * plan.tuning_terms["weights"] + plan.B_non * plan.merged_expert_bytes
 
 
-def test_profiling_copy_counted_in_the_plan():
+def test_profiling_copy_counted_in_the_profile_phase_not_in_training():
+    """The copy is exact to the bytes ``profiling.prepare`` allocates; it time-shares the card with training (the
+    idle window), so the plan's training terms leave it out and the plan checks the profile phase instead."""
     from flux_engine import profiling
 
     cfg = presets.get("tiny")
@@ -127,8 +129,19 @@ def test_profiling_copy_counted_in_the_plan():
     assert profiling_copy_bytes(cfg, _settings(profile_bits=0)) == profiling.prepare(torch_model, bits=None).nbytes()
     without = plan_budget(cfg, int(1.6 * MiB), _settings())
     with_copy = plan_budget(cfg, int(1.6 * MiB), _settings(profile_bits=4))
-    assert any(k.startswith("profiling copy") for k in with_copy.breakdown)
-    assert with_copy.B_tune + with_copy.B_non <= without.B_tune + without.B_non
+    assert not any(k.startswith("profiling copy") for k in with_copy.breakdown) and not without.profile_phase
+    assert (with_copy.B_tune, with_copy.B_non, with_copy.breakdown) == (without.B_tune, without.B_non, without.breakdown)
+    prof = budget.profile_phase(cfg, _settings(profile_bits=4), int(1.6 * MiB))
+    assert with_copy.profile_phase == prof and list(prof.values())[0] == profiling_copy_bytes(cfg, _settings(profile_bits=4))
+    assert "profile phase" in with_copy.describe()
+    # A budget whose profile phase (here a full-precision copy) does not fit is refused, naming the missing bytes,
+    # where training alone fits.
+    full = _settings(batch_size=1, seq_len=4, profile_bits=0)
+    small = sum(budget.profile_phase(cfg, full, 0).values()) - 1
+    assert plan_budget(cfg, small, _settings(batch_size=1, seq_len=4)).B_tune >= 1
+    with pytest.raises(BudgetError, match="profile phase") as e:
+        plan_budget(cfg, small, full)
+    assert e.value.missing_bytes == 1
 
 
 def test_phase_peaks_terms():

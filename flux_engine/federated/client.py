@@ -9,7 +9,7 @@ policy.
 Handlers:
 
 - ``query.profile`` (first contact): plan the budget (``budget.plan_budget``; node config ``memory-budget`` or
-  the run config, the profiling copy counted) and profile the base model (``profile-samples`` rows); reply
+  the run config; its profile phase, the profiling copy, checked to fit) and profile the base model (``profile-samples`` rows); reply
   ``B_tune`` and the routing-frequency prior (``roles.frequency_utility``).
 - ``train``: apply the server's delta, run the Flux round (``FluxClient.train``: profile of the previous round's
   global model, merge, train the tuning experts), reply the trained tensors, routed-token counts, Eq. 3 utilities
@@ -150,7 +150,7 @@ def _tokenizer(name: str):
 
 
 def train_settings(run: RunConfig) -> budget.TrainSettings:
-    """The memory model's settings; Flux keeps its profiling copy between rounds, so its plan counts it."""
+    """The memory model's settings; Flux's plan checks that its profile phase (the profiling copy) fits too."""
     return budget.TrainSettings(
         dtype=run.dtype,
         lora_rank=run.lora_rank if run.mode == "lora" else 0,
