@@ -463,7 +463,7 @@ def test_a_round_with_too_few_clients_changes_nothing_and_the_run_goes_on(tmp_pa
 
 # Budgets for the tiny model giving B_tune 2 / 4 / 5 (with 3 merged experts each; see
 # budget.plan_budget): full tuning costs more per expert.
-BUDGETS = {"lora": "2440KiB,2551KiB,2607KiB", "full": "2631KiB,2934KiB,3086KiB"}
+BUDGETS = {"lora": "2250KiB,2365KiB,2420KiB", "full": "2450KiB,2755KiB,2910KiB"}
 
 
 def _tiny_run(tmp_path, mode, **kw):
@@ -520,7 +520,7 @@ def _cli(tmp_path, capsys, text, *extra):
 
 
 GOOD = (
-    'budgets = "2440KiB,2551KiB,2607KiB"\nworkspace = "0"\nseq-len = 32\nlora-rank = 4\nlocal-steps = 1\n'
+    'budgets = "2250KiB,2365KiB,2420KiB"\nworkspace = "0"\nseq-len = 32\nlora-rank = 4\nlocal-steps = 1\n'
     "samples-per-client = 8\n"
 )
 
@@ -609,7 +609,7 @@ def test_flower_ray_simulation_runtime(tmp_path):
 
 # Four tiny-model clients with B_tune 2 / 4 / 5 / 2 (the BUDGETS above, the first repeated).
 KILL_RUN = (
-    GOOD.replace('"2440KiB,2551KiB,2607KiB"', '"2440KiB,2551KiB,2607KiB,2440KiB"')
+    GOOD.replace('"2250KiB,2365KiB,2420KiB"', '"2250KiB,2365KiB,2420KiB,2250KiB"')
     .replace("local-steps = 1", "local-steps = 3")
     + "num-clients = 4\nnum-rounds = 4\n"
 )
@@ -676,7 +676,7 @@ def test_a_client_failing_every_round_is_dropped_and_reported(tmp_path):
         return real(msg, ctx)
 
     reports = []
-    budgets = BUDGETS["lora"] + ",2440KiB"
+    budgets = BUDGETS["lora"] + ",2250KiB"
     run = _tiny_run(tmp_path, "lora", **{"num-clients": 4, "num-rounds": 3, "budgets": budgets})
     state = run_local(run, client_app=flaky_node, on_round=reports.append)
     assert [r["round"] for r in reports] == [1, 2, 3]
@@ -721,7 +721,7 @@ def test_one_hostile_client_of_four_cannot_break_the_federation(tmp_path, attack
     runs = {}
     for name, fourth in (("hostile", hostile), ("honest", absent)):
         cfg = _tiny_run(tmp_path / name, "lora", **{"num-clients": 4, "num-rounds": 3,
-                                                     "budgets": BUDGETS["lora"] + ",2560KiB"})  # fmt: skip
+                                                     "budgets": BUDGETS["lora"] + ",2360KiB"})  # fmt: skip
         runs[name] = run_local(cfg, client_app=federation(fourth))
     hostile_run, honest = runs["hostile"], runs["honest"]
     reason = "over 10x its reference" if attack == "huge-values" else "token count 4611686018427387904"
