@@ -309,12 +309,6 @@ def plan_budget(
     L = len(config.moe_layer_indices)
     E = config.num_experts
     total_experts = L * E
-    profile = profile_phase(config, settings, budget_bytes) if settings.profile_bits is not None else {}
-    if sum(profile.values()) > budget_bytes:
-        missing = sum(profile.values()) - budget_bytes
-        detail = ", ".join(f"{k} {_human(v)}" for k, v in profile.items())
-        raise BudgetError(f"memory budget {_human(budget_bytes)} is {missing} bytes ({_human(missing)}) short of the "
-                          f"profile phase: {detail}", missing)  # fmt: skip
     c_t = sum(tuning_expert_terms(config, settings).values())
     c_m = merged_expert_bytes(config, settings)
     fixed = memory_breakdown(config, settings, 0, 0, budget_bytes)
@@ -331,6 +325,12 @@ def plan_budget(
             f"{min_tune} tuning expert(s) x {_human(c_t)}",
             missing,
         )
+    profile = profile_phase(config, settings, budget_bytes) if settings.profile_bits is not None else {}
+    if sum(profile.values()) > budget_bytes:
+        missing = sum(profile.values()) - budget_bytes
+        detail = ", ".join(f"{k} {_human(v)}" for k, v in profile.items())
+        raise BudgetError(f"memory budget {_human(budget_bytes)} is {missing} bytes ({_human(missing)}) short of the "
+                          f"profile phase: {detail}", missing)  # fmt: skip
     R = budget_bytes - fixed_bytes
     if R >= total_experts * c_t:
         B_tune, B_non = total_experts, 0

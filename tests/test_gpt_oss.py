@@ -488,7 +488,13 @@ def test_plan_for_gpt_oss_20b_on_24_gib(capsys, hf_folder):
     assert main(["plan", "--preset", "gpt-oss-20b", "--budget", "24GiB", "--frozen-experts", "mxfp4"]) == 0
     out = capsys.readouterr().out
     assert "B_tune" in out and "B_non" in out and "memory budget 24.00 GiB" in out
-    assert "merged experts (24, mxfp4)" in out  # at least one merged expert per MoE layer
+    # MXFP4 experts fit 24 GiB whole (the int4 profiling copy, 11 GiB, waits out training in host memory) ...
+    assert "every expert tunes" in out and "-> B_tune = 768, B_non = 0" in out
+    assert main(["plan", "--preset", "gpt-oss-20b", "--budget", "14GiB", "--frozen-experts", "mxfp4"]) == 0
+    assert "merged experts (24, mxfp4)" in capsys.readouterr().out  # ... 14 GiB merges, one per MoE layer at least
+    # ... and 12 GiB holds training but not the profile phase: refused, naming it.
+    assert main(["plan", "--preset", "gpt-oss-20b", "--budget", "12GiB", "--frozen-experts", "mxfp4"]) == 2
+    assert "short of the profile phase: profiling copy (int4 experts) 11.18 GiB" in capsys.readouterr().err
     _, folder = hf_folder  # a checkpoint's config.json is enough
     assert main(["plan", "--checkpoint", str(folder), "--budget", "300MiB", "--profile-bits", "-1"]) == 0
     assert "-> B_tune = " in capsys.readouterr().out
