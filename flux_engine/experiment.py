@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -454,6 +455,22 @@ def _learning_keys(run: RunConfig) -> Dict[str, Any]:
     return keys
 
 
+def _start_weights(run: RunConfig) -> str:
+    """The first 16 hex digits of the SHA-256 of the start checkpoint's weight files (sorted by name; "" without a
+    checkpoint folder). The cache key names the warm-start recipe, not its result: the same recipe trained on
+    another machine or with another thread count gives slightly other weights, and records say which they began
+    from."""
+    folder = run.checkpoint
+    if not folder or not os.path.isdir(folder):
+        return ""
+    h = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")):
+        with open(os.path.join(folder, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 _STRUCTURES: Dict[str, Dict[str, int]] = {}  # run keys (JSON) -> _structure: the plans take seconds
 
 
@@ -497,7 +514,7 @@ class RunRecord:
         import torch
 
         where = {"device": provenance.device(), "commit": provenance.commit(), "versions": provenance.versions(),
-                 "torch_threads": torch.get_num_threads(),
+                 "torch_threads": torch.get_num_threads(), "start_weights": _start_weights(run),
                  "written": datetime.now().astimezone().isoformat(timespec="seconds")}  # fmt: skip
         return cls(state.round, state.history, state.baseline, _learning_keys(run), _structure(run), where)
 
@@ -692,10 +709,11 @@ def regimes_report(runs: Sequence[LearningRun], exp: ExperimentConfig, config_pa
             loaded[(lr.regime, lr.seed, lr.method)] = (lr, _tta_run(lr, state, small))
         if isinstance(state, RunRecord):
             p = state.provenance
-            where[(p["device"], p["commit"])] += 1
+            where[(p["device"], p["commit"], p.get("start_weights", ""))] += 1
     cmd = provenance.command_line(["flux-engine", *argv])
     finished = [f"- finished runs (records in `{exp.records}`): " + ("; ".join(
-        f"{n} on {dev}, commit {c}" for (dev, c), n in sorted(where.items())) or "none yet")
+        f"{n} on {dev}, commit {c}, start weights {w or 'not recorded'}" for (dev, c, w), n in sorted(where.items()))
+        or "none yet")
     ] if exp.records else []  # fmt: skip
     lines = [
         "# Time to accuracy in the regime Flux is for: measured rounds x modelled round time",

@@ -324,3 +324,20 @@ records = "{tmp_path / 'runs'}"
     assert len(list((tmp_path / "runs").rglob("*.json"))) == 2
     bad = subprocess.run(["bash", script, str(tmp_path / "none.toml")], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "no such config" in bad.stderr
+
+
+def test_records_name_the_start_weights(tmp_path):
+    """A record names the weights its run began from: the SHA-256 of the checkpoint's weight files (the cache key
+    names only the warm-start recipe, whose result differs between machines)."""
+    import hashlib
+
+    from flux_engine.federated.config import RunConfig
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model-2.safetensors").write_bytes(b"second")
+    (folder / "model-1.safetensors").write_bytes(b"first")
+    (folder / "config.json").write_text("{}")
+    run = RunConfig.from_mapping({"checkpoint": str(folder)})
+    assert experiment._start_weights(run) == hashlib.sha256(b"firstsecond").hexdigest()[:16]
+    assert experiment._start_weights(RunConfig.from_mapping({"preset": "tiny"})) == ""
