@@ -33,10 +33,10 @@ Compute seconds = FLOPs / (peak x ``utilisation``), or tokens / ``measured_token
 = bytes / (PCIe x ``pcie_efficiency``); network = 8 x bytes / bits per second.
 
 Memory feasibility comes from the project's own plans on the real config (``structure.method_plans``:
-``budget.plan_budget`` for Flux, whose int4 profiling copy time-shares the card with training, ``baselines.fedavg_lora_memory`` / ``plan_residency``
-/ ``fmq_memory`` / ``plan_kept``): a method whose plan does not fit the budget is **infeasible** and gets no round
-time. FedAvg-LoRA is the
-unconstrained upper bound: its time is shown even where it does not fit, marked infeasible, and never ranked.
+``budget.plan_budget`` for Flux, whose int4 profiling copy time-shares the card with training,
+``baselines.fedavg_lora_memory`` / ``plan_residency`` / ``fmq_memory`` / ``plan_kept``): a method whose plan does
+not fit the budget is **infeasible** and gets no round time. FedAvg-LoRA is the unconstrained upper bound: its time
+is shown even where it does not fit, marked infeasible, and never ranked.
 
 Per method, one client's round (``t_e`` = bytes of one expert's weights in the weight dtype, ``N = L E``, ``steps``
 local steps of ``batch x S`` tokens, ``P = 1 - (1 - k/E)^(batch S)`` the chance a micro-batch touches an expert

@@ -3,9 +3,9 @@ the same fractions carried over to the small model a learning run trains.
 
 A regime is written ``PRESET@<budget>GiB`` (``"deepseek-moe-16b@24GiB"``: the real shape's preset and the card's
 memory budget). ``method_plans`` runs the project's own plans on the real config (bf16 weights, the learning run's
-LoRA rank and ``batch x seq``): ``budget.plan_budget`` for Flux (its int4 profiling copy in the profile phase, which must fit too),
-``baselines.fedavg_lora_memory`` / ``plan_residency`` / ``fmq_memory`` / ``plan_kept`` for the baselines; a plan
-that does not fit is **infeasible** (``MethodPlan.feasible``), never assumed to fit.
+LoRA rank and ``batch x seq``): ``budget.plan_budget`` for Flux (its int4 profiling copy in the profile phase,
+which must fit too), ``baselines.fedavg_lora_memory`` / ``plan_residency`` / ``fmq_memory`` / ``plan_kept`` for the
+baselines; a plan that does not fit is **infeasible** (``MethodPlan.feasible``), never assumed to fit.
 
 ``Matched`` carries the fractions over (``N = L E`` experts of the real shape, ``n = L' E'`` of the small one)::
 
