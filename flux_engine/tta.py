@@ -93,6 +93,11 @@ class Regime:
     plans: Dict[str, structure.MethodPlan] = field(default_factory=dict)
 
 
+def plan_key(method: str) -> str:
+    """The memory plan a method runs under (``Regime.plans``): Flux's for its ablations."""
+    return "flux" if method.startswith("flux") else method
+
+
 def regime(spec: str, device: str, base: hardware.HardwareParams) -> Regime:
     from flux_engine import presets
 
@@ -107,7 +112,7 @@ def modelled_tta(reg: Regime, method: str, R: Optional[int], net: hardware.Netwo
                  plans: Optional[Mapping[str, structure.MethodPlan]] = None) -> Optional[float]:  # fmt: skip
     """``sum_{r <= R} t_m(r)`` (None: not reached, or the method infeasible)."""
     p = params or reg.params
-    plan = (plans or reg.plans)[method.split("-")[0] if method.startswith("flux") else method]
+    plan = (plans or reg.plans)[plan_key(method)]
     if R is None or not plan.feasible:
         return None
     return hardware.round_times(reg.config, plan.method, plan, p, net, R)[-1].end
@@ -180,7 +185,7 @@ def curves(reg: Regime, per_seed: Mapping[int, Mapping[str, Run]]) -> Dict[str, 
     for m in methods:
         runs = [rs.get(m) or (rs.get(REFERENCE) if m == "fmd" else None) for _, rs in sorted(per_seed.items())]
         runs = [r for r in runs if r is not None and r.net is not None]
-        plan = reg.plans[m.split("-")[0] if m.startswith("flux") else m]
+        plan = reg.plans[plan_key(m)]
         if not runs or not (plan.feasible or m == REFERENCE):  # the reference: the unconstrained bound
             continue
         R = max(len(r.curve) for r in runs) - 1
@@ -202,7 +207,7 @@ def plot(reg: Regime, per_seed: Mapping[int, Mapping[str, Run]], results: Sequen
 
     series = {}
     for m, pts in curves(reg, per_seed).items():
-        label = m + (" (does not fit: unconstrained bound)" if not reg.plans[m].feasible else "")
+        label = m + (" (does not fit: unconstrained bound)" if not reg.plans[plan_key(m)].feasible else "")
         series[label] = [timemodel.CurvePoint(m, r, t, {"mean": a}) for r, (t, a) in enumerate(pts)]
     targets = [s.target for s in results if s.target is not None]
     tgt = (timemodel.Target(statistics.median(targets), "reference", "median target over seeds")

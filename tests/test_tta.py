@@ -53,6 +53,9 @@ def test_curves_median_over_seeds_at_modelled_round_times(tmp_path):
     assert [a for _, a in flux] == pytest.approx([0.4, 0.42, 0.52, 0.6])  # medians over the three seeds
     ends = [rt.end for rt in hardware.round_times(reg.config, "flux", reg.plans["flux"], reg.params, nets["flux"], 3)]
     assert [t for t, _ in flux] == pytest.approx([0.0, *ends])
+    # An ablation runs under Flux's plan: it has a curve at Flux's round times, and the plot draws it.
+    per_seed[0]["flux-uniform-budgets"] = tta.Run("flux-uniform-budgets", 0, [0.4, 0.45, 0.5, 0.55], 3, 3, nets["flux"])
+    assert [t for t, _ in tta.curves(reg, per_seed)["flux-uniform-budgets"]] == pytest.approx([0.0, *ends])
     results = [tta.seed_result(reg, s, rs, 0.8) for s, rs in per_seed.items()]
     tta.plot(reg, per_seed, results, str(tmp_path / "tta.png"))
     assert (tmp_path / "tta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
