@@ -49,6 +49,7 @@ profile phase, raises ``BudgetError`` naming the missing bytes.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -173,11 +174,23 @@ def quantized_expert_bytes(config: MoEConfig, bits: int = 4, group_size: Optiona
     return quantized_bytes(2 * I, H, bits, group_size) + quantized_bytes(H, I, bits, group_size)
 
 
+_COPY_BYTES: Dict[str, int] = {}  # (config, dtype, bits) as JSON -> bytes: counting builds a meta-device model
+
+
 def profiling_copy_bytes(config: MoEConfig, settings: TrainSettings) -> int:
     """Bytes of the profiling copy (module docstring; 0 when ``settings.profile_bits`` is None), counted from a
-    meta-device model with ``profiling``'s choice of low-bit weights."""
+    meta-device model with ``profiling``'s choice of low-bit weights, once per config and format (the time model
+    asks for it every modelled round)."""
     if settings.profile_bits is None:
         return 0
+    key = json.dumps([config.to_dict(), str(settings.dtype), settings.profile_bits, settings.profile_dense_bits],
+                     sort_keys=True, default=str)  # fmt: skip
+    if key not in _COPY_BYTES:
+        _COPY_BYTES[key] = _count_copy_bytes(config, settings)
+    return _COPY_BYTES[key]
+
+
+def _count_copy_bytes(config: MoEConfig, settings: TrainSettings) -> int:
     from flux_engine.models.moe import MoEForCausalLM
     from flux_engine.profiling import dense_weight_names, is_expert_stack
 
