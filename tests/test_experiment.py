@@ -198,10 +198,10 @@ records = "{tmp_path / 'runs'}"
     kept = json.loads(record.read_text())
     assert kept["structure"] and kept["structure"]["B_tune"] >= 1
     # A record holds its own method's counts; one written with every method's counts is read by its method's.
-    fmes = record.parent / "fmes.json"
-    assert set(kept["structure"]) == {"B_tune", "B_non"} and set(json.loads(fmes.read_text())["structure"]) == {"kept"}
-    fmes.write_text(json.dumps(dict(json.loads(fmes.read_text()), structure=dict(kept["structure"], kept=json.loads(
-        fmes.read_text())["structure"]["kept"], B_tune=999))))
+    fmes_path = record.parent / "fmes.json"
+    fmes = json.loads(fmes_path.read_text())
+    assert set(kept["structure"]) == {"B_tune", "B_non"} and set(fmes["structure"]) == {"kept"}
+    fmes_path.write_text(json.dumps(dict(fmes, structure=dict(kept["structure"], B_tune=999, **fmes["structure"]))))
     experiment.run_experiment(path, resume=True)
     record.write_text(json.dumps(dict(kept, structure=dict(kept["structure"], B_tune=kept["structure"]["B_tune"] + 1))))
     with pytest.raises(ConfigError, match=r"flux\.json was trained with the structure .* \(the memory plans changed\)"):
