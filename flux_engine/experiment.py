@@ -788,10 +788,13 @@ def regimes_report(runs: Sequence[LearningRun], exp: ExperimentConfig, config_pa
         for b in ("fmd", "fmq", "fmes"):
             lines.append(f"speedup vs {b}: {tta.factors(results, b).text()}")
         lines += ["", "Against the goals:", "", tta.verdict(reg, per_seed, results, nets, first.num_rounds)]
-        finals = {m_: [rs[m_].curve[-1] for rs in per_seed.values() if m_ in rs and rs[m_].finished]
-                  for m_ in methods}  # fmt: skip
-        lines += ["", "Final mean accuracy, median over finished seeds: " + ", ".join(
-            f"{m_} {statistics.median(v):.4f}" for m_, v in finals.items() if v) or "not measured", ""]
+        done = {m_: [rs[m_].curve for rs in per_seed.values() if m_ in rs and rs[m_].finished] for m_ in methods}
+        n = first.num_rounds
+        for title, stat in (("Final mean accuracy", lambda c: c[-1]),
+                            (f"Mean accuracy over rounds {n // 2 + 1}-{n}", tta.late_accuracy)):
+            lines += ["", f"{title}, median over finished seeds: " + (", ".join(
+                f"{m_} {statistics.median(stat(c) for c in v):.4f}" for m_, v in done.items() if v) or "not measured")]
+        lines.append("")
         png = regime_png(exp, reg_spec)
         if per_seed and png:
             tta.plot(reg, per_seed, results, png)

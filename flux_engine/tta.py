@@ -242,7 +242,8 @@ def verdict(reg: Regime, per_seed: Mapping[int, Mapping[str, Run]], results: Seq
             nets: Mapping[str, hardware.NetworkStructure], rounds: int) -> str:  # fmt: skip
     """Markdown list: each speedup (nominal parameters) against its goal (:data:`GOALS`); where one falls short,
     which factor and what makes it (the largest modelled terms of both rounds, or the rounds each method needed);
-    then Flux's final accuracy against the reference's, beside the sampling band of one evaluation."""
+    then Flux's final accuracy against the reference's, beside the sampling band of one evaluation, and their mean
+    accuracies over the run's second half per seed (``late_accuracy``)."""
     lines = []
     for b, (op, goal) in GOALS.items():
         f = factors(results, b)
@@ -276,9 +277,23 @@ def verdict(reg: Regime, per_seed: Mapping[int, Mapping[str, Run]], results: Seq
                      f"{d:+.1f} points; goal at most {ACCURACY_POINTS:g} point below: "
                      f"{'met' if round(d, 9) >= -ACCURACY_POINTS else 'not met'} (one evaluation's 95% band: "
                      f"+-{100 * band:.1f} points)")  # fmt: skip
+        pairs = {s: (late_accuracy(rs["flux"].curve), late_accuracy(rs[REFERENCE].curve)) for s, rs in
+                 sorted(per_seed.items()) if all(m in rs and rs[m].finished for m in ("flux", REFERENCE))}  # fmt: skip
+        lines.append(f"- mean accuracy over rounds {rounds // 2 + 1}-{rounds} (the second half of the run: a round's "
+                     f"accuracy moves by more than one evaluation's band from round to round), flux minus {REFERENCE}: "
+                     + ", ".join(f"seed {s} {100 * (a - r):+.1f}" for s, (a, r) in pairs.items())
+                     + f" points; median flux {statistics.median(a for a, _ in pairs.values()):.4f}, {REFERENCE} "
+                     f"{statistics.median(r for _, r in pairs.values()):.4f}")  # fmt: skip
     else:
         lines.append(f"- final mean accuracy: not measured (flux and {REFERENCE} need a finished seed)")
     return "\n".join(lines)
+
+
+def late_accuracy(curve: Sequence[float]) -> float:
+    """Mean of the evaluated accuracies of rounds ``n // 2 + 1 .. n`` of a curve over rounds ``0 .. n`` (NaN when
+    none of them was evaluated)."""
+    late = [a for a in curve[(len(curve) - 1) // 2 + 1 :] if not math.isnan(a)]
+    return sum(late) / len(late) if late else math.nan
 
 
 # ------------------------------------------------------------------------------------------------ sensitivity

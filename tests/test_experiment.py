@@ -176,6 +176,12 @@ records = "{tmp_path / 'runs'}"
     lines = re.findall(r"^speedup vs (?:fmd|fmq|fmes): (?:not measured|\d+\.\d\d)$", text, re.M)
     assert len(lines) == 3, text
     assert "](tta-deepseek-moe-16b.png)" in text and "Not measured yet" not in text
+    # Two rounds: the second half is round 2, so both summaries of a method hold its last accuracy.
+    finals = re.search(r"^Final mean accuracy, median over finished seeds: (.*)$", text, re.M)
+    late = re.search(r"^Mean accuracy over rounds 2-2, median over finished seeds: (.*)$", text, re.M)
+    assert late.group(1) == finals.group(1)
+    assert re.search(r"^- mean accuracy over rounds 2-2 .*flux minus fedavg-lora: seed 0 [-+]\d+\.\d points", text,
+                     re.M)
     assert (tmp_path / "tta-deepseek-moe-16b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Every finished run left a record; from the records alone (no state-dir: nothing is trained) --resume

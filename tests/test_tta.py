@@ -1,5 +1,7 @@
 """Two-factor time to accuracy (flux_engine.tta): target, rounds to it, factors, with hand-computed values."""
 
+import math
+
 import pytest
 
 from flux_engine import hardware, tta
@@ -80,6 +82,15 @@ def test_verdict_names_the_factor_that_falls_short():
     assert "- vs fmes: not measured" in text
     assert "flux 0.5900, fedavg-lora 0.6000: -1.0 points; goal at most 1 point below: met (one evaluation's 95% band: " \
            "+-4.0 points)" in text
+    # Rounds 2-3 of 3: flux (0.55 + 0.59) / 2, fedavg-lora (0.57 + 0.6) / 2.
+    assert "flux minus fedavg-lora: seed 0 -1.5 points; median flux 0.5700, fedavg-lora 0.5850" in text
+
+
+def test_late_accuracy_is_the_mean_of_the_second_half_of_the_rounds():
+    assert tta.late_accuracy([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(0.45)  # rounds 3-4 of 4
+    assert tta.late_accuracy([0.1, 0.2, 0.3, 0.4]) == pytest.approx(0.35)  # rounds 2-3 of 3
+    assert tta.late_accuracy([0.1, 0.2, float("nan"), 0.6]) == pytest.approx(0.6)  # round 2 not evaluated
+    assert math.isnan(tta.late_accuracy([0.1, float("nan")]))
 
 
 def test_an_unfinished_run_below_the_target_is_not_measured_yet():
