@@ -591,6 +591,7 @@ def _state(lr: LearningRun, exp: ExperimentConfig) -> Any:
     state = ServerState.load(lr.run.state_dir)
     if path and state.round >= lr.run.num_rounds:
         RunRecord.of(state, lr.run).write(path)
+        return RunRecord.read(path, lr.run)  # as every later call reads it (the report counts it among the records)
     return state
 
 

@@ -173,6 +173,8 @@ records = "{tmp_path / 'runs'}"
 """)
     assert main(["experiment", "--config", path]) == 0
     text = (tmp_path / "tta.md").read_text()
+    # The runs that finished in this call are counted among the records it wrote.
+    assert re.search(r"^- finished runs \(records in `.*`\): 4 on ", text, re.M), text
     lines = re.findall(r"^speedup vs (?:fmd|fmq|fmes): (?:not measured|\d+\.\d\d)$", text, re.M)
     assert len(lines) == 3, text
     assert "](tta-deepseek-moe-16b.png)" in text and "Not measured yet" not in text
