@@ -1,0 +1,151 @@
+"""Diagnosis of Flux's accuracy gap in bench/configs/tta.toml: one Flux learning run of the experiment with one
+mechanism changed, beside the experiment's records of Flux and FedAvg-LoRA for the same seed. Not an ablation of
+the report (no record, no time model): a question about where the gap comes from.
+
+Variants (each changes one thing, in this process only):
+
+- ``no-merge``: ``B_non = L x E``, so no non-tuning expert is merged (the compact model is the global model; not a
+  plan that fits the card). Tests whether the merge is the cause.
+- ``shared-roles``: every client gets the first client's roles (``roles.assign_roles``), so each tuning expert is
+  averaged over all clients, as in FedAvg-LoRA and FMES, instead of over the few clients whose roles hold it.
+  Merging unchanged. Tests whether the per-client roles are the cause.
+
+    OMP_NUM_THREADS=1 python bench/flux_diagnostics.py --variant shared-roles --seed 2   # ~30 min on one core
+    python bench/flux_diagnostics.py --report     # bench/results/flux_diagnostics.md from the runs' JSON files
+
+A run evaluates every ``--evaluate-every`` rounds (default 2: evaluation is half of a CPU round) and writes
+``bench/results/flux_diagnostics/<variant>-<regime>-seed<k>.json`` (history, run keys, provenance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Dict, List
+
+from flux_engine import experiment, provenance
+from flux_engine.fileio import atomic_write
+
+CONFIG = "bench/configs/tta.toml"
+OUT = "bench/results/flux_diagnostics"
+VARIANTS = ("no-merge", "shared-roles")
+
+
+def _patch(variant: str) -> None:
+    """Change the one mechanism ``variant`` names, for this process."""
+    if variant == "no-merge":
+        from flux_engine.federated import client
+
+        plan_of = client.client_plan
+
+        def client_plan(run, config, budget_bytes):
+            return dataclasses.replace(plan_of(run, config, budget_bytes),
+                                       B_non=config.num_experts * len(config.moe_layers))  # fmt: skip
+
+        client.client_plan = client_plan
+    else:  # shared-roles
+        from flux_engine.federated import strategy
+
+        assign = strategy.assign_roles
+
+        def assign_roles(*args, **kwargs):
+            roles = assign(*args, **kwargs)
+            return [roles[0]] * len(roles)
+
+        strategy.assign_roles = assign_roles
+
+
+def run_variant(variant: str, seed: int, regime: str, evaluate_every: int, state_root: str) -> str:
+    from flux_engine.federated.simulation import run_local
+
+    raw, exp = experiment.load(CONFIG)
+    lr = next((r for r in experiment.learning_runs(raw, exp) if (r.regime, r.seed, r.method) == (regime, seed, "flux")),
+              None)  # fmt: skip
+    if lr is None:
+        raise SystemExit(f"{CONFIG} has no Flux run for regime {regime!r} and seed {seed}")
+    state_dir = os.path.join(state_root, f"{variant}-{regime}-seed{seed}")
+    run = dataclasses.replace(lr.run, state_dir=state_dir, evaluate_every=evaluate_every,
+                              resume=os.path.exists(os.path.join(state_dir, "latest.json")))  # fmt: skip
+    _patch(variant)
+    t0 = time.perf_counter()
+    state = run_local(run)
+    import torch
+
+    out = {"variant": variant, "regime": regime, "seed": seed, "evaluate_every": evaluate_every,
+           "seconds": time.perf_counter() - t0, "baseline": state.baseline, "history": state.history,
+           "provenance": {"device": provenance.device(), "commit": provenance.commit(),
+                          "versions": provenance.versions(), "torch_threads": torch.get_num_threads(),
+                          "command": provenance.command_line(["python", *sys.argv])}}  # fmt: skip
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, f"{variant}-{regime}-seed{seed}.json")
+    atomic_write(path, lambda f: json.dump(out, f, indent=1, sort_keys=True))
+    return path
+
+
+def _points(history: List[Dict[str, Any]]) -> Dict[int, Any]:
+    """``{round: (mean accuracy, eval loss)}`` of the evaluated rounds."""
+    return {h["round"]: (sum(h["accuracy"].values()) / len(h["accuracy"]), h["eval_loss"])
+            for h in history if h.get("accuracy")}  # fmt: skip
+
+
+def report() -> str:
+    raw, exp = experiment.load(CONFIG)
+    lines = ["# Where Flux's accuracy gap comes from: one mechanism changed at a time", "",
+             f"Runs of `bench/flux_diagnostics.py` (its docstring defines the variants) beside the records of "
+             f"`{CONFIG}` (`{exp.records}`) for the same seed; the same model, data, structure and keys as the "
+             "experiment's Flux run. Mean held-out accuracy / held-out loss at the rounds the variant evaluated.",
+             ""]  # fmt: skip
+    for path in sorted(glob.glob(os.path.join(OUT, "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        p = d["provenance"]
+        rows = {d["variant"]: _points(d["history"])}
+        for method in ("flux", "fedavg-lora"):
+            folder = d["regime"] if method == "flux" else "shared"
+            rec = os.path.join(exp.records, "smollm2-llama-moe-mini", folder, f"seed{d['seed']}", f"{method}.json")
+            with open(rec, encoding="utf-8") as f:
+                rows[method] = _points(json.load(f)["history"])
+        rounds = sorted(rows[d["variant"]])
+        late = [r for r in rounds if r > rounds[-1] // 2]
+        lines += [f"## {d['variant']}, {d['regime']}, seed {d['seed']}", "",
+                  f"- command: `{p['command']}`; {d['seconds'] / 60:.0f} min",
+                  f"- device: {p['device']}; commit {p['commit']}; versions "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(p["versions"].items())), "",
+                  "| run | " + " | ".join(f"round {r}" for r in rounds) + f" | mean of rounds {late[0]}-{late[-1]} |",
+                  "| --- |" + " ---: |" * (len(rounds) + 1)]  # fmt: skip
+        for name, pts in rows.items():
+            cells = [f"{pts[r][0]:.3f} / {pts[r][1]:.3f}" for r in rounds]
+            mean = statistics.mean(pts[r][0] for r in late)
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", choices=VARIANTS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--regime", default="deepseek-moe-16b@24GiB")
+    ap.add_argument("--evaluate-every", type=int, default=2)
+    ap.add_argument("--state-dir", default="flux-state/diagnostics")
+    ap.add_argument("--report", action="store_true", help="write bench/results/flux_diagnostics.md and stop")
+    a = ap.parse_args()
+    if a.report:
+        text = report()
+        atomic_write("bench/results/flux_diagnostics.md", lambda f: f.write(text))
+        print("wrote bench/results/flux_diagnostics.md")
+        return 0
+    if not a.variant:
+        ap.error("--variant is required (or --report)")
+    print("wrote", run_variant(a.variant, a.seed, a.regime, a.evaluate_every, a.state_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
