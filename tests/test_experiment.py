@@ -254,6 +254,24 @@ def test_baseline_global_models(config, tmp_path):
     assert loss["fmq"] != pytest.approx(loss["flux"]) and loss["fmes"] != pytest.approx(loss["flux"])
 
 
+def test_flux_tuning_every_expert_is_fedavg_lora(config, tmp_path):
+    """With a budget that tunes every expert (nothing left to merge), Flux's round is FedAvg-LoRA's: the same losses
+    and the same global adapters, round for round. What Flux changes is only what its budget and roles change."""
+    from flux_engine.experiment import load, method_run
+    from flux_engine.federated.simulation import run_local
+
+    raw, exp = load(config("warm-start = false\nmethods = [\"flux\", \"fedavg-lora\"]\n"))
+    run = RunConfig.from_mapping({**raw, "num-rounds": 3, "budgets": "64MiB,64MiB"})
+    flux, ref = (run_local(method_run(run, m, exp, str(tmp_path / m))) for m in ("flux", "fedavg-lora"))
+    assert flux.budgets == {"1": 16, "2": 16}  # B_tune = L x E of the tiny model
+    assert [h["train_loss"] for h in flux.history] == [h["train_loss"] for h in ref.history]
+    # The evaluation may fold the adapters in or keep them attached: equal up to float rounding.
+    assert [h["eval_loss"] for h in flux.history] == pytest.approx([h["eval_loss"] for h in ref.history], rel=1e-6)
+    assert flux.global_tensors.keys() == ref.global_tensors.keys()
+    for key, tensors in flux.global_tensors.items():
+        assert all(torch.equal(t, ref.global_tensors[key][name]) for name, t in tensors.items()), key
+
+
 def test_config_errors(config, tmp_path):
     from flux_engine.cli import load_config_file, main
     from flux_engine.experiment import ExperimentConfig, load
