@@ -9,6 +9,12 @@ Variants (each changes one thing, in this process only):
 - ``shared-roles``: every client gets the first client's roles (``roles.assign_roles``), so each tuning expert is
   averaged over all clients, as in FedAvg-LoRA and FMES, instead of over the few clients whose roles hold it.
   Merging unchanged. Tests whether the per-client roles are the cause.
+- ``user-weighted``: Flux's roles, but the server averages each expert's update over the clients that *use* it,
+  the trainers with their trained result and the others with a zero update (the global value), each weighted by
+  the tokens it routes to the expert: trainers by their training counts, the others by their first-contact routing
+  frequencies scaled to their round (the routers are frozen). A candidate fix: with clients whose routing avoids
+  each other's experts it is Flux's rule; with uniform routing it is FedAvg over the trained experts. Prototype
+  limits: an expert with no global value yet (its first training, round 1 here) keeps the trainers' average.
 
     OMP_NUM_THREADS=1 python bench/flux_diagnostics.py --variant shared-roles --seed 2   # ~30 min on one core
     python bench/flux_diagnostics.py --report     # bench/results/flux_diagnostics.md from the runs' JSON files
@@ -34,7 +40,7 @@ from flux_engine.fileio import atomic_write
 
 CONFIG = "bench/configs/tta.toml"
 OUT = "bench/results/flux_diagnostics"
-VARIANTS = ("no-merge", "shared-roles")
+VARIANTS = ("no-merge", "shared-roles", "user-weighted")
 
 
 def _patch(variant: str) -> None:
@@ -49,7 +55,7 @@ def _patch(variant: str) -> None:
                                        B_non=config.num_experts * len(config.moe_layers))  # fmt: skip
 
         client.client_plan = client_plan
-    else:  # shared-roles
+    elif variant == "shared-roles":
         from flux_engine.federated import strategy
 
         assign = strategy.assign_roles
@@ -59,6 +65,52 @@ def _patch(variant: str) -> None:
             return [roles[0]] * len(roles)
 
         strategy.assign_roles = assign_roles
+    else:
+        _patch_user_weighted()
+
+
+def _patch_user_weighted() -> None:
+    import torch
+
+    from flux_engine.federated import strategy
+
+    priors: Dict[str, torch.Tensor] = {}  # the running strategy's first-contact frequencies, per client
+    train = strategy.FluxStrategy.aggregate_train
+    average = strategy.aggregate
+
+    def aggregate_train(self, server_round, replies):
+        priors.clear()
+        priors.update(self.state.utilities.priors)
+        return train(self, server_round, replies)
+
+    def users_share(key, updates) -> float:
+        """The trainers' share of the tokens all clients route to expert ``key``."""
+        l, e = key
+        trained = sum(float(u.token_counts[key]) for u in updates if key in u.tensors)
+        others = 0.0
+        for u in updates:
+            f = priors.get(u.client)
+            if key in u.tensors or f is None:
+                continue
+            # This round's routed tokens per unit of frequency in layer l, from the experts it trained there
+            # (else in any layer): its tokens routed to e are f[l, e] times that.
+            seen = [(k, c) for k, c in u.token_counts.items() if k[0] == l] or list(u.token_counts.items())
+            freq = sum(float(f[k]) for k, _ in seen)
+            if freq > 0:
+                others += float(f[l, e]) * sum(c for _, c in seen) / freq
+        return trained / (trained + others) if trained + others > 0 else 1.0
+
+    def aggregate(global_state, updates, method="weighted", trim=0.25):
+        new, changed = average(global_state, updates, method, trim)
+        for key in changed:
+            if key in global_state:
+                share = users_share(key, updates)
+                new[key] = {n: (g.double() + share * (new[key][n].double() - g.double())).to(g.dtype)
+                            for n, g in global_state[key].items()}  # fmt: skip
+        return new, changed
+
+    strategy.FluxStrategy.aggregate_train = aggregate_train
+    strategy.aggregate = aggregate
 
 
 def run_variant(variant: str, seed: int, regime: str, evaluate_every: int, state_root: str) -> str:
