@@ -525,16 +525,20 @@ class RunRecord:
     @classmethod
     def read(cls, path: str, run: RunConfig) -> "RunRecord":
         """The record at ``path``; ``ConfigError`` when it cannot be read or was trained with other run keys than
-        ``run``'s (naming them: a record never stands for a run it was not)."""
+        ``run``'s (naming them: a record never stands for a run it was not; a key newer than the record counts as
+        its default)."""
         try:
             with open(path, encoding="utf-8") as f:
                 rec = cls(**json.load(f))
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError(f"run record {path} cannot be read: {e}") from None
         want = _learning_keys(run)
-        changed = sorted(k for k in set(want) | set(rec.run) if want.get(k) != rec.run.get(k))
+        # A key the record lacks was added to the run keys after it was written: its default is what the run had
+        # (a new key changes nothing until it is set).
+        default = _learning_keys(RunConfig())
+        changed = sorted(k for k in set(want) | set(rec.run) if want.get(k) != rec.run.get(k, default.get(k)))
         if changed:
-            diff = ", ".join(f"{k} {rec.run.get(k)!r} there, {want.get(k)!r} here" for k in changed)
+            diff = ", ".join(f"{k} {rec.run.get(k, default.get(k))!r} there, {want.get(k)!r} here" for k in changed)
             raise ConfigError(f"run record {path} was trained with other run keys ({diff}): restore them, or remove "
                               "the record to train the run again")  # fmt: skip
         # Records written before the structure was per method hold every method's counts: their method's decide.

@@ -196,6 +196,17 @@ records = "{tmp_path / 'runs'}"
     again = (tmp_path / "tta.md").read_text()
     assert re.findall(r"^speedup vs .*$", again, re.M) == lines and not (tmp_path / "state").exists()
 
+    # A run key newer than a record reads as its default there: the record still stands while the key is unset.
+    for p in (tmp_path / "runs").rglob("*.json"):
+        rec = json.loads(p.read_text())
+        p.write_text(json.dumps(dict(rec, run={k: v for k, v in rec["run"].items() if k != "eval-precision"})))
+    assert main(["experiment", "--config", path, "--resume"]) == 0
+    assert re.findall(r"^speedup vs .*$", (tmp_path / "tta.md").read_text(), re.M) == lines
+    (tmp_path / "exp.toml").write_text((tmp_path / "exp.toml").read_text().replace("lr = 1e-2", "lr = 1e-2\n"
+                                                                                   "eval-precision = \"bf16\""))
+    with pytest.raises(ConfigError, match=r"was trained with other run keys \(eval-precision 'fp32' there, 'bf16' here\)"):
+        experiment.run_experiment(path, resume=True)
+    (tmp_path / "exp.toml").write_text((tmp_path / "exp.toml").read_text().replace("\neval-precision = \"bf16\"", ""))
     # A record never stands for a run with other learning keys.
     (tmp_path / "exp.toml").write_text((tmp_path / "exp.toml").read_text().replace("lr = 1e-2", "lr = 2e-2"))
     with pytest.raises(ConfigError, match=r"flux\.json was trained with other run keys \(lr 0\.01 there, 0\.02 here\)"):
