@@ -794,9 +794,9 @@ def regimes_report(runs: Sequence[LearningRun], exp: ExperimentConfig, config_pa
             lines.append(f"speedup vs {b}: {tta.factors(results, b).text()}")
         lines += ["", "Against the goals:", "", tta.verdict(reg, per_seed, results, nets, first.num_rounds)]
         done = {m_: [rs[m_].curve for rs in per_seed.values() if m_ in rs and rs[m_].finished] for m_ in methods}
-        n = first.num_rounds
+        late = tta.late_rounds(first.num_rounds)
         for title, stat in (("Final mean accuracy", lambda c: c[-1]),
-                            (f"Mean accuracy over rounds {n // 2 + 1}-{n}", tta.late_accuracy)):
+                            (f"Mean accuracy over rounds {late[0]}-{late[-1]}", tta.late_accuracy)):
             lines += ["", f"{title}, median over finished seeds: " + (", ".join(
                 f"{m_} {statistics.median(stat(c) for c in v):.4f}" for m_, v in done.items() if v) or "not measured")]
         lines.append("")

@@ -279,7 +279,8 @@ def verdict(reg: Regime, per_seed: Mapping[int, Mapping[str, Run]], results: Seq
                      f"+-{100 * band:.1f} points)")  # fmt: skip
         pairs = {s: (late_accuracy(rs["flux"].curve), late_accuracy(rs[REFERENCE].curve)) for s, rs in
                  sorted(per_seed.items()) if all(m in rs and rs[m].finished for m in ("flux", REFERENCE))}  # fmt: skip
-        lines.append(f"- mean accuracy over rounds {rounds // 2 + 1}-{rounds} (the second half of the run: a round's "
+        late = late_rounds(rounds)
+        lines.append(f"- mean accuracy over rounds {late[0]}-{late[-1]} (the second half of the run: a round's "
                      f"accuracy moves by more than one evaluation's band from round to round), flux minus {REFERENCE}: "
                      + ", ".join(f"seed {s} {100 * (a - r):+.1f}" for s, (a, r) in pairs.items())
                      + f" points; median flux {statistics.median(a for a, _ in pairs.values()):.4f}, {REFERENCE} "
@@ -289,10 +290,15 @@ def verdict(reg: Regime, per_seed: Mapping[int, Mapping[str, Run]], results: Seq
     return "\n".join(lines)
 
 
+def late_rounds(rounds: int) -> range:
+    """The second half of a run of ``rounds`` rounds: ``rounds // 2 + 1 .. rounds``."""
+    return range(rounds // 2 + 1, rounds + 1)
+
+
 def late_accuracy(curve: Sequence[float]) -> float:
-    """Mean of the evaluated accuracies of rounds ``n // 2 + 1 .. n`` of a curve over rounds ``0 .. n`` (NaN when
-    none of them was evaluated)."""
-    late = [a for a in curve[(len(curve) - 1) // 2 + 1 :] if not math.isnan(a)]
+    """Mean of the evaluated accuracies of ``late_rounds(n)`` of a curve over rounds ``0 .. n`` (NaN when none of
+    them was evaluated)."""
+    late = [a for a in (curve[r] for r in late_rounds(len(curve) - 1)) if not math.isnan(a)]
     return sum(late) / len(late) if late else math.nan
 
 
