@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from flux_engine import experiment, provenance
+from flux_engine import experiment, provenance, tta
 from flux_engine.fileio import atomic_write
 
 CONFIG = "bench/configs/tta.toml"
@@ -113,14 +113,19 @@ def _patch_user_weighted() -> None:
     strategy.aggregate = aggregate
 
 
+def _learning_run(runs: List[Any], regime: str, seed: int, method: str) -> Any:
+    """The experiment's learning run of ``method`` (shared methods run once per seed for every regime)."""
+    lr = next((r for r in runs if r.seed == seed and r.method == method and r.regime in (regime, "")), None)
+    if lr is None:
+        raise SystemExit(f"{CONFIG} has no {method} run for regime {regime!r} and seed {seed}")
+    return lr
+
+
 def run_variant(variant: str, seed: int, regime: str, evaluate_every: int, state_root: str) -> str:
     from flux_engine.federated.simulation import run_local
 
     raw, exp = experiment.load(CONFIG)
-    lr = next((r for r in experiment.learning_runs(raw, exp) if (r.regime, r.seed, r.method) == (regime, seed, "flux")),
-              None)  # fmt: skip
-    if lr is None:
-        raise SystemExit(f"{CONFIG} has no Flux run for regime {regime!r} and seed {seed}")
+    lr = _learning_run(experiment.learning_runs(raw, exp), regime, seed, "flux")
     state_dir = os.path.join(state_root, f"{variant}-{regime}-seed{seed}")
     run = dataclasses.replace(lr.run, state_dir=state_dir, evaluate_every=evaluate_every,
                               resume=os.path.exists(os.path.join(state_dir, "latest.json")))  # fmt: skip
@@ -142,12 +147,12 @@ def run_variant(variant: str, seed: int, regime: str, evaluate_every: int, state
 
 def _points(history: List[Dict[str, Any]]) -> Dict[int, Any]:
     """``{round: (mean accuracy, eval loss)}`` of the evaluated rounds."""
-    return {h["round"]: (sum(h["accuracy"].values()) / len(h["accuracy"]), h["eval_loss"])
-            for h in history if h.get("accuracy")}  # fmt: skip
+    return {h["round"]: (tta.mean_accuracy(h), h["eval_loss"]) for h in history if h.get("accuracy")}
 
 
 def report() -> str:
     raw, exp = experiment.load(CONFIG)
+    runs = experiment.learning_runs(raw, exp)
     lines = ["# Where Flux's accuracy gap comes from: one mechanism changed at a time", "",
              f"Runs of `bench/flux_diagnostics.py` (its docstring defines the variants) beside the records of "
              f"`{CONFIG}` (`{exp.records}`) for the same seed; the same model, data, structure and keys as the "
@@ -159,12 +164,10 @@ def report() -> str:
         p = d["provenance"]
         rows = {d["variant"]: _points(d["history"])}
         for method in ("flux", "fedavg-lora"):
-            folder = d["regime"] if method == "flux" else "shared"
-            rec = os.path.join(exp.records, "smollm2-llama-moe-mini", folder, f"seed{d['seed']}", f"{method}.json")
-            with open(rec, encoding="utf-8") as f:
-                rows[method] = _points(json.load(f)["history"])
+            lr = _learning_run(runs, d["regime"], d["seed"], method)
+            rows[method] = _points(experiment.RunRecord.read(experiment.record_path(exp, lr), lr.run).history)
         rounds = sorted(rows[d["variant"]])
-        late = [r for r in rounds if r > rounds[-1] // 2]
+        late = [r for r in rounds if r in tta.late_rounds(rounds[-1])]
         lines += [f"## {d['variant']}, {d['regime']}, seed {d['seed']}", "",
                   f"- command: `{p['command']}`; {d['seconds'] / 60:.0f} min",
                   f"- device: {p['device']}; commit {p['commit']}; versions "
