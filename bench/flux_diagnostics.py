@@ -1,20 +1,20 @@
 """Diagnosis of Flux's accuracy gap in bench/configs/tta.toml: one Flux learning run of the experiment with one
-mechanism changed, beside the experiment's records of Flux and FedAvg-LoRA for the same seed. Not an ablation of
-the report (no record, no time model): a question about where the gap comes from.
+mechanism changed, beside the experiment's records of Flux with the paper's average over trainers
+(``flux-trainer-average``: Flux's rule when the gap was found) and FedAvg-LoRA for the same seed. Not an ablation
+of the report (no record, no time model): a question about where the gap comes from.
 
-Variants (each changes one thing, in this process only):
+Variants (each changes one thing of ``flux-trainer-average``, in this process only):
 
 - ``no-merge``: ``B_non = L x E``, so no non-tuning expert is merged (the compact model is the global model; not a
   plan that fits the card). Tests whether the merge is the cause.
 - ``shared-roles``: every client gets the first client's roles (``roles.assign_roles``), so each tuning expert is
   averaged over all clients, as in FedAvg-LoRA and FMES, instead of over the few clients whose roles hold it.
   Merging unchanged. Tests whether the per-client roles are the cause.
-- ``user-weighted``: Flux's roles, but the server averages each expert's update over the clients that *use* it,
-  the trainers with their trained result and the others with a zero update (the global value), each weighted by
-  the tokens it routes to the expert: trainers by their training counts, the others by their first-contact routing
-  frequencies scaled to their round (the routers are frozen). A candidate fix: with clients whose routing avoids
-  each other's experts it is Flux's rule; with uniform routing it is FedAvg over the trained experts. Prototype
-  limits: an expert with no global value yet (its first training, round 1 here) keeps the trainers' average.
+The report also keeps the runs of a third variant, ``user-weighted`` (commits 89f803a to e4bdbdd): a prototype of
+the fix that became ``average-over = "users"``, Flux's default (README, "Averaging over users"). It averaged each
+expert over the clients that use it, the others' routed tokens estimated from their first-contact routing
+frequencies (the run key measures them), and left an expert's first training (round 1) undamped (the run key
+damps it toward the seeded start every client holds).
 
     OMP_NUM_THREADS=1 python bench/flux_diagnostics.py --variant shared-roles --seed 2   # ~30 min on one core
     python bench/flux_diagnostics.py --report     # bench/results/flux_diagnostics.md from the runs' JSON files
@@ -32,7 +32,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any, Dict, List
 
 from flux_engine import experiment, provenance, tta
@@ -40,7 +39,8 @@ from flux_engine.fileio import atomic_write
 
 CONFIG = "bench/configs/tta.toml"
 OUT = "bench/results/flux_diagnostics"
-VARIANTS = ("no-merge", "shared-roles", "user-weighted")
+VARIANTS = ("no-merge", "shared-roles")
+BASE = "flux-trainer-average"  # the experiment's run the variants change one thing of
 
 
 def _patch(variant: str) -> None:
@@ -65,52 +65,6 @@ def _patch(variant: str) -> None:
             return [roles[0]] * len(roles)
 
         strategy.assign_roles = assign_roles
-    else:
-        _patch_user_weighted()
-
-
-def _patch_user_weighted() -> None:
-    import torch
-
-    from flux_engine.federated import strategy
-
-    priors: Dict[str, torch.Tensor] = {}  # the running strategy's first-contact frequencies, per client
-    train = strategy.FluxStrategy.aggregate_train
-    average = strategy.aggregate
-
-    def aggregate_train(self, server_round, replies):
-        priors.clear()
-        priors.update(self.state.utilities.priors)
-        return train(self, server_round, replies)
-
-    def users_share(key, updates) -> float:
-        """The trainers' share of the tokens all clients route to expert ``key``."""
-        l, e = key
-        trained = sum(float(u.token_counts[key]) for u in updates if key in u.tensors)
-        others = 0.0
-        for u in updates:
-            f = priors.get(u.client)
-            if key in u.tensors or f is None:
-                continue
-            # This round's routed tokens per unit of frequency in layer l, from the experts it trained there
-            # (else in any layer): its tokens routed to e are f[l, e] times that.
-            seen = [(k, c) for k, c in u.token_counts.items() if k[0] == l] or list(u.token_counts.items())
-            freq = sum(float(f[k]) for k, _ in seen)
-            if freq > 0:
-                others += float(f[l, e]) * sum(c for _, c in seen) / freq
-        return trained / (trained + others) if trained + others > 0 else 1.0
-
-    def aggregate(global_state, updates, method="weighted", trim=0.25):
-        new, changed = average(global_state, updates, method, trim)
-        for key in changed:
-            if key in global_state:
-                share = users_share(key, updates)
-                new[key] = {n: (g.double() + share * (new[key][n].double() - g.double())).to(g.dtype)
-                            for n, g in global_state[key].items()}  # fmt: skip
-        return new, changed
-
-    strategy.FluxStrategy.aggregate_train = aggregate_train
-    strategy.aggregate = aggregate
 
 
 def _learning_run(runs: List[Any], regime: str, seed: int, method: str) -> Any:
@@ -125,17 +79,16 @@ def run_variant(variant: str, seed: int, regime: str, evaluate_every: int, state
     from flux_engine.federated.simulation import run_local
 
     raw, exp = experiment.load(CONFIG)
-    lr = _learning_run(experiment.learning_runs(raw, exp), regime, seed, "flux")
+    lr = _learning_run(experiment.learning_runs(raw, exp), regime, seed, BASE)
     state_dir = os.path.join(state_root, f"{variant}-{regime}-seed{seed}")
     run = dataclasses.replace(lr.run, state_dir=state_dir, evaluate_every=evaluate_every,
                               resume=os.path.exists(os.path.join(state_dir, "latest.json")))  # fmt: skip
     _patch(variant)
-    t0 = time.perf_counter()
     state = run_local(run)
     import torch
 
     out = {"variant": variant, "regime": regime, "seed": seed, "evaluate_every": evaluate_every,
-           "seconds": time.perf_counter() - t0, "baseline": state.baseline, "history": state.history,
+           "baseline": state.baseline, "history": state.history,
            "provenance": {"device": provenance.device(), "commit": provenance.commit(),
                           "versions": provenance.versions(), "torch_threads": torch.get_num_threads(),
                           "command": provenance.command_line(["python", *sys.argv])}}  # fmt: skip
@@ -156,20 +109,21 @@ def report() -> str:
     lines = ["# Where Flux's accuracy gap comes from: one mechanism changed at a time", "",
              f"Runs of `bench/flux_diagnostics.py` (its docstring defines the variants) beside the records of "
              f"`{CONFIG}` (`{exp.records}`) for the same seed; the same model, data, structure and keys as the "
-             "experiment's Flux run. Mean held-out accuracy / held-out loss at the rounds the variant evaluated.",
+             f"experiment's `{BASE}` run. Mean held-out accuracy / held-out loss at the rounds the variant evaluated.",
              ""]  # fmt: skip
     for path in sorted(glob.glob(os.path.join(OUT, "*.json"))):
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
         p = d["provenance"]
         rows = {d["variant"]: _points(d["history"])}
-        for method in ("flux", "fedavg-lora"):
+        for method in (BASE, "fedavg-lora"):
             lr = _learning_run(runs, d["regime"], d["seed"], method)
             rows[method] = _points(experiment.RunRecord.read(experiment.record_path(exp, lr), lr.run).history)
         rounds = sorted(rows[d["variant"]])
         late = [r for r in rounds if r in tta.late_rounds(rounds[-1])]
         lines += [f"## {d['variant']}, {d['regime']}, seed {d['seed']}", "",
-                  f"- command: `{p['command']}`; {d['seconds'] / 60:.0f} min",
+                  f"- command: `{p['command']}`; {sum(h['seconds'] for h in d['history']) / 60:.0f} min of rounds "
+                  "(the commit below is that of the call that finished it)",
                   f"- device: {p['device']}; commit {p['commit']}; versions "
                   + ", ".join(f"{k} {v}" for k, v in sorted(p["versions"].items())), "",
                   "| run | " + " | ".join(f"round {r}" for r in rounds) + f" | mean of rounds {late[0]}-{late[-1]} |",

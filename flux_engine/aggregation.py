@@ -6,7 +6,10 @@ An update is what one client trained this round, keyed by ``ExpertKey = (moe_lay
 
 - ``tensors[key]``: the expert's trainable tensors, by name. Full mode: ``gate_up [2I, H]``, ``down [H, I]``.
   LoRA mode (rank r): ``gate_up_A [r, H]``, ``gate_up_B [2I, r]``, ``down_A [r, I]``, ``down_B [H, r]``;
-- ``token_counts[key]``: tokens the client routed to that expert while training (the averaging weight).
+- ``token_counts[key]``: tokens the client routed to that expert while training (the averaging weight);
+- ``routed [L, E]`` (optional): tokens it routed to every expert while training, trained or not (a merged expert
+  serves the tokens routed to each expert of its group), so that the server knows who *uses* an expert it did not
+  train (``aggregate``'s ``over="users"``).
 
 Clients upload fp32 (section 5); averages are accumulated in float64 and stored back in the global tensor's dtype.
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -33,6 +36,9 @@ LORA_NAMES = ("gate_up_A", "gate_up_B", "down_A", "down_B")
 # (Yin et al., 2018: drops the ``trim`` fraction of largest and smallest values per coordinate), or the token-weighted
 # mean of updates whose distance to the global tensor is clipped to the round's median distance (Sun et al., 2019).
 AGGREGATIONS = ("weighted", "trimmed-mean", "norm-clip")
+# Whom an expert's average is over (run key ``average-over``): the clients that trained it (the paper's rule), or
+# the clients that routed tokens to it, those that did not train it contributing the value they hold (``aggregate``).
+AVERAGE_OVER = ("trainers", "users")
 
 
 def flat_tensors(state: Update, prefix: str = "") -> Dict[str, torch.Tensor]:
@@ -71,6 +77,7 @@ class ClientUpdate:
     tensors: Update
     token_counts: Dict[ExpertKey, int]
     utilities: Optional[torch.Tensor] = None  # [L, E] float64, NaN where the client measured nothing
+    routed: Optional[torch.Tensor] = None  # [L, E] tokens routed to every expert (trained or not); None: not reported
 
 
 def validate_update(
@@ -83,7 +90,8 @@ def validate_update(
     """Raise ``UpdateError`` unless every trained expert is a known ``(layer, expert)`` with exactly the tensor
     names of ``shapes``, each a floating-point tensor of that shape, finite, and a token count that is an int in
     ``[0, max_tokens]`` (``max_tokens``: the most tokens a client can route to one expert in a round); utilities,
-    when given, must pass ``check_utilities``."""
+    when given, must pass ``check_utilities``; routed counts, when given, must be integers in ``[0, max_tokens]`` of
+    shape ``[num_layers, num_experts]`` that agree with the token counts of the experts it trained."""
     who = f"client {update.client}"
     if set(update.token_counts) != set(update.tensors):
         extra = sorted(set(update.token_counts) ^ set(update.tensors))
@@ -118,6 +126,21 @@ def validate_update(
             )
     if update.utilities is not None:
         check_utilities(update.utilities, num_layers, num_experts, who)
+    if update.routed is not None:
+        _check_routed(update, num_layers, num_experts, max_tokens, who)
+
+
+def _check_routed(update: ClientUpdate, num_layers: int, num_experts: int, max_tokens: Optional[int], who: str) -> None:
+    r = update.routed
+    if not isinstance(r, torch.Tensor) or r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
+        raise UpdateError(f"{who}: routed counts must be an integer tensor, got {getattr(r, 'dtype', type(r))}")
+    if tuple(r.shape) != (num_layers, num_experts):
+        raise UpdateError(f"{who}: routed counts have shape {tuple(r.shape)}, expected {(num_layers, num_experts)}")
+    if bool((r < 0).any()) or (max_tokens is not None and bool((r > max_tokens).any())):
+        raise UpdateError(f"{who}: routed counts must lie in [0, {max_tokens}] (local-steps x batch-size x seq-len)")
+    wrong = sorted(k for k, n in update.token_counts.items() if int(r[k]) != n)
+    if wrong:
+        raise UpdateError(f"{who}: routed counts disagree with the token counts of trained experts {wrong}")
 
 
 def check_utilities(u: torch.Tensor, num_layers: int, num_experts: int, who: str) -> None:
@@ -176,8 +199,26 @@ def screen_updates(
     return kept, rejected
 
 
+def user_shares(updates: Sequence[ClientUpdate]) -> Dict[ExpertKey, float]:
+    """Per trained expert ``e``: ``s_e = sum_{i trained e} n_ie / (sum_{i trained e} n_ie + sum_{i did not} r_ie)``,
+    the share of the tokens this round's clients routed to ``e`` that its trainers routed (``n``: token counts,
+    ``r``: routed counts; a client that reports none routed nothing to experts it did not train). 1 when nobody
+    routed any token to it."""
+    shares = {}
+    for key in sorted({k for u in updates for k in u.tensors}):
+        trained = sum(float(u.token_counts[key]) for u in updates if key in u.tensors)
+        others = sum(float(u.routed[key]) for u in updates if key not in u.tensors and u.routed is not None)
+        shares[key] = trained / (trained + others) if trained + others > 0 else 1.0
+    return shares
+
+
 def aggregate(
-    global_state: Update, updates: Sequence[ClientUpdate], method: str = "weighted", trim: float = 0.25
+    global_state: Update,
+    updates: Sequence[ClientUpdate],
+    method: str = "weighted",
+    trim: float = 0.25,
+    over: str = "trainers",
+    initial: Optional[Callable[[ExpertKey], ExpertTensors]] = None,
 ) -> Tuple[Update, List[ExpertKey]]:
     """Per expert, over the clients that trained it (``AGGREGATIONS``):
 
@@ -190,10 +231,24 @@ def aggregate(
       coordinate-wise median of the trainers' tensors for an expert with none yet) and each difference is scaled
       down to at most the median difference norm of the expert's trainers.
 
+    ``over="users"`` (``AVERAGE_OVER``) averages over the clients that *use* the expert instead: those that routed
+    tokens to it this round, a client that did not train it contributing the value ``W_e`` it holds (the global
+    value; ``initial(key)`` for an expert with none yet: the start every client gives it), weighted by its routed
+    count. For the token-weighted average that is ``W_e + s_e (avg_e - W_e)``, with ``avg_e`` the trainers' average
+    and ``s_e`` their share of the expert's tokens (``user_shares``); the same damping is applied to the other
+    rules' ``avg_e``. Where every user trained the expert (FedAvg: every client trains every expert), or an
+    expert's users avoid each other's experts, it is the trainers' rule; where routing is spread evenly and roles
+    split the experts between clients, an expert moves by its trainers' share of the federation's use of it
+    instead of by one small subset's whole update (README, "Averaging over users": a deviation from the paper,
+    measured). An expert with no global value and no ``initial`` keeps its trainers' average.
+
     Experts nobody trained keep their global value. Returns the new global state (a new dict; untouched entries are
     shared) and the keys that changed. Updates must have passed ``validate_update``."""
     if method not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {method!r}")
+    if over not in AVERAGE_OVER:
+        raise ValueError(f"average-over must be one of {AVERAGE_OVER}, got {over!r}")
+    shares = user_shares(updates) if over == "users" else {}
     trainers: Dict[ExpertKey, List[ClientUpdate]] = {}
     for u in updates:
         for key in u.tensors:
@@ -218,6 +273,10 @@ def aggregate(
                 value = center + torch.einsum("n,n...->...", w * scale, diff)
             else:
                 value = torch.einsum("n,n...->...", w, stacked)
+            held = current if current is not None else (initial(key)[name] if initial is not None else None)
+            if shares.get(key, 1.0) < 1.0 and held is not None:  # 1: every user trained it (exactly the trainers')
+                held = held.to(torch.float64)
+                value = held + shares[key] * (value - held)
             avg[name] = value.to(dtype)
         out[key] = avg
     return out, sorted(trainers)

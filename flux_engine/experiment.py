@@ -17,8 +17,9 @@ run kept as a JSON record (``records``) from which the report is rebuilt.
 
 Ablations of Flux, each an extra method when switched on: ``flux-no-stale`` (profiling on the critical path),
 ``flux-uniform-budgets`` (equal merged experts per layer instead of Eq. 1), ``flux-freq-merge`` (Eq. 2 with
-``alpha_e = f_e``), ``flux-fixed-eps`` (eps fixed) and ``flux-no-exploration`` (eps = 1: every tuning slot by
-utility).
+``alpha_e = f_e``), ``flux-fixed-eps`` (eps fixed), ``flux-no-exploration`` (eps = 1: every tuning slot by
+utility) and ``flux-trainer-average`` (each expert averaged over the clients that trained it, the paper's rule,
+instead of over those that route tokens to it: ``average-over``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from flux_engine.fileio import atomic_write
 if TYPE_CHECKING:
     from flux_engine import tta
 
-ABLATIONS = ("flux-no-stale", "flux-uniform-budgets", "flux-freq-merge", "flux-fixed-eps", "flux-no-exploration")
+ABLATIONS = ("flux-no-stale", "flux-uniform-budgets", "flux-freq-merge", "flux-fixed-eps", "flux-no-exploration",
+             "flux-trainer-average")  # fmt: skip
 
 
 @dataclass
@@ -62,6 +64,7 @@ class ExperimentConfig:
     frequency_only_merge: bool = False
     fixed_eps: float = -1.0  # >= 0: the flux-fixed-eps ablation with eps fixed at this value
     no_exploration: bool = False
+    trainer_average: bool = False
     # Models: presets to run (default: the run's own), and per preset the run keys that differ.
     presets: List[str] = field(default_factory=list)
     preset_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
@@ -139,7 +142,7 @@ class ExperimentConfig:
     def method_names(self) -> List[str]:
         """The methods to run, then the ablations switched on."""
         switches = (self.no_stale_profiling, self.uniform_merge_budgets, self.frequency_only_merge,
-                    self.fixed_eps >= 0, self.no_exploration)  # fmt: skip
+                    self.fixed_eps >= 0, self.no_exploration, self.trainer_average)  # fmt: skip
         return list(self.methods) + [name for name, on in zip(ABLATIONS, switches) if on]
 
     def time_model(self) -> timemodel.TimeModel:
@@ -177,6 +180,7 @@ def method_run(run: RunConfig, name: str, exp: ExperimentConfig, state_dir: str)
             "flux-freq-merge": {"merge_weighting": "freq"},
             "flux-fixed-eps": {"eps_fixed": exp.fixed_eps},
             "flux-no-exploration": {"eps_fixed": 1.0},
+            "flux-trainer-average": {"average_over": "trainers"},
         }[name])  # fmt: skip
     return dataclasses.replace(run, **changes)
 
@@ -445,12 +449,19 @@ class LearningRun:
 
 # Run keys that do not change what a run learns: where it keeps its state and how it was cut into chunks.
 _NOT_LEARNING = ("state-dir", "resume", "stop-after")
+# Run keys added with a default other than what the code did before them: a record without one was trained with
+# the value here, not with today's default.
+_BEFORE_KEY = {"average-over": "trainers"}
 
 
 def _learning_keys(run: RunConfig) -> Dict[str, Any]:
     """The run keys a record must share with the config that reads it (the warm-start checkpoint by its file name,
     which carries its content hash, since the cache folder differs between machines)."""
     keys = {k: v for k, v in run.to_flower().items() if k not in _NOT_LEARNING}
+    if run.method != "flux":
+        # A baseline's client routes only to experts it trains (FMES masks the dropped ones out of the router), so
+        # its users are its trainers and average-over changes nothing.
+        keys.pop("average-over")
     keys["checkpoint"] = os.path.basename(os.path.normpath(keys["checkpoint"])) if keys["checkpoint"] else ""
     return keys
 
@@ -534,8 +545,8 @@ class RunRecord:
             raise ConfigError(f"run record {path} cannot be read: {e}") from None
         want = _learning_keys(run)
         # A key the record lacks was added to the run keys after it was written: its default is what the run had
-        # (a new key changes nothing until it is set).
-        default = _learning_keys(RunConfig())
+        # (a new key changes nothing until it is set), unless the key came with a new behaviour as its default.
+        default = {**_learning_keys(RunConfig()), **_BEFORE_KEY}
         changed = sorted(k for k in set(want) | set(rec.run) if want.get(k) != rec.run.get(k, default.get(k)))
         if changed:
             diff = ", ".join(f"{k} {rec.run.get(k, default.get(k))!r} there, {want.get(k)!r} here" for k in changed)

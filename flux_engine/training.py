@@ -84,7 +84,10 @@ class TrainResult:
     ``gate_up_A [r, H]``, ``gate_up_B [2I, r]``, ``down_A [r, I]``, ``down_B [H, r]`` for the targets present);
     ``token_counts``: non-padding tokens routed to each tuning expert over the round; ``utilities``: ``[L, E_orig]``
     float64 Eq. 3 (micro-batch form, first pass over the data) for tuning experts, NaN elsewhere; ``losses``: the
-    mean loss of every optimizer step; ``tokens``: non-padding tokens forwarded."""
+    mean loss of every optimizer step; ``tokens``: non-padding tokens forwarded; ``routed``: int64 ``[L, E_orig]``
+    non-padding (token, slot) pairs the routers sent to each original expert over the round, trained or not (a
+    merged expert serves those of its group: the routers are remapped, not retrained), so ``routed[k] ==
+    token_counts[k]`` for the tuning experts."""
 
     trained: ExpertState
     token_counts: Dict[ExpertKey, int]
@@ -93,6 +96,7 @@ class TrainResult:
     steps: int
     tokens: int
     seconds: float
+    routed: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,6 +138,15 @@ def _tuned_layers(model: nn.Module, tuning: Sequence[Sequence[int]]) -> List[Tup
 def _expert_generator(seed: int, layer: int, expert: int) -> torch.Generator:
     # Keyed by the expert, not its slot: every client starts an expert from the same factors for a given seed.
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(layer)) * 1_000_003 + int(expert))
+
+
+def initial_adapters(seed: int, key: ExpertKey, hidden: int, intermediate: int, rank: int) -> Dict[str, torch.Tensor]:
+    """The LoRA factors every client starts expert ``key`` from (``attach_tuning`` with ``TrainConfig.seed`` =
+    ``seed``, default targets, before any step), by ``TrainResult.trained`` names: what each client holds for an
+    expert no round has trained yet (the server's average over users, ``aggregation.aggregate``)."""
+    lora = ExpertLoRAAdapter(torch.zeros(1, dtype=torch.int32), hidden, intermediate, rank, alpha=float(rank))
+    lora.reset_slot(0, _expert_generator(seed, *key))
+    return {f"{t}_{f}": getattr(lora, f"{t}_{f}")[0].detach().clone() for t in lora.targets for f in "AB"}
 
 
 def attach_tuning(
@@ -406,7 +419,7 @@ def train_round(
         utilities[l, experts] = all_util[l, experts]
         token_counts.update({(l, int(e)): int(counts[l, e]) for e in experts})
     return TrainResult(tuning_state(model), token_counts, utilities, losses, len(losses), tokens,
-                       time.perf_counter() - start)  # fmt: skip
+                       time.perf_counter() - start, counts.to(torch.int64))  # fmt: skip
 
 
 def _micro_batch_loss(model: nn.Module, mb: MicroBatch, step_targets: int, aux_coef: float):

@@ -1,11 +1,20 @@
 """Per-expert aggregation, update validation and the utility table (flux_engine.aggregation)."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from flux_engine.aggregation import ClientUpdate, UpdateError, UtilityTable, aggregate, expert_shapes, validate_update
+from flux_engine.aggregation import (
+    ClientUpdate,
+    UpdateError,
+    UtilityTable,
+    aggregate,
+    expert_shapes,
+    user_shares,
+    validate_update,
+)
 
 L, E, H, I, R = 2, 4, 6, 5, 2
 LORA = expert_shapes(H, I, R)
@@ -87,6 +96,74 @@ def test_validate_rejects_bad_updates(mutate, message):
     with pytest.raises(UpdateError, match="client client-7") as e:
         validate_update(u, FULL, L, E)
     assert message in str(e.value)
+
+
+def _routed(counts):
+    """``[L, E]`` int64 routed counts from ``{key: tokens}``."""
+    r = torch.zeros(L, E, dtype=torch.int64)
+    for k, n in counts.items():
+        r[k] = n
+    return r
+
+
+@pytest.mark.parametrize(
+    "routed, message",
+    [
+        (torch.zeros(L, E), "routed counts must be an integer tensor"),
+        (torch.zeros(L, E + 1, dtype=torch.int64), "routed counts have shape (2, 5), expected (2, 4)"),
+        (_routed({(0, 1): 3, (1, 2): -1}), "routed counts must lie in [0, 100]"),
+        (_routed({(0, 1): 3, (1, 2): 101}), "routed counts must lie in [0, 100]"),
+        (_routed({(0, 1): 4}), "routed counts disagree with the token counts of trained experts [(0, 1)]"),
+    ],
+)
+def test_validate_rejects_bad_routed_counts(routed, message):
+    u = _update("client-7", {(0, 1): (1.0, 3)})
+    validate_update(dataclasses.replace(u, routed=_routed({(0, 1): 3, (1, 2): 100})), FULL, L, E, max_tokens=100)
+    with pytest.raises(UpdateError, match="client client-7") as e:
+        validate_update(dataclasses.replace(u, routed=routed), FULL, L, E, max_tokens=100)
+    assert message in str(e.value)
+
+
+def test_average_over_users_damps_by_the_trainers_share_of_routed_tokens():
+    """Client a trains (0, 1) on 30 tokens, b trains it on 10, c routes 40 tokens to it without training it and d
+    reports no routing: over users (a, b, c) the expert moves by (30 + 10) / 80 of the trainers' average step."""
+    g = torch.Generator().manual_seed(1)
+    glob, a, b = ({n: torch.randn(s, generator=g) for n, s in LORA.items()} for _ in range(3))
+    updates = [
+        ClientUpdate("a", {(0, 1): a}, {(0, 1): 30}, routed=_routed({(0, 1): 30, (1, 0): 7})),
+        ClientUpdate("b", {(0, 1): b}, {(0, 1): 10}, routed=_routed({(0, 1): 10})),
+        ClientUpdate("c", {}, {}, routed=_routed({(0, 1): 40, (1, 0): 9})),
+        ClientUpdate("d", {}, {}),
+    ]
+    assert user_shares(updates) == {(0, 1): 0.5}
+    trainers, _ = aggregate({(0, 1): glob}, updates)
+    users, changed = aggregate({(0, 1): glob}, updates, over="users")
+    assert changed == [(0, 1)]
+    for n in LORA:
+        torch.testing.assert_close(trainers[(0, 1)][n], 0.75 * a[n] + 0.25 * b[n])
+        torch.testing.assert_close(users[(0, 1)][n], glob[n] + 0.5 * (trainers[(0, 1)][n] - glob[n]))
+    # No global value yet: the users hold the start every client gives the expert (initial); without one, the
+    # trainers' average.
+    start = {n: torch.full(s, 2.0) for n, s in LORA.items()}
+    first, _ = aggregate({}, updates, over="users", initial=lambda key: start)
+    alone, _ = aggregate({}, updates, over="users")
+    for n in LORA:
+        torch.testing.assert_close(first[(0, 1)][n], 2.0 + 0.5 * (trainers[(0, 1)][n] - 2.0))
+        assert torch.equal(alone[(0, 1)][n], trainers[(0, 1)][n])
+
+
+def test_average_over_users_is_the_trainers_rule_when_every_user_trains():
+    """FedAvg's case (every client trains every expert it routes to): bit-identical to the trainers' rule."""
+    g = torch.Generator().manual_seed(2)
+    glob = {(0, 1): {n: torch.randn(s, generator=g) for n, s in LORA.items()}}
+    updates = [ClientUpdate(c, {(0, 1): {n: torch.randn(s, generator=g) for n, s in LORA.items()}}, {(0, 1): n},
+                            routed=_routed({(0, 1): n})) for c, n in (("a", 3), ("b", 17))]  # fmt: skip
+    for method in ("weighted", "trimmed-mean", "norm-clip"):
+        trainers, _ = aggregate(glob, updates, method)
+        users, _ = aggregate(glob, updates, method, over="users")
+        assert all(torch.equal(users[(0, 1)][n], trainers[(0, 1)][n]) for n in LORA)
+    with pytest.raises(ValueError, match="average-over must be one of"):
+        aggregate(glob, updates, over="everyone")
 
 
 @pytest.mark.parametrize("key", [(L, 0), (0, E), (-1, 0)])

@@ -378,3 +378,24 @@ def test_records_name_the_start_weights(tmp_path):
     run = RunConfig.from_mapping({"checkpoint": str(folder)})
     assert experiment._start_weights(run) == hashlib.sha256(b"firstsecond").hexdigest()[:16]
     assert experiment._start_weights(RunConfig.from_mapping({"preset": "tiny"})) == ""
+
+
+def test_records_before_average_over_were_trained_over_trainers(tmp_path):
+    """``average-over`` came with a new default ("users"): a Flux record without the key was trained over
+    trainers, so it stands for the flux-trainer-average ablation and not for Flux; a baseline's users are its
+    trainers, so its records stand either way."""
+    exp = experiment.ExperimentConfig(methods=["flux", "fedavg-lora", "fmes"], trainer_average=True)
+    base = RunConfig.from_mapping({"preset": "tiny"})
+    runs = {m: experiment.method_run(base, m, exp, str(tmp_path / m)) for m in exp.method_names()}
+    assert (runs["flux"].average_over, runs["flux-trainer-average"].average_over) == ("users", "trainers")
+    for method, run in runs.items():
+        keys = experiment._learning_keys(run)
+        assert ("average-over" in keys) == (method.startswith("flux"))
+        old = {k: v for k, v in keys.items() if k != "average-over"}  # as written before the key existed
+        path = str(tmp_path / f"{method}.json")
+        experiment.RunRecord(1, [], {}, old, {}, {}).write(path)
+        if method == "flux":
+            with pytest.raises(ConfigError, match=r"other run keys \(average-over 'trainers' there, 'users' here\)"):
+                experiment.RunRecord.read(path, run)
+        else:
+            assert experiment.RunRecord.read(path, run).run == old

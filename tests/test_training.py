@@ -12,6 +12,7 @@ from flux_engine.training import (
     TrainConfig,
     attach_tuning,
     detach_tuning,
+    initial_adapters,
     load_expert_weights,
     routed_subset,
     train_round,
@@ -142,6 +143,8 @@ def test_utilities_token_counts_and_determinism():
             for l, r in enumerate(model(ids, return_routers=True).routers):
                 want[l] += torch.bincount(r.ids.reshape(-1).long(), minlength=8)
     assert a.token_counts == {(0, 0): 2 * int(want[0, 0]), (0, 3): 2 * int(want[0, 3]), (1, 5): 2 * int(want[1, 5])}
+    # Routed counts: the same for every expert, trained or not.
+    assert a.routed.dtype == torch.int64 and torch.equal(a.routed, 2 * want)
 
 
 def test_utilities_match_roles_microbatch_form():
@@ -193,12 +196,26 @@ def test_merged_model_activation_checkpointing_steps_and_lm_batch_dicts():
         assert not m.gradient_checkpointing
     # Steps of one 2-row micro-batch, cycling over the data: rows 0-1, 2-3, 0-1.
     assert results[0].steps == 3 and results[0].tokens == 2 * int(mask[:2].sum()) + int(mask[2:].sum())
+    # Every non-padding token is routed to top-k original experts in every layer, merged or not.
+    k = model.config.num_experts_per_tok
+    assert results[0].routed.sum(1).tolist() == [results[0].tokens * k] * 2
     assert all(abs(a - b) < 1e-6 for a, b in zip(results[0].losses, results[1].losses))
     with pytest.raises(ValueError, match="merge a model without LoRA or tuned experts"):
         merging.merge(m, profile, TUNING, [2, 3])
     # The load-balancing term (about 1 per layer) is added to the reported loss when asked for.
     aux = train_round(copy.deepcopy(compact), TUNING, data, TrainConfig(steps=1, micro_batch_size=2, aux_loss_coef=0.5))
     assert 0.3 < aux.losses[0] - results[0].losses[0] < 1.5
+
+
+def test_initial_adapters_are_every_clients_start():
+    model = tiny_model()
+    attach_tuning(model, TUNING, TrainConfig(rank=4, seed=3))
+    start = tuning_state(model)
+    H, I = model.config.hidden_size, model.config.moe_intermediate_size
+    for key, tensors in start.items():
+        want = initial_adapters(3, key, H, I, 4)
+        assert set(want) == set(tensors) and all(torch.equal(want[n], t) for n, t in tensors.items())
+    assert not torch.equal(initial_adapters(4, (0, 0), H, I, 4)["gate_up_A"], start[(0, 0)]["gate_up_A"])
 
 
 def test_init_and_load_expert_weights():

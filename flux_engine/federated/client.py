@@ -333,14 +333,17 @@ def first_profile(rt: ClientRuntime) -> Any:
 
 
 def _train_reply(rt: ClientRuntime, result: Any, utilities: torch.Tensor, t0: float, times: Dict[str, float]):
-    """The train reply: trained tensors, routed-token counts, utilities and metrics, with the measured terms of
-    the time model (``times``: profile-seconds, profile-stale, merge-seconds, explore-seconds, pcie-bytes)."""
+    """The train reply: trained tensors, routed-token counts (of the trained experts, and of every expert), utilities
+    and metrics, with the measured terms of the time model (``times``: profile-seconds, profile-stale,
+    merge-seconds, explore-seconds, pcie-bytes)."""
     losses = [float(x) for x in result.losses]
     return RecordDict(
         {
             "update": wire.pack_tensors(result.trained),
             "token_counts": wire.pack_counts({k: int(result.token_counts.get(k, 0)) for k in result.trained}),
             "utilities": ArrayRecord({"utilities": utilities}),
+            # Who uses which expert, trained or not (the server's average-over "users").
+            "routed": ArrayRecord({"routed": result.routed}),
             "metrics": MetricRecord(
                 {
                     "train-loss": sum(losses) / len(losses) if losses else float("nan"),

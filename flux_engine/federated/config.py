@@ -120,6 +120,10 @@ class RunConfig:
     update_norm_bound: float = 10.0
     aggregation: str = "weighted"
     trim_fraction: float = 0.25
+    # Whom each expert's average is over: "users", the clients that routed tokens to it this round, those that did
+    # not train it contributing the value they hold (README, "Averaging over users"), or "trainers",
+    # only the clients that trained it (the paper's rule). The same where every client trains every expert.
+    average_over: str = "users"
     # Server checkpoints.
     state_dir: str = "flux-state"
     resume: bool = False
@@ -130,7 +134,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         """Range-check every key before anything is built: a bad value fails here, naming its key, instead of
         failing every client in every round."""
-        from flux_engine.aggregation import AGGREGATIONS
+        from flux_engine.aggregation import AGGREGATIONS, AVERAGE_OVER
         from flux_engine.baselines import ALLOCATIONS
         from flux_engine.data.federated import SCHEMES
         from flux_engine.evaluation import PRECISIONS
@@ -141,7 +145,7 @@ class RunConfig:
                    "fmes_allocation": ALLOCATIONS, "loss_on": ("all", "answer"), "merge_weighting": WEIGHTINGS,
                    "explore_mode": ("zo", "train"), "profile_bits": (0, 4, 8), "fmq_bits": (4, 8),
                    "tokenizer": ("bytes", "smollm2"), "partition": SCHEMES,
-                   "aggregation": AGGREGATIONS, "eval_precision": PRECISIONS}  # fmt: skip
+                   "aggregation": AGGREGATIONS, "average_over": AVERAGE_OVER, "eval_precision": PRECISIONS}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_key(name)} must be one of {allowed}, got {getattr(self, name)!r}")

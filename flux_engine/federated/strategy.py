@@ -14,8 +14,10 @@ A round r (``start``):
    was sent to: the SuperLink answers for a lost SuperNode with an error of its own), reject updates with a
    malformed field, that fail validation (shapes, finite values, token counts a client cannot have routed), touch
    experts the client was not assigned or hold a tensor far larger than its reference (``update-norm-bound``),
-   average the rest per expert (``aggregation``); with fewer than ``min-clients`` accepted updates, or fewer
-   connected clients once the round timeout has passed, the round changes nothing and the run goes on. Each
+   average the rest per expert (``aggregation``; over the clients that routed tokens to it, from the routed
+   counts each reply carries, or with ``average-over = "trainers"`` over those that trained it); with fewer than
+   ``min-clients`` accepted updates, or fewer connected clients once the round timeout has passed, the round
+   changes nothing and the run goes on. Each
    round's report (accepted, dropped with the reason, and per client the time model's inputs: download/upload
    bytes and the measured seconds it reported, ``clients``) is logged and kept in ``state.history``.
 3. every ``evaluate-every`` rounds, ``configure_evaluate`` / ``aggregate_evaluate``: the global model on the
@@ -26,6 +28,7 @@ A round r (``start``):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from logging import INFO, WARNING
@@ -52,6 +55,7 @@ from flux_engine.federated.state import ServerState
 from flux_engine.models.config import MoEConfig
 from flux_engine.roles import EpsilonSchedule, assign_roles
 from flux_engine.timemodel import tensor_bytes
+from flux_engine.training import initial_adapters
 
 PROFILE_QUERY = f"{MessageType.QUERY}.profile"
 # The time model's measured terms each client reports with its update (train reply metrics).
@@ -74,6 +78,13 @@ class FluxStrategy(Strategy):
         self.E = model_config.num_experts
         rank = run.lora_rank if run.mode == "lora" else None
         self.shapes = expert_shapes(model_config.hidden_size, model_config.moe_intermediate_size, rank)
+        # What a client holds for an expert no round has trained yet (average-over "users"): LoRA's seeded start;
+        # full mode's is the base weights, which the server does not hold (its first average is the trainers').
+        self._initial = (
+            functools.partial(initial_adapters, run.seed, hidden=model_config.hidden_size,
+                              intermediate=model_config.moe_intermediate_size, rank=run.lora_rank)
+            if run.mode == "lora" else None
+        )  # fmt: skip
         self.schedule = EpsilonSchedule.for_run(
             run.eps_0, run.eps_max, run.eps_ramp, run.num_rounds, run.eps_fixed if run.eps_fixed >= 0 else None
         )
@@ -190,9 +201,8 @@ class FluxStrategy(Strategy):
         applied = len(updates) >= self.run.min_clients
         changed: List[Tuple[int, int]] = []
         if applied:
-            new, changed = aggregate(
-                self.state.global_tensors, updates, self.run.aggregation, self.run.trim_fraction
-            )
+            new, changed = aggregate(self.state.global_tensors, updates, self.run.aggregation, self.run.trim_fraction,
+                                     self.run.average_over, self._initial)  # fmt: skip
             bad = [k for k in changed if not all(torch.isfinite(t).all() for t in new[k].values())]
             if bad:
                 # Finite updates can still overflow the stored dtype; a non-finite global model would end the run.
@@ -457,9 +467,11 @@ class FluxStrategy(Strategy):
         try:
             tensors = wire.unpack_tensors(_record(content, "update", ArrayRecord), client)
             counts = wire.unpack_counts(_record(content, "token_counts", ConfigRecord), client)
-            u = None
+            u = routed = None
             if "utilities" in content:
                 u = _record(content, "utilities", ArrayRecord).to_torch_state_dict().get("utilities")
+            if "routed" in content:
+                routed = _record(content, "routed", ArrayRecord).to_torch_state_dict().get("routed")
         except UpdateError as e:
             who = f"client {client}"
             raise UpdateError(str(e) if str(e).startswith(who) else f"{who}: {e}") from None
@@ -467,7 +479,7 @@ class FluxStrategy(Strategy):
             raise UpdateError(f"client {client}: reply lacks record {e}") from None
         except (TypeError, ValueError, AttributeError, RuntimeError) as e:
             raise UpdateError(f"client {client}: malformed reply ({type(e).__name__}: {e})") from None
-        update = ClientUpdate(client, tensors, counts, u)
+        update = ClientUpdate(client, tensors, counts, u, routed)
         validate_update(update, self.shapes, self.L, self.E, max_tokens=self._max_tokens())
         extra = sorted(set(tensors) - self._assigned.get(client, set()))
         if extra:
