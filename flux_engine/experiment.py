@@ -81,6 +81,8 @@ class ExperimentConfig:
     # curve), rounds to the target are measured and round seconds modelled (flux_engine.hardware).
     regimes: List[str] = field(default_factory=list)
     seeds: List[int] = field(default_factory=list)  # [] = the run's own seed
+    # The regimes ("PRESET@<n>GiB", as in ``regimes``) whose Flux ablations run; [] = every regime.
+    ablation_regimes: List[str] = field(default_factory=list)
     target_gain: float = 0.8  # target = start + gain x (final - start) of FedAvg-LoRA
     chunk_minutes: float = 9.0  # wall-clock one invocation trains for before it writes the report and stops
     # Folder of finished runs' records (RunRecord, JSON; "" = none): commit it and the runs survive the state-dir.
@@ -114,6 +116,9 @@ class ExperimentConfig:
             raise ConfigError("[experiment] regimes need the methods flux and fedavg-lora (the target's reference)")
         if not (0.0 < self.target_gain < 1.0 and self.chunk_minutes > 0):
             raise ConfigError("[experiment] target-gain must lie in (0, 1) and chunk-minutes be > 0")
+        unknown = sorted(set(self.ablation_regimes) - {spec.partition(":")[0] for spec in self.regimes})
+        if unknown:
+            raise ConfigError(f"[experiment] ablation-regimes: {unknown} are not among the regimes {self.regimes}")
         if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"[experiment] seeds must be distinct and >= 0, got {self.seeds}")
         if self.reference not in self.method_names():
@@ -144,6 +149,11 @@ class ExperimentConfig:
         switches = (self.no_stale_profiling, self.uniform_merge_budgets, self.frequency_only_merge,
                     self.fixed_eps >= 0, self.no_exploration, self.trainer_average)  # fmt: skip
         return list(self.methods) + [name for name, on in zip(ABLATIONS, switches) if on]
+
+    def regime_methods(self, regime: str) -> List[str]:
+        """``method_names`` in ``regime`` ("PRESET@<n>GiB"): its ablations only where ``ablation-regimes`` allows."""
+        ablated = not self.ablation_regimes or regime in self.ablation_regimes
+        return [m for m in self.method_names() if ablated or m not in ABLATIONS]
 
     def time_model(self) -> timemodel.TimeModel:
         return timemodel.TimeModel(network_bps=self.network_gbps * timemodel.GBIT,
@@ -576,7 +586,7 @@ def learning_runs(raw: Mapping[str, Any], exp: ExperimentConfig) -> List[Learnin
     for spec in exp.regimes:
         reg = spec.partition(":")[0]
         for group, seed in [(g, s) for g in groups for s in exp.seeds or [base.seed]]:
-            for name in group:
+            for name in [n for n in group if n in exp.regime_methods(reg)]:
                 shared = name in ("fedavg-lora", "fmq")
                 key = "/".join((base.preset, "shared" if shared else reg, f"seed{seed}", name))
                 if key in seen:
@@ -776,7 +786,7 @@ def regimes_report(runs: Sequence[LearningRun], exp: ExperimentConfig, config_pa
                   f"Modelled seconds per client-round by term (mean over {first.num_rounds} rounds; network from the "
                   "first seed's measured runs where they exist):", "",
                   hardware.table(reg.config, reg.params, first.num_rounds, nets), ""]  # fmt: skip
-        methods = [m_ for m_ in exp.method_names()]
+        methods = exp.regime_methods(reg_spec)
         lines += ["Rounds to the target per seed (- : not reached in the rounds run; blank: not measured):", "",
                   "| seed | target | " + " | ".join(methods) + " | note |",
                   "| --- | ---: |" + " ---: |" * len(methods) + " --- |"]  # fmt: skip

@@ -308,6 +308,17 @@ def test_config_errors(config, tmp_path):
         RunConfig(merge_budgets="eq2")
     bad = config('methods = ["flux"]\nnetwork-gbps = 0\n')
     assert main(["experiment", "--config", bad]) == 2
+    # Ablations in the regimes ablation-regimes names only; a regime it names must be one of the regimes.
+    two = {"methods": ["flux", "fedavg-lora"], "no-exploration": True, "seeds": [0],
+           "regimes": ["deepseek-moe-16b@24GiB:rtx4090", "llama-moe-3.5b@12GiB:rtx3090"]}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"ablation-regimes: \['llama-moe-3.5b@24GiB'\] are not among the regimes"):
+        ExperimentConfig.from_mapping({**two, "ablation-regimes": ["llama-moe-3.5b@24GiB"]})
+    exp = ExperimentConfig.from_mapping({**two, "ablation-regimes": ["deepseek-moe-16b@24GiB"], "warm-start": False})
+    assert exp.regime_methods("llama-moe-3.5b@12GiB") == ["flux", "fedavg-lora"]
+    runs = experiment.learning_runs(load_config_file(path), exp)
+    assert [(r.regime, r.method) for r in runs] == [
+        ("deepseek-moe-16b@24GiB", "flux"), ("", "fedavg-lora"), ("deepseek-moe-16b@24GiB", "flux-no-exploration"),
+        ("llama-moe-3.5b@12GiB", "flux")]  # fmt: skip
 
 
 def test_time_model_inputs_round_trip_through_csv(tmp_path):
