@@ -258,6 +258,9 @@ def aggregate(
         w = torch.tensor([float(u.token_counts[key]) for u in us], dtype=torch.float64)
         w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(us))
         avg: ExpertTensors = {}
+        damp = shares.get(key, 1.0) < 1.0  # 1: every user trained it (exactly the trainers' average)
+        # What the users that did not train it hold: the global value, else the start every client gives it.
+        start = initial(key) if damp and key not in global_state and initial is not None else {}
         for name in us[0].tensors[key]:
             stacked = torch.stack([u.tensors[key][name].to(torch.float64) for u in us])  # [n, ...]
             current = global_state.get(key, {}).get(name)
@@ -273,8 +276,8 @@ def aggregate(
                 value = center + torch.einsum("n,n...->...", w * scale, diff)
             else:
                 value = torch.einsum("n,n...->...", w, stacked)
-            held = current if current is not None else (initial(key)[name] if initial is not None else None)
-            if shares.get(key, 1.0) < 1.0 and held is not None:  # 1: every user trained it (exactly the trainers')
+            held = current if current is not None else start.get(name)
+            if damp and held is not None:
                 held = held.to(torch.float64)
                 value = held + shares[key] * (value - held)
             avg[name] = value.to(dtype)
