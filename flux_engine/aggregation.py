@@ -1,5 +1,7 @@
 """Server-side math of a Flux round (FLUX_DESIGN.md section 5, "Aggregation" and "Assignment"): validation of client
-updates, the per-expert weighted average, and the utility table the next round's role assignment reads.
+updates, the per-expert weighted average, and the utility table the next round's role assignment reads. The
+average is over the clients that use an expert (``aggregate``'s ``over="users"``, the default run key), not only
+over those that trained it as in the paper: README, "Averaging over users", says why and what it measured.
 
 An update is what one client trained this round, keyed by ``ExpertKey = (moe_layer_index, original_expert_id)``
 (``moe_layer_index`` counts MoE layers in ``model.moe_layers()`` order, from 0):
