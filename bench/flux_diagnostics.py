@@ -10,6 +10,7 @@ Variants (each changes one thing of ``flux-trainer-average``, in this process on
 - ``shared-roles``: every client gets the first client's roles (``roles.assign_roles``), so each tuning expert is
   averaged over all clients, as in FedAvg-LoRA and FMES, instead of over the few clients whose roles hold it.
   Merging unchanged. Tests whether the per-client roles are the cause.
+
 The report also keeps the runs of a third variant, ``user-weighted`` (commits 89f803a to e4bdbdd): a prototype of
 the fix that became ``average-over = "users"``, Flux's default (README, "Averaging over users"). It averaged each
 expert over the clients that use it, the others' routed tokens estimated from their first-contact routing
@@ -55,7 +56,7 @@ def _patch(variant: str) -> None:
                                        B_non=config.num_experts * len(config.moe_layers))  # fmt: skip
 
         client.client_plan = client_plan
-    elif variant == "shared-roles":
+    else:  # shared-roles
         from flux_engine.federated import strategy
 
         assign = strategy.assign_roles

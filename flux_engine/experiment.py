@@ -585,8 +585,9 @@ def learning_runs(raw: Mapping[str, Any], exp: ExperimentConfig) -> List[Learnin
     groups = ([n for n in names if n not in ABLATIONS], [n for n in names if n in ABLATIONS])
     for spec in exp.regimes:
         reg = spec.partition(":")[0]
+        here = exp.regime_methods(reg)
         for group, seed in [(g, s) for g in groups for s in exp.seeds or [base.seed]]:
-            for name in [n for n in group if n in exp.regime_methods(reg)]:
+            for name in [n for n in group if n in here]:
                 shared = name in ("fedavg-lora", "fmq")
                 key = "/".join((base.preset, "shared" if shared else reg, f"seed{seed}", name))
                 if key in seen:

@@ -121,8 +121,8 @@ class RunConfig:
     aggregation: str = "weighted"
     trim_fraction: float = 0.25
     # Whom each expert's average is over: "users", the clients that routed tokens to it this round, those that did
-    # not train it contributing the value they hold (README, "Averaging over users"), or "trainers",
-    # only the clients that trained it (the paper's rule). The same where every client trains every expert.
+    # not train it contributing the value they hold (README, "Averaging over users"), or "trainers", only the
+    # clients that trained it (the paper's rule). The same where every client trains every expert.
     average_over: str = "users"
     # Server checkpoints.
     state_dir: str = "flux-state"

@@ -17,9 +17,9 @@ A round r (``start``):
    average the rest per expert (``aggregation``; over the clients that routed tokens to it, from the routed
    counts each reply carries, or with ``average-over = "trainers"`` over those that trained it); with fewer than
    ``min-clients`` accepted updates, or fewer connected clients once the round timeout has passed, the round
-   changes nothing and the run goes on. Each
-   round's report (accepted, dropped with the reason, and per client the time model's inputs: download/upload
-   bytes and the measured seconds it reported, ``clients``) is logged and kept in ``state.history``.
+   changes nothing and the run goes on. Each round's report (accepted, dropped with the reason, and per client
+   the time model's inputs: download/upload bytes and the measured seconds it reported, ``clients``) is logged and
+   kept in ``state.history``.
 3. every ``evaluate-every`` rounds, ``configure_evaluate`` / ``aggregate_evaluate``: the global model on the
    clients' held-out data (LM loss; with ``eval-records``, multiple-choice accuracy per domain), pooled over
    clients (``flux_engine.evaluation``); round 0 (before any training) is evaluated too, into ``state.baseline``.
